@@ -1,0 +1,396 @@
+"""`merge` (one module) and `merge_adapters` (many modules, one compilation per shape)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ._loss import (
+    gather_task_factors,
+    plan_loss,
+    relative_errors,
+    residual_norms_sq,
+    task_norms_sq,
+    task_weights,
+)
+from ._plan import SharingPlan
+from ._solution import RESULTS, Solution
+from ._solvers.als import als_update_a, als_update_b, solve_als
+from ._solvers.exact import solve_exact
+from ._solvers.optax_solver import DEFAULT_LEARNING_RATE, named_transformation, solve_optax
+
+__all__ = ["merge", "merge_adapters"]
+
+SolverLike = str | optax.GradientTransformation
+DEFAULT_MAX_STEPS = {"als": 200, "optax": 2000}
+DEFAULT_TOL = {"als": 1e-7, "optax": 1e-9}
+# Whitening ridge, relative to the mean eigenvalue of the activation covariance.
+COV_RIDGE = 1e-6
+
+
+# ---------------------------------------------------------------------------- initialisation
+def _initial_factors(A, B, weights, norms_sq, plan: SharingPlan, k: int, init, svd_method):
+    """Starting point of the iterative solvers: `"relaxed"`, `"random"` or `(Ah, Bh)`."""
+    if isinstance(init, tuple):
+        return jnp.asarray(init[0], A.dtype), jnp.asarray(init[1], A.dtype)
+    if init == "random":
+        shared_a = jax.random.normal(
+            jax.random.PRNGKey(0), (plan.num_a_groups, k, A.shape[2]), A.dtype
+        ) / jnp.sqrt(A.shape[2])
+        return shared_a, als_update_b(shared_a, A, B, weights, plan)
+    if init != "relaxed":
+        raise ValueError(f"init must be 'relaxed', 'random' or (shared_a, shared_b); got {init!r}")
+    if plan.has_closed_form:
+        return solve_exact(A, B, weights, plan, k, svd_method)
+    # Relax one side to task-specific (a closed form), then fit the real groups of the
+    # other side by one least-squares half-step; keep whichever relaxation fits better.
+    everyone = tuple(range(plan.num_tasks))
+    sa_1, _ = solve_exact(A, B, weights, SharingPlan(plan.a_group, everyone, k), k, svd_method)
+    sb_1 = als_update_b(sa_1, A, B, weights, plan)
+    _, sb_2 = solve_exact(A, B, weights, SharingPlan(everyone, plan.b_group, k), k, svd_method)
+    sa_2 = als_update_a(sb_2, A, B, weights, plan)
+    first_better = plan_loss(sa_1, sb_1, A, B, weights, norms_sq, plan) <= plan_loss(
+        sa_2, sb_2, A, B, weights, norms_sq, plan
+    )
+    return jnp.where(first_better, sa_1, sa_2), jnp.where(first_better, sb_1, sb_2)
+
+
+# ---------------------------------------------------------------------------- the solve
+def _whitening(cov, dtype):
+    """Cholesky factor `L` of `cov + ridge I` (`cov = E[x x^T]`, `[d_in, d_in]`)."""
+    cov = jnp.asarray(cov, dtype)
+    d = cov.shape[-1]
+    ridge = COV_RIDGE * jnp.trace(cov) / d + jnp.finfo(dtype).tiny
+    return jnp.linalg.cholesky(0.5 * (cov + cov.T) + ridge * jnp.eye(d, dtype=dtype))
+
+
+def _solve_impl(
+    A,
+    B,
+    weight_array,
+    learning_rate,
+    tol,
+    cov,
+    *,
+    plan: SharingPlan,
+    kind: str,
+    transformation,
+    weights_mode: str,
+    max_steps: int,
+    init,
+    svd_method: str,
+):
+    """One module, pure and traceable: returns the arrays of a `Solution`."""
+    k = plan.rank
+    if cov is not None:
+        # ||(dW - dW_hat) L||_F with C = L L^T: solve on A L, map Ah back by L^{-1}.
+        chol = _whitening(cov, A.dtype)
+        A = A @ chol
+    weights = task_weights(A, B, weights_mode if weights_mode != "array" else weight_array)
+    norms_sq = task_norms_sq(A, B)
+
+    if kind == "exact":
+        shared_a, shared_b = solve_exact(A, B, weights, plan, k, svd_method)
+        steps, converged = jnp.asarray(0, jnp.int32), jnp.asarray(True)
+    else:
+        shared_a, shared_b = _initial_factors(A, B, weights, norms_sq, plan, k, init, svd_method)
+        if kind == "als":
+            shared_a, shared_b, steps, converged = solve_als(
+                shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
+            )
+        else:
+            tx = transformation
+            if isinstance(tx, str):
+                tx = named_transformation(tx, learning_rate)
+            shared_a, shared_b, steps, converged = solve_optax(
+                tx, shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
+            )
+
+    task_a, task_b = gather_task_factors(shared_a, shared_b, plan)
+    residual = residual_norms_sq(A, B, task_a, task_b)
+    loss = jnp.sum(weights * residual)
+    rel = relative_errors(residual, norms_sq)
+    if cov is not None:
+        # Ah L = Ah_w  <=>  L^T Ah^T = Ah_w^T
+        shared_a = jax.vmap(
+            lambda a: jax.scipy.linalg.solve_triangular(chol.T, a.T, lower=False).T
+        )(shared_a)
+    finite = (
+        jnp.all(jnp.isfinite(shared_a))
+        & jnp.all(jnp.isfinite(shared_b))
+        & jnp.isfinite(loss)
+        & jnp.all(jnp.isfinite(norms_sq))
+    )
+    result = jnp.where(
+        finite,
+        jnp.where(converged, RESULTS.successful, RESULTS.max_steps_reached),
+        RESULTS.nonfinite,
+    ).astype(jnp.int32)
+    return shared_a, shared_b, loss, rel, weights, steps.astype(jnp.int32), result
+
+
+_STATIC = ("plan", "kind", "transformation", "weights_mode", "max_steps", "init", "svd_method")
+_solve_jit = jax.jit(_solve_impl, static_argnames=_STATIC)
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_solver(has_cov: bool, **static) -> Callable:
+    """One jitted solve vmapped over a leading module axis, per static configuration (jit's
+    own cache then keys on shapes). vmap cannot map a `None`, so `cov` is a trailing argument
+    only when present."""
+
+    def solve(A, B, weight_array, learning_rate, tol, *cov):
+        return _solve_impl(A, B, weight_array, learning_rate, tol, *(cov or (None,)), **static)
+
+    in_axes = (0, 0, None, None, None) + ((0,) if has_cov else ())
+    return jax.jit(jax.vmap(solve, in_axes=in_axes))
+
+
+# ---------------------------------------------------------------------------- arguments
+def _resolve_solver(solver: SolverLike, learning_rate):
+    """`(kind, transformation, learning_rate)` from a solver name or an Optax transformation."""
+    if isinstance(solver, optax.GradientTransformation):
+        return "optax", solver, 0.0
+    if solver in ("exact", "als"):
+        return solver, None, 0.0
+    if solver in DEFAULT_LEARNING_RATE:
+        lr = DEFAULT_LEARNING_RATE[solver] if learning_rate is None else learning_rate
+        return "optax", solver, lr
+    raise ValueError(
+        f"solver must be 'exact', 'als', 'adam', 'lbfgs' or an optax.GradientTransformation; "
+        f"got {solver!r}"
+    )
+
+
+def _check_factors(A, B, plan: SharingPlan, where: str = "") -> None:
+    at = f" ({where})" if where else ""
+    if A.ndim != 3 or B.ndim != 3:
+        raise ValueError(
+            f"merge{at}: A must be [T, r, d_in] and B [T, d_out, r]; got A {A.shape}, B {B.shape}"
+        )
+    if A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
+        raise ValueError(
+            f"merge{at}: A {A.shape} and B {B.shape} disagree; expected A [T, r, d_in] and "
+            f"B [T, d_out, r] with the same T and r"
+        )
+    if plan.num_tasks != A.shape[0]:
+        raise ValueError(f"merge{at}: plan has {plan.num_tasks} tasks but A has {A.shape[0]}")
+
+
+def _solver_statics(plan, solver, learning_rate, weights, max_steps, tol, init, svd_method):
+    kind, transformation, lr = _resolve_solver(solver, learning_rate)
+    key = "als" if kind == "als" else "optax"
+    statics = dict(
+        plan=plan,
+        kind=kind,
+        transformation=transformation,
+        weights_mode=weights if isinstance(weights, str) else "array",
+        max_steps=int(DEFAULT_MAX_STEPS[key] if max_steps is None else max_steps),
+        init=init if isinstance(init, str) else "given",
+        svd_method=svd_method,
+    )
+    if kind != "exact" and statics["max_steps"] < 0:
+        raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+    tol = DEFAULT_TOL[key] if tol is None else tol
+    return statics, lr, tol
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _raise_on_failure(sol: Solution, where: str = "") -> None:
+    codes = np.unique(np.asarray(sol.result))
+    bad = [c for c in codes if c == RESULTS.nonfinite]
+    if bad:
+        at = f" on {where}" if where else ""
+        raise FloatingPointError(f"merge{at}: {RESULTS.message(bad[0])}")
+
+
+# ---------------------------------------------------------------------------- public API
+def merge(
+    A,
+    B,
+    plan: SharingPlan,
+    solver: SolverLike = "exact",
+    *,
+    weights: str | Any = "relative",
+    max_steps: int | None = None,
+    tol: float | None = None,
+    learning_rate: float | None = None,
+    init: str | tuple = "relaxed",
+    activation_cov=None,
+    svd_method: str = "auto",
+    task_ranks: Sequence[int] | None = None,
+    task_ids: Sequence[int] | None = None,
+    throw: bool = True,
+) -> Solution:
+    """Fit shared and task-specific factors of one module.
+
+    Minimises `sum_t w_t ||B_t A_t - Bh[b_group[t]] Ah[a_group[t]]||_F^2` in factored form.
+
+    **Arguments:**
+
+    - `A`: `[T, r, d_in]`; `B`: `[T, d_out, r]`, with each task's LoRA scale folded into `B`.
+      Mixed ranks: zero-pad to the largest.
+    - `plan`: a `SharingPlan`; `plan.rank=None` means `k = r`.
+    - `solver`: `"exact"` (closed form; plans whose groups nest), `"als"` (any plan),
+      `"adam"`, `"lbfgs"`, or any `optax.GradientTransformation`.
+    - `weights`: `"relative"` (`1/||dW_t||^2`, default), `"uniform"` or an array `[T]`.
+    - `max_steps`, `tol`: iterative solvers stop when the relative decrease of the loss falls
+      below `tol` or after `max_steps` steps.
+    - `learning_rate`: for `"adam"` (default 1e-2, in units of the parameters' RMS); traced,
+      so a sweep over it does not recompile.
+    - `init`: iterative solvers start from `"relaxed"` (the closed form of the plan with one
+      side made task-specific, default), `"random"`, or a given `(shared_a, shared_b)`.
+    - `activation_cov`: optional `[d_in, d_in]` input covariance `E[x x^T]`; the objective
+      becomes `||(dW_t - dW_hat_t) L||_F^2` with `C = L L^T`, and `loss`/`relative_error` are
+      reported in that metric.
+    - `svd_method`: `"auto"`, `"direct"` (thin QR + SVD) or `"randomized"` (subspace iteration
+      on the implicit operator, for large `T r`).
+    - `task_ranks`: each task's true rank, for storage accounting (default `r` for all).
+    - `throw`: raise `FloatingPointError` on non-finite results (outside of `jit`/`vmap`);
+      with `throw=False` inspect `Solution.result` instead.
+
+    **Returns:** a `Solution`.
+
+    **Example:**
+
+    ```python
+    sol = hj.merge(A, B, hj.SharingPlan.shared_a(num_tasks=A.shape[0]))
+    print(sol.storage_ratio, sol.relative_error)
+    ```
+    """
+    A, B = jnp.asarray(A), jnp.asarray(B)
+    _check_factors(A, B, plan)
+    dtype = jnp.promote_types(jnp.promote_types(A.dtype, B.dtype), jnp.float32)
+    A, B = A.astype(dtype), B.astype(dtype)
+    num_tasks, r = A.shape[0], A.shape[1]
+    plan = plan if plan.rank is not None else plan.with_rank(r)
+    statics, lr, tol = _solver_statics(
+        plan, solver, learning_rate, weights, max_steps, tol, init, svd_method
+    )
+    weight_array = None if isinstance(weights, str) else jnp.asarray(weights, dtype)
+    if not isinstance(init, str):
+        statics["init"] = (jnp.asarray(init[0], dtype), jnp.asarray(init[1], dtype))
+        solve = functools.partial(_solve_impl, **statics)  # arrays in a static slot: no jit cache
+    else:
+        solve = functools.partial(_solve_jit, **statics)
+    arrays = solve(
+        A,
+        B,
+        weight_array,
+        jnp.asarray(lr, dtype),
+        jnp.asarray(tol, dtype),
+        None if activation_cov is None else jnp.asarray(activation_cov, dtype),
+    )
+    sol = Solution(
+        *arrays,
+        plan=plan,
+        task_ranks=tuple(task_ranks) if task_ranks is not None else (r,) * num_tasks,
+        task_ids=tuple(task_ids) if task_ids is not None else tuple(range(num_tasks)),
+    )
+    if throw and not _is_traced(sol.loss):
+        _raise_on_failure(sol)
+    return sol
+
+
+def _unpack_entry(name: str, value) -> tuple[jax.Array, jax.Array, tuple[int, ...]]:
+    if not isinstance(value, (tuple, list)) or len(value) not in (2, 3):
+        raise ValueError(f"module {name!r}: expected (A, B) or (A, B, ranks); got {type(value)}")
+    A, B = np.asarray(value[0]) if not isinstance(value[0], jax.Array) else value[0], value[1]
+    B = np.asarray(B) if not isinstance(B, jax.Array) else B
+    ranks = tuple(int(x) for x in value[2]) if len(value) == 3 else (A.shape[1],) * A.shape[0]
+    if len(ranks) != A.shape[0]:
+        raise ValueError(f"module {name!r}: {len(ranks)} ranks for {A.shape[0]} tasks")
+    return A, B, ranks
+
+
+def merge_adapters(
+    collection: Mapping[str, tuple],
+    plan: SharingPlan | Mapping[str, SharingPlan],
+    solver: SolverLike = "exact",
+    *,
+    weights: str | Any = "relative",
+    max_steps: int | None = None,
+    tol: float | None = None,
+    learning_rate: float | None = None,
+    init: str = "relaxed",
+    activation_covs: Mapping[str, Any] | None = None,
+    svd_method: str = "auto",
+    progress: Callable[[str, int], None] | None = None,
+    throw: bool = True,
+) -> dict[str, Solution]:
+    """Merge many modules; modules with equal shapes are solved by one vmapped, jitted call.
+
+    **Arguments:**
+
+    - `collection`: `{module: (A [T, r, d_in], B [T, d_out, r])}` or
+      `{module: (A, B, ranks)}` over all `T` tasks of the collection; `ranks[t] = 0` marks a
+      task absent from that module (its factors are left out of that module's problem).
+    - `plan`: one `SharingPlan` over the `T` tasks, or `{module: SharingPlan}`.
+    - `activation_covs`: optional `{module: [d_in, d_in]}` input covariances.
+    - `progress`: called as `progress(description, num_modules)` after each shape group.
+    - the rest as in `merge`.
+
+    **Returns:** `{module: Solution}`; each Solution's `task_ids` lists the tasks present.
+
+    The number of compilations equals the number of distinct (shapes, tasks present, plan)
+    signatures, not the number of modules.
+    """
+    groups: dict[tuple, list[tuple[str, Any, Any, tuple[int, ...]]]] = {}
+    for name, value in collection.items():
+        A, B, ranks = _unpack_entry(name, value)
+        module_plan = plan[name] if isinstance(plan, Mapping) else plan
+        if isinstance(plan, Mapping) and name not in plan:
+            raise ValueError(f"module {name!r} has no plan in the per-module plan mapping")
+        _check_factors(A, B, module_plan, where=name)
+        present = tuple(t for t, rank in enumerate(ranks) if rank > 0)
+        if not present:
+            continue
+        sub_plan = module_plan.restrict(present)
+        if sub_plan.rank is None:
+            sub_plan = sub_plan.with_rank(max(ranks))
+        has_cov = activation_covs is not None and name in activation_covs
+        key = (A.shape, B.shape, present, sub_plan, has_cov)
+        groups.setdefault(key, []).append((name, A, B, ranks))
+
+    out: dict[str, Solution] = {}
+    for (a_shape, b_shape, present, sub_plan, has_cov), members in groups.items():
+        statics, lr, tol_value = _solver_statics(
+            sub_plan, solver, learning_rate, weights, max_steps, tol, init, svd_method
+        )
+        idx = np.asarray(present)
+        stack_a = jnp.stack([jnp.asarray(a)[idx] for _, a, _, _ in members]).astype(jnp.float32)
+        stack_b = jnp.stack([jnp.asarray(b)[idx] for _, _, b, _ in members]).astype(jnp.float32)
+        dtype = stack_a.dtype
+        covs = (
+            jnp.stack([jnp.asarray(activation_covs[m[0]], dtype) for m in members])
+            if has_cov
+            else None
+        )
+        weight_array = None if isinstance(weights, str) else jnp.asarray(weights, dtype)[idx]
+        solve = _batched_solver(has_cov, **statics)
+        arrays = solve(
+            stack_a,
+            stack_b,
+            weight_array,
+            jnp.asarray(lr, dtype),
+            jnp.asarray(tol_value, dtype),
+            *((covs,) if has_cov else ()),
+        )
+        batch = Solution(*arrays, plan=sub_plan, task_ranks=(), task_ids=present)
+        for i, (name, _, _, ranks) in enumerate(members):
+            sol = batch.index(i).replace(task_ranks=tuple(ranks[t] for t in present))
+            if throw:
+                _raise_on_failure(sol, where=name)
+            out[name] = sol
+        if progress is not None:
+            progress(f"{len(members)} x {a_shape[1:]}->{b_shape[1]} ({sub_plan.name})", len(members))
+    return {name: out[name] for name in collection if name in out}

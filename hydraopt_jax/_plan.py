@@ -1,0 +1,250 @@
+"""Sharing plans: which tasks share which factor, and what that costs to store.
+
+A plan maps every task `t` to an A-group `a_group[t]` and a B-group `b_group[t]` and fixes
+the shared rank `k`. Task `t` is reconstructed as `Bh[b_group[t]] @ Ah[a_group[t]]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Mapping, Sequence
+
+__all__ = ["SharingPlan", "original_params"]
+
+
+def _relabel(labels: Sequence[Hashable]) -> tuple[int, ...]:
+    """Group ids contiguous from 0, in order of first appearance."""
+    seen: dict[Hashable, int] = {}
+    return tuple(seen.setdefault(label, len(seen)) for label in labels)
+
+
+def _refines(fine: Sequence[int], coarse: Sequence[int]) -> bool:
+    """True if every group of `fine` lies inside one group of `coarse`."""
+    parent: dict[int, int] = {}
+    return all(parent.setdefault(f, c) == c for f, c in zip(fine, coarse, strict=True))
+
+
+def original_params(ranks: Sequence[int], d_in: int, d_out: int) -> int:
+    """Parameters of the original adapters on one module: `sum_t r_t (d_in + d_out)`."""
+    return int(sum(ranks)) * (d_in + d_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharingPlan:
+    """Which tasks share their A factor, which share their B factor, and the shared rank.
+
+    `dW_hat_t = Bh[b_group[t]] @ Ah[a_group[t]]` with `Ah: [K_A, k, d_in]`,
+    `Bh: [K_B, d_out, k]`. Plans are hashable and static under `jax.jit`.
+
+    **Arguments:**
+
+    - `a_group`: one A-group id per task, contiguous from 0.
+    - `b_group`: one B-group id per task, contiguous from 0.
+    - `rank`: the shared rank `k`, or `None` for "the adapters' (padded) rank", resolved by
+      `merge`. `k` may exceed the original rank.
+
+    **Example:**
+
+    ```python
+    plan = SharingPlan.shared_a(num_tasks=40)               # one A, 40 B's
+    plan = SharingPlan(a_group=[0, 0, 1, 1], b_group=[0, 1, 2, 3], rank=16)
+    ```
+    """
+
+    a_group: tuple[int, ...]
+    b_group: tuple[int, ...]
+    rank: int | None = None
+
+    def __post_init__(self):
+        a = tuple(int(g) for g in self.a_group)
+        b = tuple(int(g) for g in self.b_group)
+        object.__setattr__(self, "a_group", a)
+        object.__setattr__(self, "b_group", b)
+        if len(a) == 0:
+            raise ValueError("SharingPlan needs at least one task; got empty a_group")
+        if len(a) != len(b):
+            raise ValueError(
+                f"SharingPlan: a_group has {len(a)} tasks but b_group has {len(b)}; "
+                "expected one group id per task in each"
+            )
+        for side, groups in (("a_group", a), ("b_group", b)):
+            if sorted(set(groups)) != list(range(len(set(groups)))):
+                raise ValueError(
+                    f"SharingPlan: {side}={list(groups)} must use group ids contiguous "
+                    f"from 0 (expected the set {{0..{len(set(groups)) - 1}}})"
+                )
+        if self.rank is not None:
+            if isinstance(self.rank, bool) or int(self.rank) != self.rank or self.rank < 1:
+                raise ValueError(f"SharingPlan: rank must be an integer >= 1, got {self.rank!r}")
+            object.__setattr__(self, "rank", int(self.rank))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def shared_a(cls, num_tasks: int, rank: int | None = None) -> SharingPlan:
+        """One A shared by all tasks, one B per task (`K_A = 1, K_B = T`)."""
+        return cls((0,) * num_tasks, tuple(range(num_tasks)), rank)
+
+    @classmethod
+    def shared_b(cls, num_tasks: int, rank: int | None = None) -> SharingPlan:
+        """One B shared by all tasks, one A per task (`K_A = T, K_B = 1`)."""
+        return cls(tuple(range(num_tasks)), (0,) * num_tasks, rank)
+
+    @classmethod
+    def full_merge(cls, num_tasks: int, rank: int | None = None) -> SharingPlan:
+        """One adapter for all tasks (`K_A = K_B = 1`)."""
+        return cls((0,) * num_tasks, (0,) * num_tasks, rank)
+
+    @classmethod
+    def separate(cls, num_tasks: int, rank: int | None = None) -> SharingPlan:
+        """Every task keeps its own factors (`K_A = K_B = T`): exact, no compression."""
+        return cls(tuple(range(num_tasks)), tuple(range(num_tasks)), rank)
+
+    @classmethod
+    def named(cls, name: str, num_tasks: int, rank: int | None = None) -> SharingPlan:
+        """One of `shared_a`, `shared_b`, `full_merge`, `separate` (`-` or `_`)."""
+        key = name.replace("-", "_")
+        if key not in NAMED_PLANS:
+            raise ValueError(f"unknown plan {name!r}; expected one of {', '.join(NAMED_PLANS)}")
+        return getattr(cls, key)(num_tasks, rank)
+
+    @classmethod
+    def from_labels(
+        cls,
+        a_labels: Sequence[Hashable] | None,
+        b_labels: Sequence[Hashable] | None,
+        rank: int | None = None,
+    ) -> SharingPlan:
+        """Tasks with equal labels share a factor; `None` on a side keeps it task-specific.
+
+        ```python
+        # B shared per application, A shared per language
+        SharingPlan.from_labels(a_labels=langs, b_labels=apps)
+        ```
+        """
+        if a_labels is None and b_labels is None:
+            raise ValueError("from_labels: give a_labels, b_labels or both")
+        n = len(a_labels if a_labels is not None else b_labels)
+        a = _relabel(a_labels) if a_labels is not None else tuple(range(n))
+        b = _relabel(b_labels) if b_labels is not None else tuple(range(n))
+        return cls(a, b, rank)
+
+    @classmethod
+    def from_attributes(
+        cls,
+        attributes: Sequence[Mapping[str, Hashable]],
+        *,
+        share_a_by: str | None = None,
+        share_b_by: str | None = None,
+        rank: int | None = None,
+    ) -> SharingPlan:
+        """Group tasks by named attributes, e.g. A per `"language"`, B per `"application"`.
+
+        `"*"` shares that factor across all tasks; `None` keeps it task-specific.
+        """
+
+        def labels(key):
+            if key is None:
+                return None
+            if key == "*":
+                return [0] * len(attributes)
+            missing = [i for i, attrs in enumerate(attributes) if key not in attrs]
+            if missing:
+                raise ValueError(f"from_attributes: tasks {missing} have no attribute {key!r}")
+            return [attrs[key] for attrs in attributes]
+
+        if share_a_by is None and share_b_by is None:
+            return cls.separate(len(attributes), rank)
+        return cls.from_labels(labels(share_a_by), labels(share_b_by), rank)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_tasks(self) -> int:
+        return len(self.a_group)
+
+    @property
+    def num_a_groups(self) -> int:
+        return max(self.a_group) + 1
+
+    @property
+    def num_b_groups(self) -> int:
+        return max(self.b_group) + 1
+
+    @property
+    def a_task_specific(self) -> bool:
+        """Every A-group holds exactly one task."""
+        return self.num_a_groups == self.num_tasks
+
+    @property
+    def b_task_specific(self) -> bool:
+        """Every B-group holds exactly one task."""
+        return self.num_b_groups == self.num_tasks
+
+    @property
+    def b_nested_in_a(self) -> bool:
+        """Every B-group lies inside one A-group (shared-A family; closed form exists)."""
+        return _refines(self.b_group, self.a_group)
+
+    @property
+    def a_nested_in_b(self) -> bool:
+        """Every A-group lies inside one B-group (shared-B family; closed form exists)."""
+        return _refines(self.a_group, self.b_group)
+
+    @property
+    def has_closed_form(self) -> bool:
+        """The exact solver applies: one side's groups nest inside the other's."""
+        return self.b_nested_in_a or self.a_nested_in_b
+
+    @property
+    def name(self) -> str:
+        """`shared_a`, `shared_b`, `full_merge`, `separate` or `grouped`."""
+        for key in NAMED_PLANS:
+            if getattr(SharingPlan, key)(self.num_tasks, self.rank) == self:
+                return key
+        return "grouped"
+
+    def with_rank(self, rank: int) -> SharingPlan:
+        return dataclasses.replace(self, rank=rank)
+
+    def restrict(self, task_ids: Sequence[int]) -> SharingPlan:
+        """The plan on a subset of tasks, group ids relabelled contiguously."""
+        task_ids = list(task_ids)
+        bad = [t for t in task_ids if not 0 <= t < self.num_tasks]
+        if bad:
+            raise ValueError(f"restrict: task ids {bad} out of range for {self.num_tasks} tasks")
+        return SharingPlan(
+            _relabel([self.a_group[t] for t in task_ids]),
+            _relabel([self.b_group[t] for t in task_ids]),
+            self.rank,
+        )
+
+    def groups(self, side: str) -> tuple[tuple[int, ...], ...]:
+        """Member tasks of each group of `side` (`"a"` or `"b"`)."""
+        labels = self.a_group if side == "a" else self.b_group
+        out: list[list[int]] = [[] for _ in range(max(labels) + 1)]
+        for t, g in enumerate(labels):
+            out[g].append(t)
+        return tuple(tuple(m) for m in out)
+
+    # ------------------------------------------------------------------ storage
+    def num_params(self, d_in: int, d_out: int, rank: int | None = None) -> int:
+        """Stored parameters on one module: `K_A k d_in + K_B d_out k`."""
+        k = self.rank if rank is None else rank
+        if k is None:
+            raise ValueError("num_params: the plan has no rank yet; pass rank=")
+        return self.num_a_groups * k * d_in + self.num_b_groups * d_out * k
+
+    def storage_ratio(
+        self, d_in: int, d_out: int, ranks: Sequence[int], rank: int | None = None
+    ) -> float:
+        """`num_params` over the original adapters' `sum_t r_t (d_in + d_out)`."""
+        return self.num_params(d_in, d_out, rank) / original_params(ranks, d_in, d_out)
+
+    def to_dict(self) -> dict:
+        return {"a_group": list(self.a_group), "b_group": list(self.b_group), "rank": self.rank}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> SharingPlan:
+        return cls(tuple(data["a_group"]), tuple(data["b_group"]), data.get("rank"))
+
+
+NAMED_PLANS = ("shared_a", "shared_b", "full_merge", "separate")

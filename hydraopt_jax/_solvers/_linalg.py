@@ -1,0 +1,93 @@
+"""Small linear-algebra kernels shared by the solvers (all batched by `vmap` at call sites)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Randomized subspace iteration: extra columns beyond k, and power steps. With these the
+# captured energy matches a full SVD to ~1e-7 relative on the collections we test.
+OVERSAMPLE = 16
+POWER_STEPS = 6
+# Use randomized subspace iteration once the stacked matrix has at least this many rows
+# (and at least 4x the sketch width); below it a QR + small SVD is cheaper and exact.
+RANDOMIZED_MIN_ROWS = 512
+
+_SKETCH_SEED = 0  # fixed: results are deterministic run to run
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """Zero rows appended up to `rows` (a zero row of `Ah` contributes nothing)."""
+    missing = rows - x.shape[0]
+    if missing <= 0:
+        return x[:rows]
+    return jnp.concatenate([x, jnp.zeros((missing,) + x.shape[1:], x.dtype)], axis=0)
+
+
+def top_right_singular_vectors(stacked: jax.Array, k: int) -> jax.Array:
+    """Top-`k` right singular vectors of `stacked [n, d]` as orthonormal rows `[k, d]`.
+
+    Thin QR of `stacked^T` then an SVD of the `n x n` triangle: exact, `O(d n^2)`.
+    Rows beyond the rank of `stacked` are zero-padded when `k > min(n, d)`.
+    """
+    n, d = stacked.shape
+    if n <= d:
+        q, r = jnp.linalg.qr(stacked.T)  # [d, n], [n, n]
+        _, _, vt = jnp.linalg.svd(r.T)  # stacked = r^T q^T
+        basis = (q @ vt.T).T  # [n, d]
+    else:
+        _, _, basis = jnp.linalg.svd(stacked, full_matrices=False)  # [d, d]
+    return _pad_rows(basis, k)
+
+
+def top_eigvecs_randomized(
+    gram_apply: Callable[[jax.Array], jax.Array], d: int, k: int, dtype
+) -> jax.Array:
+    """Top-`k` eigenvectors `[k, d]` of a PSD operator `x [d, p] -> G x` by subspace iteration.
+
+    Halko, Martinsson & Tropp (2011), Alg. 4.3 with a Rayleigh-Ritz step; `G` is never formed.
+    """
+    width = min(k + OVERSAMPLE, d)
+    sketch = jax.random.normal(jax.random.PRNGKey(_SKETCH_SEED), (d, width), dtype)
+    q, _ = jnp.linalg.qr(gram_apply(sketch))
+    q = jax.lax.fori_loop(0, POWER_STEPS, lambda _, q: jnp.linalg.qr(gram_apply(q))[0], q)
+    small = q.T @ gram_apply(q)
+    _, vecs = jnp.linalg.eigh(0.5 * (small + small.T))
+    top = vecs[:, ::-1][:, : min(k, width)]
+    return _pad_rows((q @ top).T, k)
+
+
+def use_randomized(rows: int, k: int, method: str) -> bool:
+    """Static choice of the subspace method for a stacked matrix with `rows` rows."""
+    if method not in ("auto", "direct", "randomized"):
+        raise ValueError(f"svd_method must be 'auto', 'direct' or 'randomized'; got {method!r}")
+    if method == "auto":
+        return rows >= RANDOMIZED_MIN_ROWS and rows >= 4 * (k + OVERSAMPLE)
+    return method == "randomized"
+
+
+def padded_members(groups: Sequence[Sequence[int]], dummy: int) -> np.ndarray:
+    """Group membership as a rectangular index array `[K, m]`, padded with `dummy`."""
+    width = max(len(m) for m in groups)
+    return np.array([list(m) + [dummy] * (width - len(m)) for m in groups], dtype=np.int32)
+
+
+def append_zero(x: jax.Array) -> jax.Array:
+    """`x` with one zero entry appended on axis 0: the target of padded indices."""
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)
+
+
+def psd_solve_right(rhs: jax.Array, gram: jax.Array) -> jax.Array:
+    """Minimum-norm `X` with `X gram = rhs` for a PSD `gram [k, k]` (pseudo-inverse).
+
+    Eigen-directions below `rcond * max_eig` are dropped, so rank-deficient Grams (a group
+    whose factors do not span `k` directions) give finite, optimal steps.
+    """
+    evals, evecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+    rcond = 10.0 * gram.shape[-1] * jnp.finfo(gram.dtype).eps
+    keep = evals > rcond * jnp.max(evals)
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
+    return ((rhs @ evecs) * inv) @ evecs.T

@@ -1,0 +1,1 @@
+"""Classic merges, same inputs and outputs as `merge`."""
