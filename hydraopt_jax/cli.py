@@ -1,0 +1,497 @@
+"""The `hydraopt` command: merge PEFT adapters into a bundle, export, inspect, demo.
+
+```
+hydraopt merge DIR... --out OUT [--plan shared-a|shared-b|full-merge|separate|FILE.yaml]
+               [--rank K] [--solver exact|als|adam|lbfgs] [--steps N] [--names a,b,...]
+               [--weighting relative|uniform] [--config PLAN.yaml]
+               [--dtype float32|bfloat16|float16] [--json] [--resume]
+hydraopt export OUT --to DIR [--task NAME[,NAME...]] [--dtype ...]  # DIR/<task>/ per task
+hydraopt inspect DIR... [--rank K] [--names ...] [--json]
+hydraopt demo
+```
+
+Every bad input prints one line `hydraopt: PATH: cause` (or `hydraopt: --flag: cause`) to
+stderr, exits with status 2 and leaves no output behind (outputs are written atomically).
+
+**`--json`** (merge) prints one JSON object: `storage_ratio`, `num_params`,
+`original_params`, `tasks` (name -> relative error), `plan`, `solver`, `seconds` (plus
+`bytes`, `dtype`, `out`). A task's relative error is over its whole update, all modules at
+once: `sqrt(sum_m err_m^2 ||dW_m||^2) / sqrt(sum_m ||dW_m||^2)` (the relative Frobenius
+error of the concatenated module updates; not a mean of per-module errors, so a module with
+a tiny update cannot dominate).
+
+**Plan files** (`--config PLAN.yaml`, or `--plan PLAN.yaml`), mergekit-style, grouping
+tasks by name:
+
+```yaml
+rank: 16              # shared rank k (optional; --rank overrides it)
+a_groups:             # tasks whose names match a group's pattern(s) share one A
+  fr: "*_fr"          # fnmatch patterns on task names; a list of patterns also works
+  de: ["*_de", "de_*"]
+b_groups:
+  qa: "qa_*"          # tasks matched by no group keep a task-specific factor
+```
+
+Each side (`a` / `b`) takes exactly one of:
+
+- `a: shared` (one factor for all tasks) or `a: per-task` (the default);
+- `a_groups: {group: pattern | [patterns]}` as above; a task matched by two groups, or a
+  pattern matching no task, is an error;
+- `a_group: [0, 0, 1, 1]` (one id per task, in task order) or `a_group: {task: id}`
+  (unlisted tasks keep their own factor); ids must be `0..K-1`, names must be tasks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .io._files import AdapterError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="hydraopt",
+    help="Shrink a collection of LoRA adapters with shared and task-specific factors.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+)
+
+NAMED = {"shared-a": "shared_a", "shared-b": "shared_b", "full-merge": "full_merge", "separate": "separate"}
+SOLVERS = ("exact", "als", "adam", "lbfgs")
+WEIGHTINGS = ("relative", "uniform")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+_PLAN_KEYS = {"rank", "a", "b", "a_groups", "b_groups", "a_group", "b_group"}
+
+
+class CliError(Exception):
+    """A bad input: `where` (a file or a flag) and the cause; printed as one line."""
+
+    def __init__(self, where, cause: str):
+        self.where, self.cause = str(where), " ".join(str(cause).split())
+        super().__init__(f"{self.where}: {self.cause}")
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _side_labels(spec: dict, side: str, tasks: Sequence[str], where) -> list | None:
+    """Group labels of `tasks` on one side, or `None` for task-specific."""
+    given = [k for k in (side, f"{side}_groups", f"{side}_group") if k in spec]
+    if len(given) > 1:
+        raise CliError(where, f"give only one of {', '.join(given)}")
+    if not given:
+        return None
+    key = given[0]
+    value = spec[key]
+    if key == side:
+        if value in ("shared", "all"):
+            return [0] * len(tasks)
+        if value in ("per-task", "per_task", "specific", "separate"):
+            return None
+        raise CliError(where, f"{key}: {value!r}; expected 'shared' or 'per-task'")
+    if key == f"{side}_groups":
+        if not isinstance(value, dict) or not value:
+            raise CliError(where, f"{key} must map group names to name patterns, got {value!r}")
+        labels: list = [("task", t) for t in range(len(tasks))]
+        owner: dict[int, str] = {}
+        for group, patterns in value.items():
+            patterns = [patterns] if isinstance(patterns, str) else patterns
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise CliError(where, f"{key}.{group}: expected a pattern or a list of patterns, got {patterns!r}")
+            for pattern in patterns:
+                hits = [t for t, name in enumerate(tasks) if fnmatch.fnmatchcase(name, pattern)]
+                if not hits:
+                    raise CliError(where, f"{key}.{group}: pattern {pattern!r} matches no task (tasks: {', '.join(tasks)})")
+                for t in hits:
+                    if owner.get(t, group) != group:
+                        raise CliError(where, f"{key}: task {tasks[t]!r} matches both {owner[t]!r} and {group!r}")
+                    owner[t] = group
+                    labels[t] = ("group", group)
+        return labels
+    # explicit ids
+    if isinstance(value, list):
+        if len(value) != len(tasks):
+            raise CliError(where, f"{key} has {len(value)} ids for {len(tasks)} tasks ({', '.join(tasks)})")
+        ids = dict(zip(tasks, value))
+    elif isinstance(value, dict):
+        unknown = [n for n in value if n not in tasks]
+        if unknown:
+            raise CliError(where, f"{key}: unknown task {unknown[0]!r} (tasks: {', '.join(tasks)})")
+        ids = dict(value)
+    else:
+        raise CliError(where, f"{key} must be a list of ids or a mapping task -> id, got {value!r}")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids.values()):
+        raise CliError(where, f"{key}: group ids must be integers, got {list(ids.values())}")
+    used = sorted(set(ids.values()))
+    if used != list(range(len(used))):
+        raise CliError(where, f"{key}: group ids {used} out of range; expected 0..K-1 with every id used")
+    return [("group", ids[n]) if n in ids else ("task", t) for t, n in enumerate(tasks)]
+
+
+def plan_from_config(spec, tasks: Sequence[str], where="plan"):
+    """A `SharingPlan` over `tasks` from a parsed plan file (see the module docstring)."""
+    from ._plan import SharingPlan
+
+    if not isinstance(spec, dict):
+        raise CliError(where, f"a plan file must be a YAML mapping, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - _PLAN_KEYS)
+    if unknown:
+        raise CliError(where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(_PLAN_KEYS))}")
+    rank = spec.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise CliError(where, f"rank must be an integer >= 1, got {rank!r}")
+    a = _side_labels(spec, "a", tasks, where)
+    b = _side_labels(spec, "b", tasks, where)
+    n = len(tasks)
+    if a is None and b is None:
+        return SharingPlan.separate(n, rank)
+    return SharingPlan.from_labels(a if a is not None else list(range(n)), b if b is not None else list(range(n)), rank)
+
+
+def _read_plan_file(path: Path):
+    import yaml
+
+    if not path.is_file():
+        raise CliError(path, "no such plan file")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CliError(path, f"not valid YAML ({' '.join(str(err).split())})") from None
+
+
+def _resolve_plan(plan: str | None, config: Path | None, tasks: Sequence[str], rank: int | None):
+    from ._plan import SharingPlan
+
+    if plan is not None and config is not None:
+        raise CliError("--config", "give either --plan or --config, not both")
+    if config is None and plan is not None and plan not in NAMED:
+        if plan.endswith((".yaml", ".yml")) or Path(plan).exists():
+            config = Path(plan)
+        else:
+            raise CliError("--plan", f"unknown plan {plan!r}; expected {', '.join(NAMED)} or a FILE.yaml")
+    if config is not None:
+        sharing = plan_from_config(_read_plan_file(config), tasks, where=config)
+        return sharing if rank is None else sharing.with_rank(rank), str(config)
+    return SharingPlan.named(NAMED[plan or "shared-a"], len(tasks), rank), NAMED[plan or "shared-a"]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress(console, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
+
+
+def _load(dirs: Sequence[Path], names: str | None):
+    from .io.peft import load_collection
+
+    name_list = None
+    if names is not None:
+        name_list = [n.strip() for n in names.split(",")]
+        if len(name_list) != len(dirs):
+            raise CliError("--names", f"{len(name_list)} names for {len(dirs)} adapter directories")
+    return load_collection(dirs, name_list)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@app.command()
+def merge(
+    dirs: Annotated[list[Path], typer.Argument(help="PEFT adapter directories, one per task.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to write.", show_default=False)],
+    plan: Annotated[str | None, typer.Option(help="shared-a (default), shared-b, full-merge, separate, or FILE.yaml.")] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="Shared rank k (default: each module's largest rank).")] = None,
+    solver: Annotated[str, typer.Option(help="exact, als, adam or lbfgs.")] = "exact",
+    steps: Annotated[int | None, typer.Option(min=1, help="Max steps of an iterative solver.")] = None,
+    names: Annotated[str | None, typer.Option(help="Comma-separated task names (default: directory names).")] = None,
+    weighting: Annotated[str, typer.Option(help="relative (1/||dW_t||^2) or uniform.")] = "relative",
+    config: Annotated[Path | None, typer.Option(help="YAML plan grouping tasks by name patterns.")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float32, bfloat16, float16.")] = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (not available yet).")] = False,
+):
+    """Merge adapters into a bundle (OUT/hydraopt.json + OUT/factors.safetensors)."""
+    from . import merge_adapters
+    from .io.bundle import Bundle, is_bundle, save_bundle
+
+    if solver not in SOLVERS:
+        raise CliError("--solver", f"unknown solver {solver!r}; expected {', '.join(SOLVERS)}")
+    if weighting not in WEIGHTINGS:
+        raise CliError("--weighting", f"unknown weighting {weighting!r}; expected {', '.join(WEIGHTINGS)}")
+    if dtype not in DTYPE_NAMES:
+        raise CliError("--dtype", f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_NAMES)}")
+    if resume:
+        raise CliError("--resume", "not available yet: solver-state checkpointing is not implemented in this version; rerun without --resume")
+    if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
+        raise CliError(out, "exists and is not a hydraopt bundle; refusing to overwrite it")
+    start = time.perf_counter()
+    collection = _load(dirs, names)
+    sharing, plan_source = _resolve_plan(plan, config, collection.names, rank)
+    if solver == "exact" and not sharing.has_closed_form:
+        raise CliError(plan_source, "this plan has no closed form (its A- and B-groups do not nest); use --solver als, adam or lbfgs")
+    bundle = Bundle.empty(
+        collection,
+        dtype=dtype,
+        meta={"solver": solver, "weighting": weighting, "plan": {"source": plan_source, **sharing.to_dict()}},
+    )
+    groups = collection.shape_groups()
+    kinds = {name: info.kind for name, info in collection.modules.items()}
+    console = _stderr_console()
+    with _progress(console, len(groups)) as progress:
+        bar = progress.add_task("merging", total=len(groups))
+        for (kind, d_in, d_out), module_names in groups.items():
+            progress.update(bar, description=f"{kind} {d_in}->{d_out} x{len(module_names)}")
+            group = collection.load_group(module_names)
+            try:
+                solutions = merge_adapters(group, sharing, solver, weights=weighting, max_steps=steps)
+            except FloatingPointError as err:
+                raise CliError(collection.adapters[0].weights_file if len(dirs) == 1 else dirs[0].parent, f"{err}") from None
+            try:
+                bundle.add_solutions(group, solutions, kinds)
+            except ValueError as err:
+                raise CliError(out, str(err)) from None
+            del group
+            progress.advance(bar)
+    save_bundle(bundle, out)
+    seconds = time.perf_counter() - start
+    summary = {
+        "storage_ratio": bundle.storage_ratio,
+        "num_params": bundle.num_params,
+        "original_params": bundle.original_params,
+        "tasks": bundle.task_relative_errors(),
+        "plan": {"name": sharing.name, "source": plan_source, **sharing.to_dict()},
+        "solver": solver,
+        "seconds": seconds,
+        "bytes": bundle.num_params * _itemsize(dtype),
+        "dtype": dtype,
+        "out": str(out),
+    }
+    if json_out:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        _print_merge_summary(summary, len(bundle.modules))
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def _print_merge_summary(summary: dict, num_modules: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{summary['out']}: {num_modules} modules, plan {summary['plan']['name']}, solver {summary['solver']}")
+    table.add_column("task")
+    table.add_column("relative error", justify="right")
+    for task, err in summary["tasks"].items():
+        table.add_row(task, f"{err:.4g}")
+    console.print(table)
+    console.print(
+        f"storage {summary['num_params']:,} / {summary['original_params']:,} params "
+        f"= {summary['storage_ratio']:.3f} ({summary['bytes']:,} bytes as {summary['dtype']}) "
+        f"in {summary['seconds']:.2f} s"
+    )
+
+
+@app.command()
+def export(
+    bundle_dir: Annotated[Path, typer.Argument(metavar="OUT", help="A bundle written by `hydraopt merge`.", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", help="Directory to write, one PEFT adapter per task.", show_default=False)],
+    task: Annotated[str | None, typer.Option(help="Export only this task (comma-separated for several).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the bundle's).")] = None,
+):
+    """Write standard PEFT adapters (DIR/<task>/) from a bundle."""
+    from .io.bundle import load_bundle
+    from .io.peft import export_peft
+
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise CliError("--dtype", f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_NAMES)}")
+    bundle = load_bundle(bundle_dir)
+    tasks = None if task is None else [t.strip() for t in task.split(",")]
+    for name in tasks or ():
+        if name not in bundle.tasks:
+            raise CliError("--task", f"unknown task {name!r}; {bundle_dir} has {', '.join(bundle.tasks)}")
+    written = export_peft(bundle, to, tasks, dtype=dtype)
+    for path in written:
+        sys.stdout.write(f"{path}\n")
+
+
+def subspace_overlap(x, y, rank_x: int, rank_y: int) -> float:
+    """`||Q_x^T Q_y||_F^2 / min(r_x, r_y)` for orthonormal bases of two factor subspaces.
+
+    `x`: `[d, r_x]`, `y`: `[d, r_y]` (column spaces compared). 1 means one subspace
+    contains the other, 0 means orthogonal; random subspaces of a large `d` give about
+    `max(r_x, r_y) / d`. NaN if a factor is zero.
+    """
+    import numpy as np
+
+    def basis(m):
+        u, s, _ = np.linalg.svd(np.asarray(m, np.float64), full_matrices=False)
+        keep = s > (s[0] if s.size else 0.0) * max(m.shape) * np.finfo(np.float32).eps
+        return u[:, keep] if s.size and s[0] > 0 else None
+
+    qx, qy = basis(x), basis(y)
+    if qx is None or qy is None:
+        return float("nan")
+    return float(np.sum((qx.T @ qy) ** 2) / min(qx.shape[1], qy.shape[1]))
+
+
+@app.command()
+def inspect(
+    dirs: Annotated[list[Path], typer.Argument(help="PEFT adapter directories, one per task.", show_default=False)],
+    rank: Annotated[int | None, typer.Option(min=1, help="Shared rank k for the storage table (default: each module's largest rank).")] = None,
+    names: Annotated[str | None, typer.Option(help="Comma-separated task names.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+):
+    """Per module: mean pairwise subspace overlap of the tasks' A's and B's; storage of each plan."""
+    import numpy as np
+
+    from ._plan import SharingPlan
+
+    collection = _load(dirs, names)
+    rows = []
+    storage = {name: [0, 0] for name in NAMED.values()}
+    console = _stderr_console()
+    groups = collection.shape_groups()
+    with _progress(console, len(groups)) as progress:
+        bar = progress.add_task("inspecting", total=len(groups))
+        for module_names in groups.values():
+            group = collection.load_group(module_names)
+            for name in module_names:
+                a_all, b_all, ranks = group[name]
+                info = collection.modules[name]
+                present = info.task_ids
+                a_ov, b_ov = [], []
+                for i, t in enumerate(present):
+                    for u in present[i + 1 :]:
+                        # A's row spaces: compare columns of A^T; B's column spaces directly.
+                        a_ov.append(subspace_overlap(a_all[t, : ranks[t]].T, a_all[u, : ranks[u]].T, ranks[t], ranks[u]))
+                        b_ov.append(subspace_overlap(b_all[t][:, : ranks[t]], b_all[u][:, : ranks[u]], ranks[t], ranks[u]))
+                k = rank or max(ranks)
+                original = sum(ranks) * (info.d_in + info.d_out)
+                for plan_name in storage:
+                    plan = SharingPlan.named(plan_name, len(present), k)
+                    storage[plan_name][0] += plan.num_params(info.d_in, info.d_out)
+                    storage[plan_name][1] += original
+                rows.append(
+                    {
+                        "module": name,
+                        "kind": info.kind,
+                        "d_in": info.d_in,
+                        "d_out": info.d_out,
+                        "tasks": len(present),
+                        "ranks": [ranks[t] for t in present],
+                        "a_overlap": float(np.nanmean(a_ov)) if a_ov and not np.all(np.isnan(a_ov)) else None,
+                        "b_overlap": float(np.nanmean(b_ov)) if b_ov and not np.all(np.isnan(b_ov)) else None,
+                    }
+                )
+            progress.advance(bar)
+    plans = {
+        name: {"num_params": p, "original_params": o, "storage_ratio": p / o if o else None}
+        for name, (p, o) in storage.items()
+    }
+    if json_out:
+        sys.stdout.write(json.dumps({"tasks": list(collection.names), "modules": rows, "plans": plans}) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    table = Table(title=f"{collection.num_tasks} tasks: mean pairwise subspace overlap (1 = same subspace)")
+    for col in ("module", "kind", "d_in", "d_out", "tasks", "A overlap", "B overlap"):
+        table.add_column(col, justify="left" if col in ("module", "kind") else "right")
+    fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
+    for row in rows:
+        table.add_row(row["module"], row["kind"], str(row["d_in"]), str(row["d_out"]), str(row["tasks"]), fmt(row["a_overlap"]), fmt(row["b_overlap"]))
+    out.print(table)
+    plan_table = Table(title=f"storage of each named plan (k = {rank or 'largest rank per module'})")
+    for col in ("plan", "params", "original", "ratio"):
+        plan_table.add_column(col, justify="left" if col == "plan" else "right")
+    for name, p in plans.items():
+        plan_table.add_row(name.replace("_", "-"), f"{p['num_params']:,}", f"{p['original_params']:,}", fmt(p["storage_ratio"]))
+    out.print(plan_table)
+
+
+@app.command()
+def demo():
+    """Run the embedded end-to-end example (offline)."""
+    try:
+        from ._demo import run_demo
+    except ImportError as err:
+        raise CliError("demo", f"hydraopt_jax._demo.run_demo is not available in this build ({err})") from None
+    run_demo()
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"hydraopt: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 2 bad input, 1 internal error)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = app(args=args, prog_name="hydraopt", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except CliError as err:
+        return _fail(f"{err.where}: {err.cause}")
+    except AdapterError as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        return _fail("interrupted; no output written")
+    except Exception as err:
+        # Typer >= 0.29 vendors click (`typer._click`), so match click's classes by name.
+        kinds = {cls.__name__ for cls in type(err).__mro__}
+        if "Exit" in kinds:
+            return int(getattr(err, "exit_code", 0))
+        if "Abort" in kinds:
+            return _fail("aborted")
+        if "ClickException" in kinds:
+            ctx = getattr(err, "ctx", None)
+            where = ctx.command_path.removeprefix("hydraopt").strip() if ctx is not None else ""
+            return _fail(f"{where + ': ' if where else ''}{err.format_message()}")
+        if os.environ.get("HYDRAOPT_DEBUG"):
+            raise
+        sys.stderr.write(
+            f"hydraopt: internal error: {type(err).__name__}: {' '.join(str(err).split())} "
+            "(set HYDRAOPT_DEBUG=1 for a traceback)\n"
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""File plumbing shared by every writer in `hydraopt_jax.io`: errors, safetensors, atomic dirs.
+
+Every safetensors file the package writes goes through `write_safetensors`, which makes
+each tensor C-contiguous first: `safetensors.numpy.save_file` (seen with 0.8.0) stores a
+non-C-contiguous array in *memory* order under its logical shape, so a transposed view
+comes back scrambled with no error. Every output directory is written by `atomic_dir`:
+files go into a temporary sibling directory, are fsynced, and the directory is renamed
+into place, so a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "AdapterError",
+    "DTYPES",
+    "atomic_dir",
+    "read_safetensors_header",
+    "to_dtype",
+    "write_json",
+    "write_safetensors",
+]
+
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+"""Storage dtypes accepted for bundles and exported adapters."""
+
+
+class AdapterError(ValueError):
+    """A bad input or output file. `str(err)` is one line: `PATH: cause`.
+
+    **Arguments:**
+
+    - `path`: the file or directory at fault.
+    - `message`: what arrived and what was expected.
+    """
+
+    def __init__(self, path, message: str):
+        self.path = str(path)
+        self.message = " ".join(str(message).split())  # one line, always
+        super().__init__(f"{self.path}: {self.message}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.message))
+
+
+def to_dtype(name) -> np.dtype:
+    """`"float32" | "bfloat16" | "float16"` (or a numpy dtype of those) -> numpy dtype."""
+    if isinstance(name, str):
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    dtype = np.dtype(name)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def dtype_name(dtype) -> str:
+    dtype = np.dtype(dtype)
+    for name, d in DTYPES.items():
+        if d == dtype:
+            return name
+    return str(dtype)
+
+
+def write_safetensors(
+    path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write `tensors` to `path`, each made C-contiguous first (see the module docstring).
+
+    The only safetensors writer in the package; fsyncs the file before returning.
+    """
+    from safetensors.numpy import save_file
+
+    contiguous = {}
+    for key, value in tensors.items():
+        array = np.asarray(value)
+        # Not `np.ascontiguousarray` alone: it keeps 0-d arrays and views of C-contiguous
+        # memory as they are, which is fine; what matters is that the bytes are in C order.
+        contiguous[key] = np.ascontiguousarray(array)
+        assert contiguous[key].flags["C_CONTIGUOUS"]
+    save_file(contiguous, str(path), metadata=dict(metadata) if metadata else None)
+    _fsync_file(path)
+
+
+def write_json(path, data) -> None:
+    """Write `data` as indented JSON and fsync it."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_safetensors_header(path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{key: (shape, dtype_string)}` from a safetensors file, without loading tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {
+                key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype())
+                for key in f.keys()
+            }
+    except FileNotFoundError:
+        raise AdapterError(path, "file not found") from None
+    except Exception as err:  # safetensors raises its own SafetensorError, or OSError
+        raise AdapterError(path, f"not a readable safetensors file ({_one_line(err)})") from None
+
+
+def read_safetensors(path, keys) -> dict[str, np.ndarray]:
+    """Load only `keys` from a safetensors file (lazily, via `safe_open`)."""
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for key in keys:
+                out[key] = f.get_tensor(key)
+    except Exception as err:
+        raise AdapterError(path, f"cannot read tensors ({_one_line(err)})") from None
+    return out
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _fsync_file(path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+        fd = os.open(str(path), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(out, *, replaceable: Callable[[Path], bool], what: str) -> Iterator[Path]:
+    """Yield a temporary sibling directory of `out`; on success rename it to `out`.
+
+    An existing `out` is replaced only if it is an empty directory or `replaceable(out)`
+    holds (e.g. "is a hydraopt bundle"); otherwise `AdapterError` before anything is
+    written. On any exception the temporary directory is removed and `out` is untouched.
+    """
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir() or not (not any(out.iterdir()) or replaceable(out)):
+            raise AdapterError(out, f"exists and is not {what}; refusing to overwrite it")
+    parent = out.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        for sub in [tmp, *[d for d in tmp.rglob("*") if d.is_dir()]]:
+            _fsync_dir(sub)
+        if out.exists():
+            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,328 @@
+"""The HydraOpt bundle: `OUT/hydraopt.json` + `OUT/factors.safetensors`.
+
+`hydraopt.json` (format version 1) holds
+
+```
+{"format_version": 1, "tasks": [names], "base_model": str | null, "dtype": "float32",
+ "solver": ..., "plan": <how the plan was chosen>, "num_params", "original_params",
+ "storage_ratio",
+ "modules": {module: {"kind": "linear" | "embedding", "d_in", "d_out", "rank": k,
+             "task_ids": [global task index], "task_ranks": [r_t], "plan": {"a_group",
+             "b_group", "rank"} (over the module's tasks), "relative_error": [...],
+             "task_sq_norms": [||dW_t||_F^2], "loss", "steps", "result",
+             "num_params", "original_params"}},
+ "task_configs": {task: original adapter_config.json},
+ "carried": {task: [tensor keys kept verbatim]}}
+```
+
+and `factors.safetensors` the tensors `modules/<module>/shared_a` `[K_A, k, d_in]`,
+`modules/<module>/shared_b` `[K_B, d_out, k]` (a task-specific factor is a group of one)
+and `carried/<task>/<key>` (`modules_to_save` etc., original dtype). The directory is
+written atomically; an existing output that is not a bundle is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._plan import SharingPlan
+from ._files import (
+    AdapterError,
+    atomic_dir,
+    dtype_name,
+    read_safetensors,
+    read_safetensors_header,
+    to_dtype,
+    write_json,
+    write_safetensors,
+)
+
+__all__ = ["Bundle", "BundleModule", "FORMAT_VERSION", "is_bundle", "load_bundle", "save_bundle"]
+
+FORMAT_VERSION = 1
+META_NAME = "hydraopt.json"
+FACTORS_NAME = "factors.safetensors"
+
+
+@dataclasses.dataclass
+class BundleModule:
+    """The merged factors of one module and how well they reconstruct each task."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    task_ids: tuple[int, ...]
+    task_ranks: tuple[int, ...]
+    plan: SharingPlan
+    shared_a: np.ndarray  # [K_A, k, d_in] in the bundle dtype
+    shared_b: np.ndarray  # [K_B, d_out, k]
+    relative_error: tuple[float, ...]
+    task_sq_norms: tuple[float, ...]
+    loss: float = float("nan")
+    steps: int = 0
+    result: int = 0
+
+    @property
+    def rank(self) -> int:
+        return int(self.shared_a.shape[1])
+
+    @property
+    def num_params(self) -> int:
+        return int(self.shared_a.size + self.shared_b.size)
+
+    @property
+    def original_params(self) -> int:
+        return int(sum(self.task_ranks)) * (self.d_in + self.d_out)
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "d_in": self.d_in,
+            "d_out": self.d_out,
+            "rank": self.rank,
+            "task_ids": list(self.task_ids),
+            "task_ranks": list(self.task_ranks),
+            "plan": self.plan.to_dict(),
+            "relative_error": [_num(e) for e in self.relative_error],
+            "task_sq_norms": [_num(e) for e in self.task_sq_norms],
+            "loss": _num(self.loss),
+            "steps": int(self.steps),
+            "result": int(self.result),
+            "num_params": self.num_params,
+            "original_params": self.original_params,
+        }
+
+
+def _num(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclasses.dataclass
+class Bundle:
+    """Everything `hydraopt export` needs: factors, plans, task configs, carried tensors."""
+
+    tasks: tuple[str, ...]
+    modules: dict[str, BundleModule]
+    task_configs: dict[str, dict]
+    carried: dict[str, dict[str, np.ndarray]]
+    base_model: str | None = None
+    dtype: str = "float32"
+    meta: dict = dataclasses.field(default_factory=dict)
+    path: Path | None = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def empty(cls, collection, *, dtype="float32", meta: Mapping | None = None) -> Bundle:
+        """A bundle for `collection` (an `AdapterCollection`) with no modules yet.
+
+        Carried tensors (`modules_to_save`, ...) are read here, once.
+        """
+        carried = {}
+        for adapter in collection.adapters:
+            carried[adapter.name] = (
+                adapter.read_tensors(adapter.carried_keys) if adapter.carried_keys else {}
+            )
+        return cls(
+            tasks=collection.names,
+            modules={},
+            task_configs={a.name: dict(a.config) for a in collection.adapters},
+            carried=carried,
+            base_model=collection.base_model,
+            dtype=dtype_name(to_dtype(dtype)),
+            meta=dict(meta or {}),
+        )
+
+    def add_solutions(self, group: Mapping, solutions: Mapping, kinds: Mapping[str, str]) -> None:
+        """Add merged modules: `group` is the merge input, `solutions` its `Solution`s.
+
+        Raises `ValueError` if a solution holds NaN or Inf.
+        """
+        dtype = to_dtype(self.dtype)
+        for name, sol in solutions.items():
+            a_all, b_all, ranks = group[name]
+            shared_a = np.asarray(sol.shared_a, dtype=np.float32)
+            shared_b = np.asarray(sol.shared_b, dtype=np.float32)
+            if not (np.all(np.isfinite(shared_a)) and np.all(np.isfinite(shared_b))):
+                raise ValueError(f"module {name}: the solver returned non-finite factors")
+            task_ids = tuple(int(t) for t in sol.task_ids)
+            sq_norms = []
+            for t in task_ids:
+                a = np.asarray(a_all[t], np.float64)
+                b = np.asarray(b_all[t], np.float64)
+                sq_norms.append(float(np.sum((b.T @ b) * (a @ a.T))))  # ||B A||_F^2, factored
+            self.modules[name] = BundleModule(
+                name=name,
+                kind=kinds[name],
+                d_in=int(shared_a.shape[-1]),
+                d_out=int(shared_b.shape[-2]),
+                task_ids=task_ids,
+                task_ranks=tuple(int(ranks[t]) for t in task_ids),
+                plan=sol.plan,
+                shared_a=shared_a.astype(dtype),
+                shared_b=shared_b.astype(dtype),
+                relative_error=tuple(float(e) for e in np.asarray(sol.relative_error)),
+                task_sq_norms=tuple(sq_norms),
+                loss=float(np.asarray(sol.loss)),
+                steps=int(np.asarray(sol.steps)),
+                result=int(np.asarray(sol.result)),
+            )
+
+    # ------------------------------------------------------------------ queries
+    def task_index(self, task: str) -> int:
+        if task not in self.tasks:
+            raise AdapterError(
+                self.path or "<bundle>",
+                f"unknown task {task!r}; the bundle has {', '.join(self.tasks)}",
+            )
+        return self.tasks.index(task)
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.num_params for m in self.modules.values())
+
+    @property
+    def original_params(self) -> int:
+        return sum(m.original_params for m in self.modules.values())
+
+    @property
+    def storage_ratio(self) -> float:
+        return self.num_params / max(self.original_params, 1)
+
+    def task_relative_errors(self) -> dict[str, float]:
+        """Per task, the relative error of its whole update (all modules at once).
+
+        `sqrt(sum_m err_m^2 ||dW_m||^2) / sqrt(sum_m ||dW_m||^2)`: the relative Frobenius
+        error of the concatenation of the task's module updates, so large modules count
+        in proportion to their update, and a task with zero update gets 0.
+        """
+        num = dict.fromkeys(self.tasks, 0.0)
+        den = dict.fromkeys(self.tasks, 0.0)
+        for module in self.modules.values():
+            for t, err, sq in zip(module.task_ids, module.relative_error, module.task_sq_norms):
+                name = self.tasks[t]
+                num[name] += (float(err) ** 2) * sq
+                den[name] += sq
+        return {t: (math.sqrt(num[t] / den[t]) if den[t] > 0 else 0.0) for t in self.tasks}
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "tasks": list(self.tasks),
+            "base_model": self.base_model,
+            "dtype": self.dtype,
+            **{k: v for k, v in self.meta.items() if k not in _RESERVED},
+            "num_params": self.num_params,
+            "original_params": self.original_params,
+            "storage_ratio": self.storage_ratio,
+            "modules": {name: m.to_json() for name, m in self.modules.items()},
+            "task_configs": self.task_configs,
+            "carried": {t: list(v) for t, v in self.carried.items()},
+        }
+
+
+_RESERVED = {
+    "format_version", "tasks", "base_model", "dtype", "num_params", "original_params",
+    "storage_ratio", "modules", "task_configs", "carried",
+}
+
+
+def is_bundle(path) -> bool:
+    """`path` is a directory holding a `hydraopt.json` with a `format_version`."""
+    meta = Path(path) / META_NAME
+    if not meta.is_file():
+        return False
+    try:
+        return "format_version" in json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def save_bundle(bundle: Bundle, out_dir) -> Path:
+    """Write `bundle` to `out_dir` atomically (temporary sibling directory, fsync, rename).
+
+    An existing `out_dir` is replaced only if it is empty or a bundle.
+    """
+    tensors = {}
+    for name, module in bundle.modules.items():
+        tensors[f"modules/{name}/shared_a"] = module.shared_a
+        tensors[f"modules/{name}/shared_b"] = module.shared_b
+    for task, carried in bundle.carried.items():
+        for key, value in carried.items():
+            tensors[f"carried/{task}/{key}"] = value
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, replaceable=is_bundle, what="a hydraopt bundle") as tmp:
+        write_safetensors(tmp / FACTORS_NAME, tensors, {"format": "hydraopt", "format_version": str(FORMAT_VERSION)})
+        write_json(tmp / META_NAME, bundle.to_json())
+    bundle.path = out_dir
+    return out_dir
+
+
+def load_bundle(path) -> Bundle:
+    """Read a bundle directory written by `save_bundle` (or `hydraopt merge`)."""
+    path = Path(path)
+    meta_file, factors_file = path / META_NAME, path / FACTORS_NAME
+    if not path.is_dir():
+        raise AdapterError(path, "no such bundle directory")
+    if not meta_file.is_file():
+        raise AdapterError(meta_file, "missing; not a hydraopt bundle")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(meta_file, f"not valid JSON ({' '.join(str(err).split())})") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise AdapterError(meta_file, f"format_version is {version!r}; this hydraopt reads version {FORMAT_VERSION}")
+    header = read_safetensors_header(factors_file)
+    tensors = read_safetensors(factors_file, list(header))
+    try:
+        tasks = tuple(meta["tasks"])
+        modules = {}
+        for name, m in meta["modules"].items():
+            a = tensors.pop(f"modules/{name}/shared_a")
+            b = tensors.pop(f"modules/{name}/shared_b")
+            plan = SharingPlan.from_dict(m["plan"])
+            expect_a = (plan.num_a_groups, m["rank"], m["d_in"])
+            expect_b = (plan.num_b_groups, m["d_out"], m["rank"])
+            if a.shape != expect_a or b.shape != expect_b:
+                raise AdapterError(factors_file, f"module {name}: shared_a {list(a.shape)} / shared_b {list(b.shape)}, expected {list(expect_a)} / {list(expect_b)} from {META_NAME}")
+            if plan.num_tasks != len(m["task_ids"]) or any(not 0 <= t < len(tasks) for t in m["task_ids"]):
+                raise AdapterError(meta_file, f"module {name}: task_ids {m['task_ids']} do not fit the plan or the {len(tasks)} tasks")
+            modules[name] = BundleModule(
+                name=name, kind=m["kind"], d_in=int(m["d_in"]), d_out=int(m["d_out"]),
+                task_ids=tuple(m["task_ids"]), task_ranks=tuple(m["task_ranks"]), plan=plan,
+                shared_a=a, shared_b=b,
+                relative_error=tuple(float("nan") if e is None else e for e in m["relative_error"]),
+                task_sq_norms=tuple(float("nan") if e is None else e for e in m.get("task_sq_norms", [])),
+                loss=float("nan") if m.get("loss") is None else m["loss"],
+                steps=m.get("steps", 0), result=m.get("result", 0),
+            )
+        carried = {t: {} for t in tasks}
+        for task, keys in meta.get("carried", {}).items():
+            for key in keys:
+                carried[task][key] = tensors.pop(f"carried/{task}/{key}")
+    except KeyError as err:
+        raise AdapterError(path, f"bundle is incomplete: missing {err}") from None
+    except (TypeError, ValueError) as err:
+        if isinstance(err, AdapterError):
+            raise
+        raise AdapterError(meta_file, f"malformed bundle ({' '.join(str(err).split())})") from None
+    if tensors:
+        raise AdapterError(factors_file, f"unexpected tensors {sorted(tensors)[:3]} not described by {META_NAME}")
+    return Bundle(
+        tasks=tasks,
+        modules=modules,
+        task_configs=meta.get("task_configs", {}),
+        carried=carried,
+        base_model=meta.get("base_model"),
+        dtype=meta.get("dtype", "float32"),
+        meta={k: v for k, v in meta.items() if k not in _RESERVED},
+        path=path,
+    )

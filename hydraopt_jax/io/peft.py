@@ -1,0 +1,529 @@
+"""Read PEFT LoRA adapters (lazily, per module group) and write merged ones back.
+
+A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with
+keys `base_model.model.<module>.lora_A.weight` `[r, d_in]` and `...lora_B.weight`
+`[d_out, r]` (embeddings: `lora_embedding_A` `[r, num]`, `lora_embedding_B` `[dim, r]`).
+Each module's update is `dW = s B A` with `s = alpha / r` (`alpha / sqrt(r)` with rsLoRA),
+`r` and `alpha` resolved per module from `rank_pattern` / `alpha_pattern` exactly as PEFT
+does (`peft.utils.other.get_pattern_key`). We fold `s` into `B` and solve in float32.
+
+`fan_in_fan_out` (GPT-2 `Conv1D`) does not change the stored factors: PEFT keeps `lora_A`
+and `lora_B` in `nn.Linear` layout and transposes only the product
+(`transpose(B @ A, fan_in_fan_out)`), so the flag is carried to the export unchanged.
+
+Tensors of `modules_to_save` and the base embedding weights PEFT saves alongside an
+embedding LoRA are carried through untouched (never merged, never dropped). DoRA, LoRA
+bias and any other tensor are refused with an `AdapterError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._files import (
+    AdapterError,
+    atomic_dir,
+    dtype_name,
+    read_safetensors,
+    read_safetensors_header,
+    to_dtype,
+    write_json,
+    write_safetensors,
+)
+
+__all__ = [
+    "AdapterCollection",
+    "AdapterError",
+    "ModuleInfo",
+    "PeftAdapter",
+    "export_peft",
+    "export_peft_config",
+    "export_peft_tensors",
+    "get_pattern_key",
+    "load_collection",
+    "load_peft_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_SUFFIXES = {
+    ".lora_A.weight": ("linear", "a"),
+    ".lora_B.weight": ("linear", "b"),
+    ".lora_embedding_A": ("embedding", "a"),
+    ".lora_embedding_B": ("embedding", "b"),
+}
+
+
+def get_pattern_key(pattern_keys: Sequence[str], key_to_match: str) -> str:
+    """PEFT's rule for `rank_pattern` / `alpha_pattern` (peft 0.21 `get_pattern_key`).
+
+    The first pattern `p` (in the config's order) with `re.match(rf"(.*\\.)?({p})$", key)`
+    wins; if none matches, `key_to_match` itself is returned (and so is not in the dict).
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", key_to_match):
+            return key
+    return key_to_match
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted module of one adapter: where its factors are and how they scale."""
+
+    name: str
+    kind: str  # "linear" or "embedding"
+    d_in: int
+    d_out: int
+    rank: int
+    alpha: float
+    scale: float
+    a_key: str
+    b_key: str
+
+
+@dataclasses.dataclass
+class PeftAdapter:
+    """A PEFT LoRA adapter whose tensors are read on demand.
+
+    Built by `load_peft_adapter` (from a directory) or `from_torch_state_dict` (from
+    memory). `modules` maps module name (e.g. `model.layers.0.self_attn.q_proj`) to its
+    `ModuleSpec`; `carried_keys` are tensors kept verbatim (`modules_to_save`, saved
+    embedding base weights).
+    """
+
+    name: str
+    path: Path | None
+    config: dict
+    modules: dict[str, ModuleSpec]
+    carried_keys: tuple[str, ...]
+    tensor_dtypes: dict[str, str]
+    _tensors: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def weights_file(self) -> str:
+        return str(self.path / WEIGHTS_NAME) if self.path is not None else f"<{self.name}>"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def target_modules(self):
+        return self.config.get("target_modules")
+
+    @property
+    def modules_to_save(self):
+        return self.config.get("modules_to_save")
+
+    def read_tensors(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Raw tensors in their stored dtype (bf16 as `ml_dtypes.bfloat16`)."""
+        if self._tensors is not None:
+            return {k: self._tensors[k] for k in keys}
+        return read_safetensors(self.path / WEIGHTS_NAME, keys)
+
+    def load_factors(self, names: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """`{module: (A [r, d_in], s * B [d_out, r])}` in float32, scale folded into B.
+
+        Raises `AdapterError` on NaN or Inf in a factor.
+        """
+        specs = [self.modules[n] for n in names]
+        raw = self.read_tensors([k for s in specs for k in (s.a_key, s.b_key)])
+        out = {}
+        for spec in specs:
+            a = np.asarray(raw[spec.a_key], dtype=np.float32)
+            b = np.asarray(raw[spec.b_key], dtype=np.float32)
+            for key, value in ((spec.a_key, a), (spec.b_key, b)):
+                if not np.all(np.isfinite(value)):
+                    raise AdapterError(self.weights_file, f"tensor {key} has NaN or Inf values")
+            out[spec.name] = (a, b * np.float32(spec.scale))
+        return out
+
+
+def _strip(key: str) -> str:
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
+
+
+def _matches_module(module: str, names) -> bool:
+    """`module` is one of `names` or ends with `.name` (PEFT's modules_to_save rule)."""
+    if not names:
+        return False
+    if isinstance(names, str):
+        names = [names]
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _check_config(config: dict, where) -> None:
+    if not isinstance(config, dict):
+        raise AdapterError(where, "adapter config is not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise AdapterError(where, f"peft_type is {peft_type!r}; only LoRA adapters (LORA) can be merged")
+    if config.get("use_dora"):
+        raise AdapterError(where, "use_dora is true: DoRA adapters are not supported (their magnitude vector cannot be merged as a low-rank update)")
+    if config.get("lora_bias"):
+        raise AdapterError(where, "lora_bias is true: LoRA bias is not supported")
+    if config.get("bias", "none") not in ("none", None):
+        raise AdapterError(where, f"bias={config.get('bias')!r}: adapters that train base biases are not supported; expected 'none'")
+    if config.get("target_parameters"):
+        raise AdapterError(where, "target_parameters is set: LoRA on raw nn.Parameters is not supported")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise AdapterError(where, f"{field} must be a positive number, got {value!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(field) or {}, dict):
+            raise AdapterError(where, f"{field} must be a mapping, got {config.get(field)!r}")
+
+
+def _parse(
+    name: str,
+    config: dict,
+    header: Mapping[str, tuple[tuple[int, ...], str]],
+    weights_file: str,
+    config_file: str,
+) -> tuple[dict[str, ModuleSpec], tuple[str, ...]]:
+    _check_config(config, config_file)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    factors: dict[str, dict[str, tuple[str, str]]] = {}  # module -> side -> (key, kind)
+    carried = []
+    others = []
+    for key in header:
+        stripped = _strip(key)
+        for suffix, (kind, side) in _SUFFIXES.items():
+            if stripped.endswith(suffix):
+                module = stripped[: -len(suffix)]
+                entry = factors.setdefault(module, {})
+                if side in entry:
+                    raise AdapterError(weights_file, f"two {side.upper()} factors for module {module}: {entry[side][0]} and {key}")
+                entry[side] = (key, kind)
+                break
+        else:
+            others.append(key)
+    for key in others:
+        stripped = _strip(key)
+        module = stripped.rsplit(".", 1)[0]
+        if ".lora_magnitude_vector" in stripped:
+            raise AdapterError(weights_file, f"tensor {key} is a DoRA magnitude vector; DoRA adapters are not supported")
+        if re.search(r"\.lora_[AB]\.bias$", stripped) or "lora_embedding_B.bias" in stripped:
+            raise AdapterError(weights_file, f"tensor {key} is a LoRA bias; LoRA bias is not supported")
+        if _matches_module(module, config.get("modules_to_save")):
+            carried.append(key)
+        elif stripped.endswith(".base_layer.weight") and factors.get(stripped[: -len(".base_layer.weight")], {}).get("a", (None, None))[1] == "embedding":
+            # PEFT saves the base embedding matrix next to an embedding LoRA
+            # (`save_embedding_layers`); it is part of the adapter, so we keep it.
+            carried.append(key)
+        else:
+            raise AdapterError(weights_file, f"unknown tensor {key} (shape {list(header[key][0])}); expected LoRA factors (lora_A/lora_B, lora_embedding_A/B) or modules_to_save tensors")
+    modules = {}
+    for module, entry in factors.items():
+        if set(entry) != {"a", "b"}:
+            have = next(iter(entry.values()))[0]
+            missing = "B" if "a" in entry else "A"
+            raise AdapterError(weights_file, f"module {module} has {have} but no LoRA {missing} factor")
+        (a_key, kind), (b_key, kind_b) = entry["a"], entry["b"]
+        a_shape, b_shape = header[a_key][0], header[b_key][0]
+        if kind != kind_b:
+            raise AdapterError(weights_file, f"module {module} mixes {a_key} and {b_key}")
+        if len(a_shape) != 2 or len(b_shape) != 2:
+            raise AdapterError(weights_file, f"tensor {a_key} has shape {list(a_shape)} and {b_key} has shape {list(b_shape)}; only 2-D LoRA factors (Linear, Conv1D, Embedding) are supported, not convolution LoRA")
+        r = a_shape[0]
+        if b_shape[1] != r:
+            raise AdapterError(weights_file, f"tensor {b_key} has shape {list(b_shape)}, expected [{b_shape[0]}, {r}] to match {a_key} of shape {list(a_shape)}")
+        r_key = get_pattern_key(list(rank_pattern), module)
+        alpha_key = get_pattern_key(list(alpha_pattern), module)
+        config_r = rank_pattern.get(r_key, config["r"])
+        alpha = alpha_pattern.get(alpha_key, config["lora_alpha"])
+        if config_r != r:
+            raise AdapterError(weights_file, f"tensor {a_key} has rank {r} but {config_file} gives r={config_r} for module {module} (r / rank_pattern)")
+        if r == 0:
+            raise AdapterError(weights_file, f"module {module} has rank 0")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = ModuleSpec(
+            name=module, kind=kind, d_in=a_shape[1], d_out=b_shape[0], rank=r,
+            alpha=float(alpha), scale=float(scale), a_key=a_key, b_key=b_key,
+        )
+    if not modules:
+        raise AdapterError(weights_file, "no LoRA factors found (no lora_A/lora_B tensors)")
+    return modules, tuple(carried)
+
+
+def load_peft_adapter(path, name: str | None = None) -> PeftAdapter:
+    """Read a PEFT LoRA adapter directory's config and tensor header (tensors stay on disk).
+
+    **Arguments:**
+
+    - `path`: a directory with `adapter_config.json` and `adapter_model.safetensors`.
+    - `name`: the task name; defaults to the directory name.
+
+    **Returns:** a `PeftAdapter`; `adapter.load_factors([...])` reads modules on demand.
+
+    ```python
+    adapter = load_peft_adapter("adapters/fr_qa")
+    A, B = adapter.load_factors(["model.layers.0.self_attn.q_proj"])[...]   # B has s folded in
+    ```
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(path, "no such adapter directory")
+    if not path.is_dir():
+        raise AdapterError(path, f"not a directory; expected a PEFT adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config_file = path / CONFIG_NAME
+    weights_file = path / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise AdapterError(config_file, "missing; not a PEFT adapter directory")
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise AdapterError(path / "adapter_model.bin", f"pickled adapters are not read (unsafe); save with safetensors ({WEIGHTS_NAME})")
+        raise AdapterError(weights_file, "missing; not a PEFT adapter directory")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(config_file, f"not valid JSON ({' '.join(str(err).split())})") from None
+    header = read_safetensors_header(weights_file)
+    modules, carried = _parse(name or path.name, config, header, str(weights_file), str(config_file))
+    return PeftAdapter(
+        name=name or path.resolve().name,
+        path=path,
+        config=config,
+        modules=modules,
+        carried_keys=carried,
+        tensor_dtypes={k: v[1] for k, v in header.items()},
+    )
+
+
+# --------------------------------------------------------------------------- collections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleInfo:
+    """A module across the collection: kind, shape, and each task's rank (0 = absent)."""
+
+    name: str
+    kind: str
+    d_in: int
+    d_out: int
+    ranks: tuple[int, ...]
+
+    @property
+    def shape_key(self) -> tuple[str, int, int]:
+        return (self.kind, self.d_in, self.d_out)
+
+    @property
+    def task_ids(self) -> tuple[int, ...]:
+        return tuple(t for t, r in enumerate(self.ranks) if r > 0)
+
+
+@dataclasses.dataclass
+class AdapterCollection:
+    """Several adapters (one per task) on one base model, read group by group.
+
+    `modules` lists every adapted module with its shape and per-task ranks; modules with
+    equal `(kind, d_in, d_out)` form a *shape group*, and `iter_groups()` yields one group's
+    `{module: (A [T, r_max, d_in], B [T, d_out, r_max], ranks)}` at a time (float32, scale
+    folded into B, zero-padded, absent tasks all zero) — the input of `merge_adapters`.
+    """
+
+    adapters: tuple[PeftAdapter, ...]
+    modules: dict[str, ModuleInfo]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def base_model(self) -> str | None:
+        for adapter in self.adapters:
+            if adapter.base_model:
+                return adapter.base_model
+        return None
+
+    def shape_groups(self) -> dict[tuple[str, int, int], tuple[str, ...]]:
+        groups: dict[tuple[str, int, int], list[str]] = {}
+        for info in self.modules.values():
+            groups.setdefault(info.shape_key, []).append(info.name)
+        return {k: tuple(v) for k, v in groups.items()}
+
+    def load_group(self, names: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
+        """The merge input for `names` (modules of one shape), padded to their max rank."""
+        infos = [self.modules[n] for n in names]
+        r_max = max(max(i.ranks) for i in infos)
+        out = {}
+        arrays = {
+            n: (np.zeros((self.num_tasks, r_max, i.d_in), np.float32), np.zeros((self.num_tasks, i.d_out, r_max), np.float32))
+            for n, i in zip(names, infos)
+        }
+        for t, adapter in enumerate(self.adapters):
+            present = [n for n in names if n in adapter.modules]
+            for n, (a, b) in adapter.load_factors(present).items():
+                r = a.shape[0]
+                arrays[n][0][t, :r] = a
+                arrays[n][1][t, :, :r] = b
+        for n, info in zip(names, infos):
+            out[n] = (*arrays[n], info.ranks)
+        return out
+
+    def iter_groups(self) -> Iterator[tuple[tuple[str, int, int], dict]]:
+        """Yield `(shape_key, group_collection)` for each shape group, loading lazily."""
+        for key, names in self.shape_groups().items():
+            yield key, self.load_group(names)
+
+
+def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> AdapterCollection:
+    """Open several PEFT adapter directories as one collection of tasks.
+
+    Task names come from the directory names, or from `names` (same length, unique).
+    Tasks may target different modules; a module adapted by several tasks must have the
+    same kind and `(d_in, d_out)` in each (else `AdapterError` naming both files).
+    """
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise AdapterError(".", "no adapter directories given")
+    if names is None:
+        names = [d.resolve().name for d in dirs]
+    else:
+        names = list(names)
+        if len(names) != len(dirs):
+            raise AdapterError(dirs[0], f"{len(names)} task names given for {len(dirs)} adapter directories")
+    seen: dict[str, Path] = {}
+    for name, d in zip(names, dirs):
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise AdapterError(d, f"invalid task name {name!r}: it must be a non-empty file name")
+        if name in seen:
+            raise AdapterError(d, f"duplicate task name {name!r} (also {seen[name]}); give distinct names with --names")
+        seen[name] = d
+    adapters = tuple(load_peft_adapter(d, name) for d, name in zip(dirs, names))
+    modules: dict[str, ModuleInfo] = {}
+    owner: dict[str, PeftAdapter] = {}
+    ranks: dict[str, list[int]] = {}
+    for t, adapter in enumerate(adapters):
+        for mod, spec in adapter.modules.items():
+            if mod not in modules:
+                modules[mod] = ModuleInfo(mod, spec.kind, spec.d_in, spec.d_out, ())
+                owner[mod] = adapter
+                ranks[mod] = [0] * len(adapters)
+            first = modules[mod]
+            if (first.kind, first.d_in, first.d_out) != (spec.kind, spec.d_in, spec.d_out):
+                raise AdapterError(
+                    adapter.weights_file,
+                    f"module {mod} is {spec.kind} with (d_in, d_out) = ({spec.d_in}, {spec.d_out}) "
+                    f"but {owner[mod].weights_file} has {first.kind} ({first.d_in}, {first.d_out}); "
+                    "adapters must share one base model",
+                )
+            ranks[mod][t] = spec.rank
+    modules = {m: dataclasses.replace(i, ranks=tuple(ranks[m])) for m, i in modules.items()}
+    return AdapterCollection(adapters, modules)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _task_modules(bundle, task: str) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
+    """`(module, A_hat [k, d_in], B_hat [d_out, k], kind)` for every module of `task`."""
+    t = bundle.task_index(task)
+    out = []
+    for name, module in bundle.modules.items():
+        if t not in module.task_ids:
+            continue
+        local = module.task_ids.index(t)
+        a = module.shared_a[module.plan.a_group[local]]
+        b = module.shared_b[module.plan.b_group[local]]
+        out.append((name, a, b, module.kind))
+    return out
+
+
+def export_peft_config(bundle, task: str) -> dict:
+    """The `adapter_config.json` of `task`'s exported adapter: `r = lora_alpha = k`.
+
+    The task's original config is kept (target modules, `fan_in_fan_out`,
+    `modules_to_save`, base model, task type, ...); only the rank fields change. Modules
+    whose `k` differs from the most common one get exact `rank_pattern` / `alpha_pattern`
+    entries (escaped full names, so PEFT's regex matches only that module).
+    """
+    modules = _task_modules(bundle, task)
+    config = dict(bundle.task_configs[task])
+    ks = [a.shape[0] for _, a, _, _ in modules]
+    k = max(set(ks), key=lambda v: (ks.count(v), -v))
+    pattern = {re.escape(name): a.shape[0] for name, a, _, _ in modules if a.shape[0] != k}
+    pattern = dict(sorted(pattern.items(), key=lambda kv: -len(kv[0])))  # longest (most specific) first
+    config.update(
+        r=int(k),
+        lora_alpha=int(k),
+        use_rslora=False,
+        rank_pattern=dict(pattern),
+        alpha_pattern=dict(pattern),
+        use_dora=False,
+        inference_mode=True,
+    )
+    return config
+
+
+def export_peft_tensors(bundle, task: str, dtype=None) -> dict[str, np.ndarray]:
+    """The PEFT-layout tensors of `task`'s exported adapter (carried tensors included)."""
+    dtype = to_dtype(dtype if dtype is not None else bundle.dtype)
+    tensors = {}
+    for name, a, b, kind in _task_modules(bundle, task):
+        if kind == "embedding":
+            keys = (f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B")
+        else:
+            keys = (f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight")
+        tensors[keys[0]] = np.asarray(a).astype(dtype)
+        tensors[keys[1]] = np.asarray(b).astype(dtype)
+    tensors.update(bundle.carried.get(task, {}))
+    return tensors
+
+
+def _is_export_dir(path: Path) -> bool:
+    return all(p.is_dir() and (p / CONFIG_NAME).is_file() for p in path.iterdir())
+
+
+def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=None) -> list[Path]:
+    """Write one standard PEFT adapter directory per task: `out_dir/<task>/`.
+
+    `lora_A = shared_a[a_group[t]]`, `lora_B = shared_b[b_group[t]]`, `r = lora_alpha = k`
+    (scale 1), the task's own target modules; loadable by `peft.PeftModel.from_pretrained`
+    with no code of ours. Written atomically (temporary sibling directory, then rename);
+    an existing `out_dir` is replaced only if it is empty or a previous export.
+
+    **Arguments:**
+
+    - `bundle`: a `Bundle` or a bundle directory.
+    - `out_dir`: the directory to create.
+    - `task`: a task name or list of names; all tasks by default.
+    - `dtype`: `"float32"`, `"bfloat16"` or `"float16"`; default: the bundle's dtype.
+
+    **Returns:** the adapter directories written.
+    """
+    from .bundle import Bundle, load_bundle
+
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    if dtype is not None:
+        dtype = dtype_name(to_dtype(dtype))
+    tasks = list(bundle.tasks) if task is None else ([task] if isinstance(task, str) else list(task))
+    for name in tasks:
+        bundle.task_index(name)  # raises on unknown names before anything is written
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, replaceable=_is_export_dir, what="a hydraopt export (one PEFT adapter per task)") as tmp:
+        for name in tasks:
+            sub = tmp / name
+            sub.mkdir()
+            write_json(sub / CONFIG_NAME, export_peft_config(bundle, name))
+            write_safetensors(sub / WEIGHTS_NAME, export_peft_tensors(bundle, name, dtype), {"format": "pt"})
+    return [out_dir / name for name in tasks]
