@@ -1,0 +1,76 @@
+"""Fast checks of the quality testbed: task generators, adapter loading, evaluation."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.testbed import tasks as T  # noqa: E402
+
+COLLECTION = ROOT / "benchmarks" / "testbed" / "adapters" / "small_lr_same_seed"
+ADAPTER_TASK = "sort_L3"
+
+
+def test_grid_names_and_indices():
+    grid = T.all_tasks()
+    assert len(grid) == 40
+    assert [t.name for t in grid[:2]] == ["copy_L0", "copy_L1"]
+    assert grid[-1].name == "dedup_L7"
+    assert [t.index for t in grid] == list(range(40))
+    assert all(T.task_from_name(t.name) == t for t in grid)
+    with pytest.raises(ValueError):
+        T.task_from_name("sort_L9")
+
+
+def test_alphabets_are_disjoint_and_fit_the_vocab():
+    letters = np.concatenate([T.alphabet(l) for l in range(T.NUM_LANGUAGES)])
+    assert len(set(letters.tolist())) == letters.size
+    assert letters.min() > max(T.PRETRAIN_TOKEN.values()) and letters.max() < T.VOCAB_SIZE
+
+
+def test_transforms_are_correct():
+    rng = np.random.default_rng(0)
+    for lang in range(T.NUM_LANGUAGES):
+        for x in T.sample_inputs(lang, 50, rng):
+            x = list(x)
+            assert T.TRANSFORMS["copy"](x) == x
+            assert T.TRANSFORMS["reverse"](T.TRANSFORMS["reverse"](x)) == x
+            s = T.TRANSFORMS["sort"](x)
+            assert s == sorted(s) and sorted(s) == sorted(x)
+            shifted = T.TRANSFORMS["shift"](x)
+            assert set(shifted) <= set(T.alphabet(lang).tolist())
+            # shifting ALPHABET_SIZE times is the identity; unshift undoes shift
+            y = x
+            for _ in range(T.ALPHABET_SIZE):
+                y = T.TRANSFORMS["shift"](y)
+            assert y == x and T.TRANSFORMS["unshift"](shifted) == x
+            d = T.TRANSFORMS["dedup"](x)
+            assert len(d) == len(set(x)) and d == sorted(set(x), key=x.index)
+    assert T.TRANSFORMS["dedup"]([5, 3, 5, 5, 2, 3]) == [5, 3, 2]
+    assert T.TRANSFORMS["shift"]([T.alphabet(2)[-1]]) == [T.alphabet(2)[0]]
+
+
+def test_generation_is_deterministic_and_splits_disjoint():
+    task = T.task_from_name("reverse_L5")
+    test, val = T.heldout_inputs(task, "test"), T.heldout_inputs(task, "val")
+    assert test == T.heldout_inputs(task, "test") and len(test) == T.NUM_TEST
+    assert len(set(test)) == len(test) and not set(test) & set(val)
+    a, b = T.TrainStream([task], 256, seed=3), T.TrainStream([task], 256, seed=3)
+    heldout = set(test) | set(val)
+    for _ in range(5):
+        (ia, la, ma), (ib, lb, mb) = a.next_batch(), b.next_batch()
+        assert (ia == ib).all() and (la == lb).all() and (ma == mb).all()
+        for row, labels in zip(ia, la, strict=True):
+            sep = int(np.where(row == T.SEP)[0][0])
+            x = tuple(int(t) for t in row[2:sep])
+            assert x not in heldout
+            answer = [int(t) for t in labels[labels != -100]]
+            assert answer == task.transform(list(x)) + [T.EOS]
