@@ -68,7 +68,12 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-NAMED = {"shared-a": "shared_a", "shared-b": "shared_b", "full-merge": "full_merge", "separate": "separate"}
+NAMED = {
+    "shared-a": "shared_a",
+    "shared-b": "shared_b",
+    "full-merge": "full_merge",
+    "separate": "separate",
+}
 SOLVERS = ("exact", "als", "adam", "lbfgs")
 WEIGHTINGS = ("relative", "uniform")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -109,22 +114,34 @@ def _side_labels(spec: dict, side: str, tasks: Sequence[str], where) -> list | N
         for group, patterns in value.items():
             patterns = [patterns] if isinstance(patterns, str) else patterns
             if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-                raise CliError(where, f"{key}.{group}: expected a pattern or a list of patterns, got {patterns!r}")
+                raise CliError(
+                    where,
+                    f"{key}.{group}: expected a pattern or a list of patterns, got {patterns!r}",
+                )
             for pattern in patterns:
                 hits = [t for t, name in enumerate(tasks) if fnmatch.fnmatchcase(name, pattern)]
                 if not hits:
-                    raise CliError(where, f"{key}.{group}: pattern {pattern!r} matches no task (tasks: {', '.join(tasks)})")
+                    raise CliError(
+                        where,
+                        f"{key}.{group}: pattern {pattern!r} matches no task (tasks: "
+                        f"{', '.join(tasks)})",
+                    )
                 for t in hits:
                     if owner.get(t, group) != group:
-                        raise CliError(where, f"{key}: task {tasks[t]!r} matches both {owner[t]!r} and {group!r}")
+                        raise CliError(
+                            where,
+                            f"{key}: task {tasks[t]!r} matches both {owner[t]!r} and {group!r}",
+                        )
                     owner[t] = group
                     labels[t] = ("group", group)
         return labels
     # explicit ids
     if isinstance(value, list):
         if len(value) != len(tasks):
-            raise CliError(where, f"{key} has {len(value)} ids for {len(tasks)} tasks ({', '.join(tasks)})")
-        ids = dict(zip(tasks, value))
+            raise CliError(
+                where, f"{key} has {len(value)} ids for {len(tasks)} tasks ({', '.join(tasks)})"
+            )
+        ids = dict(zip(tasks, value, strict=False))
     elif isinstance(value, dict):
         unknown = [n for n in value if n not in tasks]
         if unknown:
@@ -136,7 +153,9 @@ def _side_labels(spec: dict, side: str, tasks: Sequence[str], where) -> list | N
         raise CliError(where, f"{key}: group ids must be integers, got {list(ids.values())}")
     used = sorted(set(ids.values()))
     if used != list(range(len(used))):
-        raise CliError(where, f"{key}: group ids {used} out of range; expected 0..K-1 with every id used")
+        raise CliError(
+            where, f"{key}: group ids {used} out of range; expected 0..K-1 with every id used"
+        )
     return [("group", ids[n]) if n in ids else ("task", t) for t, n in enumerate(tasks)]
 
 
@@ -148,7 +167,9 @@ def plan_from_config(spec, tasks: Sequence[str], where="plan"):
         raise CliError(where, f"a plan file must be a YAML mapping, got {type(spec).__name__}")
     unknown = sorted(set(spec) - _PLAN_KEYS)
     if unknown:
-        raise CliError(where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(_PLAN_KEYS))}")
+        raise CliError(
+            where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(_PLAN_KEYS))}"
+        )
     rank = spec.get("rank")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise CliError(where, f"rank must be an integer >= 1, got {rank!r}")
@@ -157,7 +178,9 @@ def plan_from_config(spec, tasks: Sequence[str], where="plan"):
     n = len(tasks)
     if a is None and b is None:
         return SharingPlan.separate(n, rank)
-    return SharingPlan.from_labels(a if a is not None else list(range(n)), b if b is not None else list(range(n)), rank)
+    return SharingPlan.from_labels(
+        a if a is not None else list(range(n)), b if b is not None else list(range(n)), rank
+    )
 
 
 def _read_plan_file(path: Path):
@@ -180,7 +203,9 @@ def _resolve_plan(plan: str | None, config: Path | None, tasks: Sequence[str], r
         if plan.endswith((".yaml", ".yml")) or Path(plan).exists():
             config = Path(plan)
         else:
-            raise CliError("--plan", f"unknown plan {plan!r}; expected {', '.join(NAMED)} or a FILE.yaml")
+            raise CliError(
+                "--plan", f"unknown plan {plan!r}; expected {', '.join(NAMED)} or a FILE.yaml"
+            )
     if config is not None:
         sharing = plan_from_config(_read_plan_file(config), tasks, where=config)
         return sharing if rank is None else sharing.with_rank(rank), str(config)
@@ -226,18 +251,42 @@ def _load(dirs: Sequence[Path], names: str | None):
 
 @app.command()
 def merge(
-    dirs: Annotated[list[Path], typer.Argument(help="PEFT adapter directories, one per task.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Bundle directory to write.", show_default=False)],
-    plan: Annotated[str | None, typer.Option(help="shared-a (default), shared-b, full-merge, separate, or FILE.yaml.")] = None,
-    rank: Annotated[int | None, typer.Option(min=1, help="Shared rank k (default: each module's largest rank).")] = None,
+    dirs: Annotated[
+        list[Path],
+        typer.Argument(help="PEFT adapter directories, one per task.", show_default=False),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Bundle directory to write.", show_default=False)
+    ],
+    plan: Annotated[
+        str | None,
+        typer.Option(help="shared-a (default), shared-b, full-merge, separate, or FILE.yaml."),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(min=1, help="Shared rank k (default: each module's largest rank).")
+    ] = None,
     solver: Annotated[str, typer.Option(help="exact, als, adam or lbfgs.")] = "exact",
-    steps: Annotated[int | None, typer.Option(min=1, help="Max steps of an iterative solver.")] = None,
-    names: Annotated[str | None, typer.Option(help="Comma-separated task names (default: directory names).")] = None,
-    weighting: Annotated[str, typer.Option(help="relative (1/||dW_t||^2) or uniform.")] = "relative",
-    config: Annotated[Path | None, typer.Option(help="YAML plan grouping tasks by name patterns.")] = None,
-    dtype: Annotated[str, typer.Option(help="Stored dtype: float32, bfloat16, float16.")] = "float32",
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON summary object.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (not available yet).")] = False,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Max steps of an iterative solver.")
+    ] = None,
+    names: Annotated[
+        str | None, typer.Option(help="Comma-separated task names (default: directory names).")
+    ] = None,
+    weighting: Annotated[
+        str, typer.Option(help="relative (1/||dW_t||^2) or uniform.")
+    ] = "relative",
+    config: Annotated[
+        Path | None, typer.Option(help="YAML plan grouping tasks by name patterns.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="Stored dtype: float32, bfloat16, float16.")
+    ] = "float32",
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary object.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted run (not available yet).")
+    ] = False,
 ):
     """Merge adapters into a bundle (OUT/hydraopt.json + OUT/factors.safetensors)."""
     from . import merge_adapters
@@ -246,22 +295,36 @@ def merge(
     if solver not in SOLVERS:
         raise CliError("--solver", f"unknown solver {solver!r}; expected {', '.join(SOLVERS)}")
     if weighting not in WEIGHTINGS:
-        raise CliError("--weighting", f"unknown weighting {weighting!r}; expected {', '.join(WEIGHTINGS)}")
+        raise CliError(
+            "--weighting", f"unknown weighting {weighting!r}; expected {', '.join(WEIGHTINGS)}"
+        )
     if dtype not in DTYPE_NAMES:
         raise CliError("--dtype", f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_NAMES)}")
     if resume:
-        raise CliError("--resume", "not available yet: solver-state checkpointing is not implemented in this version; rerun without --resume")
+        raise CliError(
+            "--resume",
+            "not available yet: solver-state checkpointing is not implemented in this version; "
+            "rerun without --resume",
+        )
     if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
         raise CliError(out, "exists and is not a hydraopt bundle; refusing to overwrite it")
     start = time.perf_counter()
     collection = _load(dirs, names)
     sharing, plan_source = _resolve_plan(plan, config, collection.names, rank)
     if solver == "exact" and not sharing.has_closed_form:
-        raise CliError(plan_source, "this plan has no closed form (its A- and B-groups do not nest); use --solver als, adam or lbfgs")
+        raise CliError(
+            plan_source,
+            "this plan has no closed form (its A- and B-groups do not nest); use --solver als, "
+            "adam or lbfgs",
+        )
     bundle = Bundle.empty(
         collection,
         dtype=dtype,
-        meta={"solver": solver, "weighting": weighting, "plan": {"source": plan_source, **sharing.to_dict()}},
+        meta={
+            "solver": solver,
+            "weighting": weighting,
+            "plan": {"source": plan_source, **sharing.to_dict()},
+        },
     )
     groups = collection.shape_groups()
     kinds = {name: info.kind for name, info in collection.modules.items()}
@@ -272,9 +335,14 @@ def merge(
             progress.update(bar, description=f"{kind} {d_in}->{d_out} x{len(module_names)}")
             group = collection.load_group(module_names)
             try:
-                solutions = merge_adapters(group, sharing, solver, weights=weighting, max_steps=steps)
+                solutions = merge_adapters(
+                    group, sharing, solver, weights=weighting, max_steps=steps
+                )
             except FloatingPointError as err:
-                raise CliError(collection.adapters[0].weights_file if len(dirs) == 1 else dirs[0].parent, f"{err}") from None
+                raise CliError(
+                    collection.adapters[0].weights_file if len(dirs) == 1 else dirs[0].parent,
+                    f"{err}",
+                ) from None
             try:
                 bundle.add_solutions(group, solutions, kinds)
             except ValueError as err:
@@ -310,7 +378,12 @@ def _print_merge_summary(summary: dict, num_modules: int) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"{summary['out']}: {num_modules} modules, plan {summary['plan']['name']}, solver {summary['solver']}")
+    table = Table(
+        title=(
+            f"{summary['out']}: {num_modules} modules, "
+            f"plan {summary['plan']['name']}, solver {summary['solver']}"
+        )
+    )
     table.add_column("task")
     table.add_column("relative error", justify="right")
     for task, err in summary["tasks"].items():
@@ -325,10 +398,24 @@ def _print_merge_summary(summary: dict, num_modules: int) -> None:
 
 @app.command()
 def export(
-    bundle_dir: Annotated[Path, typer.Argument(metavar="OUT", help="A bundle written by `hydraopt merge`.", show_default=False)],
-    to: Annotated[Path, typer.Option("--to", help="Directory to write, one PEFT adapter per task.", show_default=False)],
-    task: Annotated[str | None, typer.Option(help="Export only this task (comma-separated for several).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the bundle's).")] = None,
+    bundle_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT", help="A bundle written by `hydraopt merge`.", show_default=False
+        ),
+    ],
+    to: Annotated[
+        Path,
+        typer.Option(
+            "--to", help="Directory to write, one PEFT adapter per task.", show_default=False
+        ),
+    ],
+    task: Annotated[
+        str | None, typer.Option(help="Export only this task (comma-separated for several).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, bfloat16 or float16 (default: the bundle's).")
+    ] = None,
 ):
     """Write standard PEFT adapters (DIR/<task>/) from a bundle."""
     from .io.bundle import load_bundle
@@ -340,7 +427,9 @@ def export(
     tasks = None if task is None else [t.strip() for t in task.split(",")]
     for name in tasks or ():
         if name not in bundle.tasks:
-            raise CliError("--task", f"unknown task {name!r}; {bundle_dir} has {', '.join(bundle.tasks)}")
+            raise CliError(
+                "--task", f"unknown task {name!r}; {bundle_dir} has {', '.join(bundle.tasks)}"
+            )
     written = export_peft(bundle, to, tasks, dtype=dtype)
     for path in written:
         sys.stdout.write(f"{path}\n")
@@ -368,12 +457,20 @@ def subspace_overlap(x, y, rank_x: int, rank_y: int) -> float:
 
 @app.command()
 def inspect(
-    dirs: Annotated[list[Path], typer.Argument(help="PEFT adapter directories, one per task.", show_default=False)],
-    rank: Annotated[int | None, typer.Option(min=1, help="Shared rank k for the storage table (default: each module's largest rank).")] = None,
+    dirs: Annotated[
+        list[Path],
+        typer.Argument(help="PEFT adapter directories, one per task.", show_default=False),
+    ],
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Shared rank k for the storage table (default: each module's largest rank)."
+        ),
+    ] = None,
     names: Annotated[str | None, typer.Option(help="Comma-separated task names.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
-    """Per module: mean pairwise subspace overlap of the tasks' A's and B's; storage of each plan."""
+    """Per module: mean pairwise subspace overlap of A's and of B's; storage of each plan."""
     import numpy as np
 
     from ._plan import SharingPlan
@@ -395,8 +492,16 @@ def inspect(
                 for i, t in enumerate(present):
                     for u in present[i + 1 :]:
                         # A's row spaces: compare columns of A^T; B's column spaces directly.
-                        a_ov.append(subspace_overlap(a_all[t, : ranks[t]].T, a_all[u, : ranks[u]].T, ranks[t], ranks[u]))
-                        b_ov.append(subspace_overlap(b_all[t][:, : ranks[t]], b_all[u][:, : ranks[u]], ranks[t], ranks[u]))
+                        a_ov.append(
+                            subspace_overlap(
+                                a_all[t, : ranks[t]].T, a_all[u, : ranks[u]].T, ranks[t], ranks[u]
+                            )
+                        )
+                        b_ov.append(
+                            subspace_overlap(
+                                b_all[t][:, : ranks[t]], b_all[u][:, : ranks[u]], ranks[t], ranks[u]
+                            )
+                        )
                 k = rank or max(ranks)
                 original = sum(ranks) * (info.d_in + info.d_out)
                 for plan_name in storage:
@@ -411,8 +516,12 @@ def inspect(
                         "d_out": info.d_out,
                         "tasks": len(present),
                         "ranks": [ranks[t] for t in present],
-                        "a_overlap": float(np.nanmean(a_ov)) if a_ov and not np.all(np.isnan(a_ov)) else None,
-                        "b_overlap": float(np.nanmean(b_ov)) if b_ov and not np.all(np.isnan(b_ov)) else None,
+                        "a_overlap": float(np.nanmean(a_ov))
+                        if a_ov and not np.all(np.isnan(a_ov))
+                        else None,
+                        "b_overlap": float(np.nanmean(b_ov))
+                        if b_ov and not np.all(np.isnan(b_ov))
+                        else None,
                     }
                 )
             progress.advance(bar)
@@ -421,24 +530,45 @@ def inspect(
         for name, (p, o) in storage.items()
     }
     if json_out:
-        sys.stdout.write(json.dumps({"tasks": list(collection.names), "modules": rows, "plans": plans}) + "\n")
+        sys.stdout.write(
+            json.dumps({"tasks": list(collection.names), "modules": rows, "plans": plans}) + "\n"
+        )
         return
     from rich.console import Console
     from rich.table import Table
 
     out = Console()
-    table = Table(title=f"{collection.num_tasks} tasks: mean pairwise subspace overlap (1 = same subspace)")
+    table = Table(
+        title=f"{collection.num_tasks} tasks: mean pairwise subspace overlap (1 = same subspace)"
+    )
     for col in ("module", "kind", "d_in", "d_out", "tasks", "A overlap", "B overlap"):
-        table.add_column(col, justify="left" if col in ("module", "kind") else "right")
+        table.add_column(
+            col, justify="left" if col in ("module", "kind") else "right", overflow="fold"
+        )
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"  # noqa: E731
     for row in rows:
-        table.add_row(row["module"], row["kind"], str(row["d_in"]), str(row["d_out"]), str(row["tasks"]), fmt(row["a_overlap"]), fmt(row["b_overlap"]))
+        table.add_row(
+            row["module"],
+            row["kind"],
+            str(row["d_in"]),
+            str(row["d_out"]),
+            str(row["tasks"]),
+            fmt(row["a_overlap"]),
+            fmt(row["b_overlap"]),
+        )
     out.print(table)
-    plan_table = Table(title=f"storage of each named plan (k = {rank or 'largest rank per module'})")
+    plan_table = Table(
+        title=f"storage of each named plan (k = {rank or 'largest rank per module'})"
+    )
     for col in ("plan", "params", "original", "ratio"):
         plan_table.add_column(col, justify="left" if col == "plan" else "right")
     for name, p in plans.items():
-        plan_table.add_row(name.replace("_", "-"), f"{p['num_params']:,}", f"{p['original_params']:,}", fmt(p["storage_ratio"]))
+        plan_table.add_row(
+            name.replace("_", "-"),
+            f"{p['num_params']:,}",
+            f"{p['original_params']:,}",
+            fmt(p["storage_ratio"]),
+        )
     out.print(plan_table)
 
 
@@ -448,7 +578,9 @@ def demo():
     try:
         from ._demo import run_demo
     except ImportError as err:
-        raise CliError("demo", f"hydraopt_jax._demo.run_demo is not available in this build ({err})") from None
+        raise CliError(
+            "demo", f"hydraopt_jax._demo.run_demo is not available in this build ({err})"
+        ) from None
     run_demo()
 
 

@@ -58,7 +58,13 @@ def test_bundle_round_trip_is_exact(tmp_path, dtype):
     meta = json.loads((tmp_path / "out" / "hydraopt.json").read_text())
     assert meta["format_version"] == 1 and meta["solver"] == "hand"
     m = meta["modules"]["model.layers.0.self_attn.k_proj"]
-    assert (m["kind"], m["d_in"], m["d_out"], m["task_ids"], m["task_ranks"]) == ("linear", 32, 16, [0, 1], [4, 8])
+    assert (m["kind"], m["d_in"], m["d_out"], m["task_ids"], m["task_ranks"]) == (
+        "linear",
+        32,
+        16,
+        [0, 1],
+        [4, 8],
+    )
     assert meta["task_configs"]["qa_fr"]["modules_to_save"] == ["lm_head"]
 
 

@@ -56,7 +56,10 @@ def test_export_llama_loads_in_peft_with_exact_deltas(tmp_path):
     _check_export(bundle, llama_adapters(), tmp_path / "peft", tiny_llama)
     config = json.loads((tmp_path / "peft" / "chat_fr" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == 3 and config["use_rslora"] is False
-    assert set(config["rank_pattern"].values()) == {5} and config["rank_pattern"] == config["alpha_pattern"]
+    assert (
+        set(config["rank_pattern"].values()) == {5}
+        and config["rank_pattern"] == config["alpha_pattern"]
+    )
     qa = load_peft_adapter(tmp_path / "peft" / "qa_fr")
     assert qa.carried_keys == ("base_model.model.lm_head.weight",)  # modules_to_save kept
 

@@ -78,7 +78,15 @@ def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=50,
+        n_positions=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     with Quiet():
         return GPT2LMHeadModel(config).eval()
 
@@ -141,7 +149,11 @@ def peft_deltas(base, adapter_dir) -> dict[str, tuple[np.ndarray, bool, str]]:
             kind = "embedding" if "default" in module.lora_embedding_A else "linear"
             with Quiet():
                 delta = module.get_delta_weight("default").detach().double().numpy()
-            out[name.removeprefix(PREFIX)] = (delta, bool(getattr(module, "fan_in_fan_out", False)), kind)
+            out[name.removeprefix(PREFIX)] = (
+                delta,
+                bool(getattr(module, "fan_in_fan_out", False)),
+                kind,
+            )
     return out
 
 
@@ -173,8 +185,12 @@ def hand_solutions(collection, plan_name="shared_a", seed=0, rank_of=None):
             k = rank_of(name) if rank_of else 3
             plan = SharingPlan.named(plan_name, len(present), k)
             solutions[name] = Solution(
-                shared_a=jnp.asarray(rng.normal(size=(plan.num_a_groups, k, a.shape[2])), jnp.float32),
-                shared_b=jnp.asarray(rng.normal(size=(plan.num_b_groups, b.shape[1], k)), jnp.float32),
+                shared_a=jnp.asarray(
+                    rng.normal(size=(plan.num_a_groups, k, a.shape[2])), jnp.float32
+                ),
+                shared_b=jnp.asarray(
+                    rng.normal(size=(plan.num_b_groups, b.shape[1], k)), jnp.float32
+                ),
                 loss=jnp.array(0.5),
                 relative_error=jnp.asarray(rng.uniform(size=len(present)), jnp.float32),
                 weights=jnp.ones(len(present)),

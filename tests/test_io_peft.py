@@ -39,7 +39,7 @@ def _check_against_peft(adapter_dir, base):
 
 @pytest.mark.parametrize("task", list(LLAMA_TASKS))
 def test_llama_factors_match_peft_delta_weight(task):
-    path = dict(zip(LLAMA_TASKS, llama_adapters()))[task]
+    path = dict(zip(LLAMA_TASKS, llama_adapters(), strict=False))[task]
     adapter = _check_against_peft(path, tiny_llama())
     assert adapter.name == task
     if task == "chat_de":  # rsLoRA with rank_pattern and alpha_pattern
@@ -87,7 +87,9 @@ def test_bfloat16_adapter_loads_as_float32(tmp_path):
     shutil.copytree(src, dst)
     import ml_dtypes
 
-    tensors = read_safetensors(src / "adapter_model.safetensors", load_peft_adapter(src).tensor_dtypes)
+    tensors = read_safetensors(
+        src / "adapter_model.safetensors", load_peft_adapter(src).tensor_dtypes
+    )
     write_safetensors(
         dst / "adapter_model.safetensors",
         {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()},
@@ -98,7 +100,9 @@ def test_bfloat16_adapter_loads_as_float32(tmp_path):
     spec = adapter.modules[name]
     a_ref = tensors[spec.a_key].astype(ml_dtypes.bfloat16).astype(np.float32)
     assert a.dtype == np.float32 and np.array_equal(a, a_ref)
-    b_ref = tensors[spec.b_key].astype(ml_dtypes.bfloat16).astype(np.float32) * np.float32(spec.scale)
+    b_ref = tensors[spec.b_key].astype(ml_dtypes.bfloat16).astype(np.float32) * np.float32(
+        spec.scale
+    )
     assert np.array_equal(b, b_ref)
 
 
@@ -109,7 +113,9 @@ def _copy_with(tmp_path, extra=None, drop=(), config_update=None, name="bad"):
     src = llama_adapters()[0]
     dst = tmp_path / name
     shutil.copytree(src, dst)
-    tensors = read_safetensors(src / "adapter_model.safetensors", load_peft_adapter(src).tensor_dtypes)
+    tensors = read_safetensors(
+        src / "adapter_model.safetensors", load_peft_adapter(src).tensor_dtypes
+    )
     tensors = {k: v for k, v in tensors.items() if not any(d in k for d in drop)}
     tensors.update(extra or {})
     write_safetensors(dst / "adapter_model.safetensors", tensors)
@@ -128,7 +134,9 @@ def _one_line(err: AdapterError, *needles):
 
 
 def test_refuses_dora_made_by_peft(tmp_path):
-    path = make_adapter(tiny_llama(), tmp_path / "dora", 0, r=2, target_modules=["q_proj"], use_dora=True)
+    path = make_adapter(
+        tiny_llama(), tmp_path / "dora", 0, r=2, target_modules=["q_proj"], use_dora=True
+    )
     with pytest.raises(AdapterError) as err:
         load_peft_adapter(path)
     _one_line(err.value, "adapter_config.json", "DoRA")
@@ -209,10 +217,15 @@ def test_collection_modules_ranks_and_shape_groups():
     assert (k0.d_in, k0.d_out, k0.ranks) == (32, 16, (4, 8, 0))
     assert col.modules["model.layers.0.mlp.gate_proj"].ranks == (0, 0, 2)
     groups = col.shape_groups()
-    assert set(groups) == {("linear", 32, 32), ("linear", 32, 16), ("linear", 32, 48), ("linear", 48, 32)}
+    assert set(groups) == {
+        ("linear", 32, 32),
+        ("linear", 32, 16),
+        ("linear", 32, 48),
+        ("linear", 48, 32),
+    }
     assert len(groups[("linear", 32, 16)]) == 4  # k and v of both layers
     seen = set()
-    for key, group in col.iter_groups():
+    for _key, group in col.iter_groups():
         for name, (a, b, ranks) in group.items():
             seen.add(name)
             info = col.modules[name]
@@ -254,5 +267,9 @@ def test_collection_names_and_mismatch(tmp_path):
     wide = make_adapter(tiny_llama(hidden=48), tmp_path / "wide", 3, r=2, target_modules=["q_proj"])
     with pytest.raises(AdapterError) as err:
         load_collection([dirs[0], wide])
-    _one_line(err.value, str(wide / "adapter_model.safetensors"), str(dirs[0] / "adapter_model.safetensors"), "q_proj")
-
+    _one_line(
+        err.value,
+        str(wide / "adapter_model.safetensors"),
+        str(dirs[0] / "adapter_model.safetensors"),
+        "q_proj",
+    )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +206,9 @@ class Bundle:
         num = dict.fromkeys(self.tasks, 0.0)
         den = dict.fromkeys(self.tasks, 0.0)
         for module in self.modules.values():
-            for t, err, sq in zip(module.task_ids, module.relative_error, module.task_sq_norms):
+            for t, err, sq in zip(
+                module.task_ids, module.relative_error, module.task_sq_norms, strict=False
+            ):
                 name = self.tasks[t]
                 num[name] += (float(err) ** 2) * sq
                 den[name] += sq
@@ -229,8 +231,16 @@ class Bundle:
 
 
 _RESERVED = {
-    "format_version", "tasks", "base_model", "dtype", "num_params", "original_params",
-    "storage_ratio", "modules", "task_configs", "carried",
+    "format_version",
+    "tasks",
+    "base_model",
+    "dtype",
+    "num_params",
+    "original_params",
+    "storage_ratio",
+    "modules",
+    "task_configs",
+    "carried",
 }
 
 
@@ -259,7 +269,11 @@ def save_bundle(bundle: Bundle, out_dir) -> Path:
             tensors[f"carried/{task}/{key}"] = value
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, replaceable=is_bundle, what="a hydraopt bundle") as tmp:
-        write_safetensors(tmp / FACTORS_NAME, tensors, {"format": "hydraopt", "format_version": str(FORMAT_VERSION)})
+        write_safetensors(
+            tmp / FACTORS_NAME,
+            tensors,
+            {"format": "hydraopt", "format_version": str(FORMAT_VERSION)},
+        )
         write_json(tmp / META_NAME, bundle.to_json())
     bundle.path = out_dir
     return out_dir
@@ -279,7 +293,10 @@ def load_bundle(path) -> Bundle:
         raise AdapterError(meta_file, f"not valid JSON ({' '.join(str(err).split())})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
-        raise AdapterError(meta_file, f"format_version is {version!r}; this hydraopt reads version {FORMAT_VERSION}")
+        raise AdapterError(
+            meta_file,
+            f"format_version is {version!r}; this hydraopt reads version {FORMAT_VERSION}",
+        )
     header = read_safetensors_header(factors_file)
     tensors = read_safetensors(factors_file, list(header))
     try:
@@ -292,17 +309,36 @@ def load_bundle(path) -> Bundle:
             expect_a = (plan.num_a_groups, m["rank"], m["d_in"])
             expect_b = (plan.num_b_groups, m["d_out"], m["rank"])
             if a.shape != expect_a or b.shape != expect_b:
-                raise AdapterError(factors_file, f"module {name}: shared_a {list(a.shape)} / shared_b {list(b.shape)}, expected {list(expect_a)} / {list(expect_b)} from {META_NAME}")
-            if plan.num_tasks != len(m["task_ids"]) or any(not 0 <= t < len(tasks) for t in m["task_ids"]):
-                raise AdapterError(meta_file, f"module {name}: task_ids {m['task_ids']} do not fit the plan or the {len(tasks)} tasks")
+                raise AdapterError(
+                    factors_file,
+                    f"module {name}: shared_a {list(a.shape)} / shared_b {list(b.shape)}, "
+                    f"expected {list(expect_a)} / {list(expect_b)} from {META_NAME}",
+                )
+            if plan.num_tasks != len(m["task_ids"]) or any(
+                not 0 <= t < len(tasks) for t in m["task_ids"]
+            ):
+                raise AdapterError(
+                    meta_file,
+                    f"module {name}: task_ids {m['task_ids']} do not fit the plan or the "
+                    f"{len(tasks)} tasks",
+                )
             modules[name] = BundleModule(
-                name=name, kind=m["kind"], d_in=int(m["d_in"]), d_out=int(m["d_out"]),
-                task_ids=tuple(m["task_ids"]), task_ranks=tuple(m["task_ranks"]), plan=plan,
-                shared_a=a, shared_b=b,
+                name=name,
+                kind=m["kind"],
+                d_in=int(m["d_in"]),
+                d_out=int(m["d_out"]),
+                task_ids=tuple(m["task_ids"]),
+                task_ranks=tuple(m["task_ranks"]),
+                plan=plan,
+                shared_a=a,
+                shared_b=b,
                 relative_error=tuple(float("nan") if e is None else e for e in m["relative_error"]),
-                task_sq_norms=tuple(float("nan") if e is None else e for e in m.get("task_sq_norms", [])),
+                task_sq_norms=tuple(
+                    float("nan") if e is None else e for e in m.get("task_sq_norms", [])
+                ),
                 loss=float("nan") if m.get("loss") is None else m["loss"],
-                steps=m.get("steps", 0), result=m.get("result", 0),
+                steps=m.get("steps", 0),
+                result=m.get("result", 0),
             )
         carried = {t: {} for t in tasks}
         for task, keys in meta.get("carried", {}).items():
@@ -315,7 +351,9 @@ def load_bundle(path) -> Bundle:
             raise
         raise AdapterError(meta_file, f"malformed bundle ({' '.join(str(err).split())})") from None
     if tensors:
-        raise AdapterError(factors_file, f"unexpected tensors {sorted(tensors)[:3]} not described by {META_NAME}")
+        raise AdapterError(
+            factors_file, f"unexpected tensors {sorted(tensors)[:3]} not described by {META_NAME}"
+        )
     return Bundle(
         tasks=tasks,
         modules=modules,

@@ -169,15 +169,27 @@ def _check_config(config: dict, where) -> None:
         raise AdapterError(where, "adapter config is not a JSON object")
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
-        raise AdapterError(where, f"peft_type is {peft_type!r}; only LoRA adapters (LORA) can be merged")
+        raise AdapterError(
+            where, f"peft_type is {peft_type!r}; only LoRA adapters (LORA) can be merged"
+        )
     if config.get("use_dora"):
-        raise AdapterError(where, "use_dora is true: DoRA adapters are not supported (their magnitude vector cannot be merged as a low-rank update)")
+        raise AdapterError(
+            where,
+            "use_dora is true: DoRA adapters are not supported (their magnitude vector cannot be "
+            "merged as a low-rank update)",
+        )
     if config.get("lora_bias"):
         raise AdapterError(where, "lora_bias is true: LoRA bias is not supported")
     if config.get("bias", "none") not in ("none", None):
-        raise AdapterError(where, f"bias={config.get('bias')!r}: adapters that train base biases are not supported; expected 'none'")
+        raise AdapterError(
+            where,
+            f"bias={config.get('bias')!r}: adapters that train base biases are not supported; "
+            "expected 'none'",
+        )
     if config.get("target_parameters"):
-        raise AdapterError(where, "target_parameters is set: LoRA on raw nn.Parameters is not supported")
+        raise AdapterError(
+            where, "target_parameters is set: LoRA on raw nn.Parameters is not supported"
+        )
     for field in ("r", "lora_alpha"):
         value = config.get(field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -207,7 +219,11 @@ def _parse(
                 module = stripped[: -len(suffix)]
                 entry = factors.setdefault(module, {})
                 if side in entry:
-                    raise AdapterError(weights_file, f"two {side.upper()} factors for module {module}: {entry[side][0]} and {key}")
+                    raise AdapterError(
+                        weights_file,
+                        f"two {side.upper()} factors for module {module}: {entry[side][0]} and "
+                        f"{key}",
+                    )
                 entry[side] = (key, kind)
                 break
         else:
@@ -216,44 +232,79 @@ def _parse(
         stripped = _strip(key)
         module = stripped.rsplit(".", 1)[0]
         if ".lora_magnitude_vector" in stripped:
-            raise AdapterError(weights_file, f"tensor {key} is a DoRA magnitude vector; DoRA adapters are not supported")
+            raise AdapterError(
+                weights_file,
+                f"tensor {key} is a DoRA magnitude vector; DoRA adapters are not supported",
+            )
         if re.search(r"\.lora_[AB]\.bias$", stripped) or "lora_embedding_B.bias" in stripped:
-            raise AdapterError(weights_file, f"tensor {key} is a LoRA bias; LoRA bias is not supported")
+            raise AdapterError(
+                weights_file, f"tensor {key} is a LoRA bias; LoRA bias is not supported"
+            )
         if _matches_module(module, config.get("modules_to_save")):
             carried.append(key)
-        elif stripped.endswith(".base_layer.weight") and factors.get(stripped[: -len(".base_layer.weight")], {}).get("a", (None, None))[1] == "embedding":
+        elif (
+            stripped.endswith(".base_layer.weight")
+            and factors.get(stripped[: -len(".base_layer.weight")], {}).get("a", (None, None))[1]
+            == "embedding"
+        ):
             # PEFT saves the base embedding matrix next to an embedding LoRA
             # (`save_embedding_layers`); it is part of the adapter, so we keep it.
             carried.append(key)
         else:
-            raise AdapterError(weights_file, f"unknown tensor {key} (shape {list(header[key][0])}); expected LoRA factors (lora_A/lora_B, lora_embedding_A/B) or modules_to_save tensors")
+            raise AdapterError(
+                weights_file,
+                f"unknown tensor {key} (shape {list(header[key][0])}); expected LoRA factors "
+                "(lora_A/lora_B, lora_embedding_A/B) or modules_to_save tensors",
+            )
     modules = {}
     for module, entry in factors.items():
         if set(entry) != {"a", "b"}:
             have = next(iter(entry.values()))[0]
             missing = "B" if "a" in entry else "A"
-            raise AdapterError(weights_file, f"module {module} has {have} but no LoRA {missing} factor")
+            raise AdapterError(
+                weights_file, f"module {module} has {have} but no LoRA {missing} factor"
+            )
         (a_key, kind), (b_key, kind_b) = entry["a"], entry["b"]
         a_shape, b_shape = header[a_key][0], header[b_key][0]
         if kind != kind_b:
             raise AdapterError(weights_file, f"module {module} mixes {a_key} and {b_key}")
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise AdapterError(weights_file, f"tensor {a_key} has shape {list(a_shape)} and {b_key} has shape {list(b_shape)}; only 2-D LoRA factors (Linear, Conv1D, Embedding) are supported, not convolution LoRA")
+            raise AdapterError(
+                weights_file,
+                f"tensor {a_key} has shape {list(a_shape)} and {b_key} has shape "
+                f"{list(b_shape)}; only 2-D LoRA factors (Linear, Conv1D, Embedding) are "
+                "supported, not convolution LoRA",
+            )
         r = a_shape[0]
         if b_shape[1] != r:
-            raise AdapterError(weights_file, f"tensor {b_key} has shape {list(b_shape)}, expected [{b_shape[0]}, {r}] to match {a_key} of shape {list(a_shape)}")
+            raise AdapterError(
+                weights_file,
+                f"tensor {b_key} has shape {list(b_shape)}, expected [{b_shape[0]}, {r}] to "
+                f"match {a_key} of shape {list(a_shape)}",
+            )
         r_key = get_pattern_key(list(rank_pattern), module)
         alpha_key = get_pattern_key(list(alpha_pattern), module)
         config_r = rank_pattern.get(r_key, config["r"])
         alpha = alpha_pattern.get(alpha_key, config["lora_alpha"])
         if config_r != r:
-            raise AdapterError(weights_file, f"tensor {a_key} has rank {r} but {config_file} gives r={config_r} for module {module} (r / rank_pattern)")
+            raise AdapterError(
+                weights_file,
+                f"tensor {a_key} has rank {r} but {config_file} gives r={config_r} for module "
+                f"{module} (r / rank_pattern)",
+            )
         if r == 0:
             raise AdapterError(weights_file, f"module {module} has rank 0")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[module] = ModuleSpec(
-            name=module, kind=kind, d_in=a_shape[1], d_out=b_shape[0], rank=r,
-            alpha=float(alpha), scale=float(scale), a_key=a_key, b_key=b_key,
+            name=module,
+            kind=kind,
+            d_in=a_shape[1],
+            d_out=b_shape[0],
+            rank=r,
+            alpha=float(alpha),
+            scale=float(scale),
+            a_key=a_key,
+            b_key=b_key,
         )
     if not modules:
         raise AdapterError(weights_file, "no LoRA factors found (no lora_A/lora_B tensors)")
@@ -279,21 +330,30 @@ def load_peft_adapter(path, name: str | None = None) -> PeftAdapter:
     if not path.exists():
         raise AdapterError(path, "no such adapter directory")
     if not path.is_dir():
-        raise AdapterError(path, f"not a directory; expected a PEFT adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise AdapterError(
+            path,
+            f"not a directory; expected a PEFT adapter directory with {CONFIG_NAME} and "
+            f"{WEIGHTS_NAME}",
+        )
     config_file = path / CONFIG_NAME
     weights_file = path / WEIGHTS_NAME
     if not config_file.is_file():
         raise AdapterError(config_file, "missing; not a PEFT adapter directory")
     if not weights_file.is_file():
         if (path / "adapter_model.bin").is_file():
-            raise AdapterError(path / "adapter_model.bin", f"pickled adapters are not read (unsafe); save with safetensors ({WEIGHTS_NAME})")
+            raise AdapterError(
+                path / "adapter_model.bin",
+                f"pickled adapters are not read (unsafe); save with safetensors ({WEIGHTS_NAME})",
+            )
         raise AdapterError(weights_file, "missing; not a PEFT adapter directory")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise AdapterError(config_file, f"not valid JSON ({' '.join(str(err).split())})") from None
     header = read_safetensors_header(weights_file)
-    modules, carried = _parse(name or path.name, config, header, str(weights_file), str(config_file))
+    modules, carried = _parse(
+        name or path.name, config, header, str(weights_file), str(config_file)
+    )
     return PeftAdapter(
         name=name or path.resolve().name,
         path=path,
@@ -360,14 +420,19 @@ class AdapterCollection:
             groups.setdefault(info.shape_key, []).append(info.name)
         return {k: tuple(v) for k, v in groups.items()}
 
-    def load_group(self, names: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
+    def load_group(
+        self, names: Sequence[str]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
         """The merge input for `names` (modules of one shape), padded to their max rank."""
         infos = [self.modules[n] for n in names]
         r_max = max(max(i.ranks) for i in infos)
         out = {}
         arrays = {
-            n: (np.zeros((self.num_tasks, r_max, i.d_in), np.float32), np.zeros((self.num_tasks, i.d_out, r_max), np.float32))
-            for n, i in zip(names, infos)
+            n: (
+                np.zeros((self.num_tasks, r_max, i.d_in), np.float32),
+                np.zeros((self.num_tasks, i.d_out, r_max), np.float32),
+            )
+            for n, i in zip(names, infos, strict=False)
         }
         for t, adapter in enumerate(self.adapters):
             present = [n for n in names if n in adapter.modules]
@@ -375,7 +440,7 @@ class AdapterCollection:
                 r = a.shape[0]
                 arrays[n][0][t, :r] = a
                 arrays[n][1][t, :, :r] = b
-        for n, info in zip(names, infos):
+        for n, info in zip(names, infos, strict=False):
             out[n] = (*arrays[n], info.ranks)
         return out
 
@@ -400,15 +465,21 @@ def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> Adapt
     else:
         names = list(names)
         if len(names) != len(dirs):
-            raise AdapterError(dirs[0], f"{len(names)} task names given for {len(dirs)} adapter directories")
+            raise AdapterError(
+                dirs[0], f"{len(names)} task names given for {len(dirs)} adapter directories"
+            )
     seen: dict[str, Path] = {}
-    for name, d in zip(names, dirs):
+    for name, d in zip(names, dirs, strict=False):
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise AdapterError(d, f"invalid task name {name!r}: it must be a non-empty file name")
         if name in seen:
-            raise AdapterError(d, f"duplicate task name {name!r} (also {seen[name]}); give distinct names with --names")
+            raise AdapterError(
+                d,
+                f"duplicate task name {name!r} (also {seen[name]}); give distinct names with "
+                "--names",
+            )
         seen[name] = d
-    adapters = tuple(load_peft_adapter(d, name) for d, name in zip(dirs, names))
+    adapters = tuple(load_peft_adapter(d, name) for d, name in zip(dirs, names, strict=False))
     modules: dict[str, ModuleInfo] = {}
     owner: dict[str, PeftAdapter] = {}
     ranks: dict[str, list[int]] = {}
@@ -423,7 +494,8 @@ def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> Adapt
                 raise AdapterError(
                     adapter.weights_file,
                     f"module {mod} is {spec.kind} with (d_in, d_out) = ({spec.d_in}, {spec.d_out}) "
-                    f"but {owner[mod].weights_file} has {first.kind} ({first.d_in}, {first.d_out}); "
+                    f"but {owner[mod].weights_file} has {first.kind} ({first.d_in}, "
+                    f"{first.d_out}); "
                     "adapters must share one base model",
                 )
             ranks[mod][t] = spec.rank
@@ -461,7 +533,9 @@ def export_peft_config(bundle, task: str) -> dict:
     ks = [a.shape[0] for _, a, _, _ in modules]
     k = max(set(ks), key=lambda v: (ks.count(v), -v))
     pattern = {re.escape(name): a.shape[0] for name, a, _, _ in modules if a.shape[0] != k}
-    pattern = dict(sorted(pattern.items(), key=lambda kv: -len(kv[0])))  # longest (most specific) first
+    pattern = dict(
+        sorted(pattern.items(), key=lambda kv: -len(kv[0]))
+    )  # longest (most specific) first
     config.update(
         r=int(k),
         lora_alpha=int(k),
@@ -516,14 +590,20 @@ def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=
         bundle = load_bundle(bundle)
     if dtype is not None:
         dtype = dtype_name(to_dtype(dtype))
-    tasks = list(bundle.tasks) if task is None else ([task] if isinstance(task, str) else list(task))
+    tasks = (
+        list(bundle.tasks) if task is None else ([task] if isinstance(task, str) else list(task))
+    )
     for name in tasks:
         bundle.task_index(name)  # raises on unknown names before anything is written
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, replaceable=_is_export_dir, what="a hydraopt export (one PEFT adapter per task)") as tmp:
+    with atomic_dir(
+        out_dir, replaceable=_is_export_dir, what="a hydraopt export (one PEFT adapter per task)"
+    ) as tmp:
         for name in tasks:
             sub = tmp / name
             sub.mkdir()
             write_json(sub / CONFIG_NAME, export_peft_config(bundle, name))
-            write_safetensors(sub / WEIGHTS_NAME, export_peft_tensors(bundle, name, dtype), {"format": "pt"})
+            write_safetensors(
+                sub / WEIGHTS_NAME, export_peft_tensors(bundle, name, dtype), {"format": "pt"}
+            )
     return [out_dir / name for name in tasks]

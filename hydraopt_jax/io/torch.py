@@ -2,7 +2,8 @@
 
 ```python
 from peft import get_peft_model_state_dict
-adapter = hj.io.from_torch_state_dict(get_peft_model_state_dict(model), model.peft_config["default"])
+state_dict = get_peft_model_state_dict(model)
+adapter = hj.io.from_torch_state_dict(state_dict, model.peft_config["default"])
 state_dict = hj.io.to_torch_state_dict(adapter)            # the same tensors back, exactly
 state_dict = hj.io.to_torch_state_dict(bundle, task="fr")  # a merged task, PEFT layout
 ```
@@ -113,6 +114,11 @@ def to_torch_state_dict(source, task: str | None = None, dtype=None) -> dict:
         return {key: _to_torch(value) for key, value in source.read_tensors(keys).items()}
     if isinstance(source, Bundle):
         if task is None:
-            raise AdapterError(source.path or "<bundle>", f"to_torch_state_dict needs task= (one of {', '.join(source.tasks)})")
+            raise AdapterError(
+                source.path or "<bundle>",
+                f"to_torch_state_dict needs task= (one of {', '.join(source.tasks)})",
+            )
         return {k: _to_torch(v) for k, v in export_peft_tensors(source, task, dtype).items()}
-    raise TypeError(f"to_torch_state_dict: expected a PeftAdapter or a Bundle, got {type(source).__name__}")
+    raise TypeError(
+        f"to_torch_state_dict: expected a PeftAdapter or a Bundle, got {type(source).__name__}"
+    )

@@ -1,0 +1,191 @@
+"""`hydraopt merge` -> `export` end to end with real PEFT adapters and models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_io_helpers import (
+    LLAMA_TASKS,
+    as_update,
+    llama_adapters,
+    load_peft,
+    peft_deltas,
+    rel_err,
+    tiny_llama,
+)
+
+from hydraopt_jax.cli import main, plan_from_config
+from hydraopt_jax.io import load_bundle, load_collection
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def originals():
+    """PEFT's own delta weights of the original adapters, in our [d_out, d_in] layout."""
+    return {
+        path.name: {n: as_update(*v) for n, v in peft_deltas(tiny_llama(), path).items()}
+        for path in llama_adapters()
+    }
+
+
+def _exported(root):
+    return {
+        task: {n: as_update(*v) for n, v in peft_deltas(tiny_llama(), root / task).items()}
+        for task in LLAMA_TASKS
+    }
+
+
+def test_merge_separate_then_export_reproduces_every_adapter(tmp_path, capsys, originals):
+    dirs = llama_adapters()
+    rc, out, err = _run(
+        capsys, "merge", *dirs, "--out", tmp_path / "bundle", "--plan", "separate", "--json"
+    )
+    assert rc == 0, err
+    summary = json.loads(out)  # exactly one JSON object on stdout
+    assert {
+        "storage_ratio",
+        "num_params",
+        "original_params",
+        "tasks",
+        "plan",
+        "solver",
+        "seconds",
+    } <= set(summary)
+    assert summary["solver"] == "exact" and summary["plan"]["name"] == "separate"
+    assert set(summary["tasks"]) == set(LLAMA_TASKS) and max(summary["tasks"].values()) < 1e-5
+    assert err == ""  # stderr is not a terminal: no progress bar
+    rc, out, err = _run(capsys, "export", tmp_path / "bundle", "--to", tmp_path / "peft")
+    assert rc == 0, err
+    exported = _exported(tmp_path / "peft")
+    for task, modules in originals.items():
+        assert set(exported[task]) == set(modules)
+        for name, delta in modules.items():
+            assert rel_err(exported[task][name], delta) < 1e-5, (task, name)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    for path in dirs:
+        with torch.no_grad():
+            ref = load_peft(tiny_llama(), path)(ids).logits
+            got = load_peft(tiny_llama(), tmp_path / "peft" / path.name)(ids).logits
+            base = tiny_llama()(ids).logits
+        # float32 noise of the attention path: compare against the adapter's own effect
+        assert float((got - ref).norm() / (ref - base).norm()) < 1e-4, path.name
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), path.name
+
+
+def _shared_a_optimum(group_entry):
+    """Dense reference: with one A and per-task B, the optimum of sum_t w_t ||dW_t - B_t A||^2
+    is the tail energy of the stacked [sqrt(w_t) dW_t] beyond rank k (Eckart-Young)."""
+    a, b, ranks = group_entry
+    present = [t for t, r in enumerate(ranks) if r]
+    rows = []
+    for t in present:
+        dw = b[t].astype(np.float64) @ a[t].astype(np.float64)
+        rows.append(dw / np.linalg.norm(dw))
+    s = np.linalg.svd(np.concatenate(rows), compute_uv=False)
+    return float(np.sum(s[max(ranks) :] ** 2)), present
+
+
+def test_merge_shared_a_exports_the_engine_reconstruction_at_the_optimum(tmp_path, capsys):
+    dirs = llama_adapters()
+    rc, out, err = _run(
+        capsys, "merge", *dirs, "--out", tmp_path / "bundle", "--plan", "shared-a", "--json"
+    )
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["storage_ratio"] < 1 and summary["plan"]["a_group"] == [0, 0, 0]
+    bundle = load_bundle(tmp_path / "bundle")
+    rc, _, err = _run(capsys, "export", tmp_path / "bundle", "--to", tmp_path / "peft")
+    assert rc == 0, err
+    exported = _exported(tmp_path / "peft")
+    collection = load_collection(dirs)
+    groups = {}
+    for _, group in collection.iter_groups():
+        groups.update(group)
+    for name, module in bundle.modules.items():
+        assert module.plan.num_a_groups == 1
+        optimum, present = _shared_a_optimum(groups[name])
+        assert module.task_ids == tuple(present)
+        assert module.loss == pytest.approx(optimum, rel=1e-3, abs=1e-6), name
+        loss = 0.0
+        for i, t in enumerate(present):
+            task = collection.names[t]
+            engine = module.shared_b[module.plan.b_group[i]] @ module.shared_a[0]
+            assert rel_err(exported[task][name], engine) < 1e-6, (task, name)
+            a, b, _ = groups[name]
+            dw = b[t].astype(np.float64) @ a[t].astype(np.float64)
+            loss += np.sum((dw - exported[task][name]) ** 2) / np.sum(dw**2)
+        assert loss == pytest.approx(optimum, rel=1e-3, abs=1e-6), name
+
+
+def test_merge_with_a_yaml_plan(tmp_path, capsys):
+    # the shared-a plan again, as a file (the test above compiled it: this run is fast)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text('a_groups:\n  all: "*"\nb: per-task\n')
+    rc, out, err = _run(
+        capsys,
+        "merge",
+        *llama_adapters(),
+        "--out",
+        tmp_path / "bundle",
+        "--plan",
+        plan,
+        "--dtype",
+        "bfloat16",
+    )
+    assert rc == 0, err
+    assert "storage" in out
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.dtype == "bfloat16" and bundle.meta["plan"]["source"] == str(plan)
+    q = bundle.modules["model.layers.0.self_attn.q_proj"]
+    assert q.plan.a_group == (0, 0, 0) and q.plan.b_group == (0, 1, 2)
+    assert str(q.shared_a.dtype) == "bfloat16"
+
+
+def test_plan_files():
+    tasks = ["chat_fr", "chat_de", "qa_fr", "qa_de"]
+    p = plan_from_config(
+        {"a_groups": {"fr": "*_fr", "de": ["*_de"]}, "b_groups": {"qa": "qa_*"}}, tasks
+    )
+    assert p.a_group == (0, 1, 0, 1) and p.b_group == (0, 1, 2, 2) and p.rank is None
+    p = plan_from_config({"a": "shared", "b": "per-task", "rank": 8}, tasks)
+    assert p.a_group == (0, 0, 0, 0) and p.b_group == (0, 1, 2, 3) and p.rank == 8
+    p = plan_from_config({"b_group": [0, 0, 1, 1]}, tasks)
+    assert p.a_group == (0, 1, 2, 3) and p.b_group == (0, 0, 1, 1)
+    p = plan_from_config({"b_group": {"qa_fr": 0, "qa_de": 0}}, tasks)
+    assert p.b_group == (0, 1, 2, 2)
+    assert plan_from_config({}, tasks).a_group == (0, 1, 2, 3)
+
+
+def test_inspect_reports_overlaps_and_plan_storage(capsys):
+    rc, out, err = _run(capsys, "inspect", *llama_adapters(), "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert report["tasks"] == list(LLAMA_TASKS)
+    rows = {r["module"]: r for r in report["modules"]}
+    q0 = rows["model.layers.0.self_attn.q_proj"]
+    assert q0["tasks"] == 3 and 0 <= q0["a_overlap"] <= 1 and 0 <= q0["b_overlap"] <= 1
+    assert rows["model.layers.0.mlp.up_proj"]["a_overlap"] is None  # one task: no pair
+    plans = report["plans"]
+    assert plans["full_merge"]["storage_ratio"] < plans["shared_a"]["storage_ratio"]
+    rc, out, err = _run(capsys, "inspect", *llama_adapters())
+    assert rc == 0 and "q_proj" in out and "shared-a" in out
+
+
+def test_subspace_overlap_reference():
+    from hydraopt_jax.cli import subspace_overlap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 3))
+    assert subspace_overlap(x, x @ rng.normal(size=(3, 3)), 3, 3) == pytest.approx(1.0)
+    assert subspace_overlap(x, x[:, :1], 3, 1) == pytest.approx(1.0)  # contained
+    e = np.eye(20)
+    assert subspace_overlap(e[:, :2], e[:, 2:5], 2, 3) == pytest.approx(0.0)
+    assert np.isnan(subspace_overlap(np.zeros((20, 2)), x, 2, 3))
