@@ -339,10 +339,8 @@ def merge(
                     group, sharing, solver, weights=weighting, max_steps=steps
                 )
             except FloatingPointError as err:
-                raise CliError(
-                    collection.adapters[0].weights_file if len(dirs) == 1 else dirs[0].parent,
-                    f"{err}",
-                ) from None
+                # inputs were checked finite when read: this is the solver diverging
+                raise CliError(f"--solver {solver}", f"{err}; try --solver exact or als") from None
             try:
                 bundle.add_solutions(group, solutions, kinds)
             except ValueError as err:

@@ -273,3 +273,10 @@ def test_collection_names_and_mismatch(tmp_path):
         str(dirs[0] / "adapter_model.safetensors"),
         "q_proj",
     )
+
+
+def test_refuses_inits_that_rewrite_the_base_model(tmp_path):
+    path = _copy_with(tmp_path, config_update={"init_lora_weights": "pissa_niter_4"})
+    with pytest.raises(AdapterError) as err:
+        load_peft_adapter(path)
+    _one_line(err.value, "adapter_config.json", "pissa_niter_4", "modified base model")

@@ -7,6 +7,8 @@ from .bundle import BundleModule as BundleModule
 from .bundle import is_bundle as is_bundle
 from .bundle import load_bundle as load_bundle
 from .bundle import save_bundle as save_bundle
+from .checkpoint import restore_solution as restore_solution
+from .checkpoint import save_solution as save_solution
 from .peft import AdapterCollection as AdapterCollection
 from .peft import ModuleInfo as ModuleInfo
 from .peft import PeftAdapter as PeftAdapter

@@ -186,6 +186,15 @@ def _check_config(config: dict, where) -> None:
             f"bias={config.get('bias')!r}: adapters that train base biases are not supported; "
             "expected 'none'",
         )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        # These inits rewrite the base weights; their saved factors are deltas against
+        # that modified base, not against the base model the other adapters share.
+        raise AdapterError(
+            where,
+            f"init_lora_weights={init!r} adapters are relative to a modified base model; "
+            "save them converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)",
+        )
     if config.get("target_parameters"):
         raise AdapterError(
             where, "target_parameters is set: LoRA on raw nn.Parameters is not supported"
@@ -543,6 +552,7 @@ def export_peft_config(bundle, task: str) -> dict:
         rank_pattern=dict(pattern),
         alpha_pattern=dict(pattern),
         use_dora=False,
+        init_lora_weights=True,
         inference_mode=True,
     )
     return config

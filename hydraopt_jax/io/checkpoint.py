@@ -1,0 +1,111 @@
+"""Save and restore `Solution` pytrees with Orbax (`orbax.checkpoint`).
+
+A checkpoint directory holds `arrays/` (an Orbax `StandardCheckpointer` checkpoint of the
+Solution's arrays) and `solution.json` (its static fields: plan, task ranks, task ids).
+It is written atomically like every other output of `hydraopt_jax.io`.
+
+```python
+hj.io.save_solution("ckpt/q_proj", sol)
+sol = hj.io.restore_solution("ckpt/q_proj")
+hj.io.save_solution("ckpt/all", {"model.layers.0.self_attn.q_proj": sol, ...})
+```
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .._plan import SharingPlan
+from .._solution import Solution
+from ._files import AdapterError, atomic_dir, write_json
+
+__all__ = ["restore_solution", "save_solution"]
+
+_ARRAYS = ("shared_a", "shared_b", "loss", "relative_error", "weights", "steps", "result")
+_META = "solution.json"
+FORMAT_VERSION = 1
+
+
+def _static(sol: Solution) -> dict:
+    return {
+        "plan": sol.plan.to_dict(),
+        "task_ranks": [int(r) for r in sol.task_ranks],
+        "task_ids": [int(t) for t in sol.task_ids],
+    }
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / _META).is_file() and (path / "arrays").is_dir()
+
+
+def save_solution(path, solution: Solution | Mapping[str, Solution]) -> Path:
+    """Write a `Solution` (or `{name: Solution}`) to `path`, replacing an older checkpoint.
+
+    The arrays are stored exactly (dtype and shape kept); `restore_solution` gives them back.
+    """
+    import orbax.checkpoint as ocp
+
+    single = isinstance(solution, Solution)
+    items = {"solution": solution} if single else dict(solution)
+    for name, sol in items.items():
+        if not isinstance(sol, Solution):
+            raise TypeError(f"save_solution: {name!r} is a {type(sol).__name__}, not a Solution")
+    # Orbax keys become path components: index the items instead of using their names.
+    tree = {
+        f"item{i}": {f: getattr(sol, f) for f in _ARRAYS} for i, sol in enumerate(items.values())
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "single": single,
+        "names": list(items),
+        "static": [_static(sol) for sol in items.values()],
+    }
+    path = Path(path)
+    with atomic_dir(path, replaceable=_is_checkpoint, what="a hydraopt Solution checkpoint") as tmp:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save((tmp / "arrays").absolute(), tree)
+            checkpointer.wait_until_finished()
+        write_json(tmp / _META, meta)
+    return path
+
+
+def restore_solution(path) -> Solution | dict[str, Solution]:
+    """Read a checkpoint written by `save_solution`."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    if not _is_checkpoint(path):
+        raise AdapterError(path, f"not a Solution checkpoint (expected {_META} and arrays/)")
+    try:
+        meta = json.loads((path / _META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterError(path / _META, f"not valid JSON ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(path / _META, f"format_version {meta.get('format_version')!r}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore((path / "arrays").absolute())
+    out = {}
+    for i, (name, static) in enumerate(zip(meta["names"], meta["static"], strict=True)):
+        arrays = tree[f"item{i}"]
+        out[name] = Solution(
+            **{f: arrays[f] for f in _ARRAYS},
+            plan=SharingPlan.from_dict(static["plan"]),
+            task_ranks=tuple(static["task_ranks"]),
+            task_ids=tuple(static["task_ids"]),
+        )
+    return out["solution"] if meta["single"] else out
+
+
+def _tree_equal(a: Solution, b: Solution) -> bool:
+    """Exact equality of two Solutions (arrays, dtypes and static fields); for tests."""
+    if (a.plan, a.task_ranks, a.task_ids) != (b.plan, b.task_ranks, b.task_ids):
+        return False
+    for f in _ARRAYS:
+        x, y = np.asarray(getattr(a, f)), np.asarray(getattr(b, f))
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
+            return False
+    return True

@@ -1,0 +1,28 @@
+"""Orbax save/restore of Solution pytrees is exact."""
+
+from __future__ import annotations
+
+import pytest
+from test_io_helpers import hand_solutions, llama_adapters
+
+from hydraopt_jax.io import AdapterError, load_collection, restore_solution, save_solution
+from hydraopt_jax.io.checkpoint import _tree_equal
+
+
+def test_solution_round_trip_is_exact(tmp_path):
+    _, solutions = hand_solutions(load_collection(llama_adapters()), "shared_b", seed=3)
+    name = "model.layers.0.self_attn.k_proj"
+    save_solution(tmp_path / "one", solutions[name])
+    back = restore_solution(tmp_path / "one")
+    assert _tree_equal(back, solutions[name])
+    save_solution(tmp_path / "all", solutions)
+    save_solution(tmp_path / "all", solutions)  # replacing a checkpoint is fine
+    back = restore_solution(tmp_path / "all")
+    assert list(back) == list(solutions)
+    assert all(_tree_equal(back[n], solutions[n]) for n in solutions)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all", "one"]
+
+
+def test_restore_refuses_non_checkpoint(tmp_path):
+    with pytest.raises(AdapterError, match="not a Solution checkpoint"):
+        restore_solution(tmp_path)
