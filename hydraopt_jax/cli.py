@@ -32,7 +32,18 @@ b_groups:
   qa: "qa_*"          # tasks matched by no group keep a task-specific factor
 ```
 
-Each side (`a` / `b`) takes exactly one of:
+A plan may differ per module: a `modules:` section maps module-name patterns (fnmatch,
+first match wins) to overrides of the keys above; an override that names a side replaces
+that side's top-level setting, and `rank` there replaces the top-level rank:
+
+```yaml
+a: shared
+modules:
+  "*.mlp.*": {a: per-task, b: shared, rank: 8}
+  "model.layers.0.self_attn.q_proj": {rank: 4}
+```
+
+`--rank` replaces the top-level `rank` only. Each side (`a` / `b`) takes exactly one of:
 
 - `a: shared` (one factor for all tasks) or `a: per-task` (the default);
 - `a_groups: {group: pattern | [patterns]}` as above; a task matched by two groups, or a
@@ -78,6 +89,7 @@ SOLVERS = ("exact", "als", "adam", "lbfgs")
 WEIGHTINGS = ("relative", "uniform")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _PLAN_KEYS = {"rank", "a", "b", "a_groups", "b_groups", "a_group", "b_group"}
+_FILE_KEYS = _PLAN_KEYS | {"modules"}
 
 
 class CliError(Exception):
@@ -183,6 +195,52 @@ def plan_from_config(spec, tasks: Sequence[str], where="plan"):
     )
 
 
+def plans_from_config(
+    spec, tasks: Sequence[str], modules: Sequence[str], where="plan", rank: int | None = None
+):
+    """A `SharingPlan`, or `{module: SharingPlan}` if the file has a `modules:` section.
+
+    `rank` (from `--rank`) replaces the top-level `rank`; modules whose override sets its
+    own `rank` keep it.
+    """
+    if not isinstance(spec, dict):
+        raise CliError(where, f"a plan file must be a YAML mapping, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - _FILE_KEYS)
+    if unknown:
+        raise CliError(
+            where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(_FILE_KEYS))}"
+        )
+    base = {k: v for k, v in spec.items() if k != "modules"}
+    if rank is not None:
+        base["rank"] = rank
+    default = plan_from_config(base, tasks, where)
+    overrides = spec.get("modules")
+    if overrides is None:
+        return default
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise CliError(where, "modules must map module-name patterns to plan mappings")
+    resolved = {}
+    for pattern, override in overrides.items():
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in modules):
+            raise CliError(where, f"modules: pattern {pattern!r} matches no adapted module")
+        merged = dict(base)
+        for side in "ab":
+            side_keys = (side, f"{side}_groups", f"{side}_group")
+            if any(k in override for k in side_keys):
+                for k in side_keys:
+                    merged.pop(k, None)
+        merged.update(override)
+        try:
+            resolved[pattern] = plan_from_config(merged, tasks, where)
+        except CliError as err:
+            raise CliError(where, f"modules.{pattern}: {err.cause}") from None
+    plans = {}
+    for m in modules:
+        pattern = next((p for p in overrides if fnmatch.fnmatchcase(m, p)), None)
+        plans[m] = default if pattern is None else resolved[pattern]
+    return plans
+
+
 def _read_plan_file(path: Path):
     import yaml
 
@@ -194,7 +252,13 @@ def _read_plan_file(path: Path):
         raise CliError(path, f"not valid YAML ({' '.join(str(err).split())})") from None
 
 
-def _resolve_plan(plan: str | None, config: Path | None, tasks: Sequence[str], rank: int | None):
+def _resolve_plan(
+    plan: str | None,
+    config: Path | None,
+    tasks: Sequence[str],
+    modules: Sequence[str],
+    rank: int | None,
+):
     from ._plan import SharingPlan
 
     if plan is not None and config is not None:
@@ -207,8 +271,8 @@ def _resolve_plan(plan: str | None, config: Path | None, tasks: Sequence[str], r
                 "--plan", f"unknown plan {plan!r}; expected {', '.join(NAMED)} or a FILE.yaml"
             )
     if config is not None:
-        sharing = plan_from_config(_read_plan_file(config), tasks, where=config)
-        return sharing if rank is None else sharing.with_rank(rank), str(config)
+        spec = _read_plan_file(config)
+        return plans_from_config(spec, tasks, modules, where=config, rank=rank), str(config)
     return SharingPlan.named(NAMED[plan or "shared-a"], len(tasks), rank), NAMED[plan or "shared-a"]
 
 
@@ -310,21 +374,32 @@ def merge(
         raise CliError(out, "exists and is not a hydraopt bundle; refusing to overwrite it")
     start = time.perf_counter()
     collection = _load(dirs, names)
-    sharing, plan_source = _resolve_plan(plan, config, collection.names, rank)
-    if solver == "exact" and not sharing.has_closed_form:
-        raise CliError(
-            plan_source,
-            "this plan has no closed form (its A- and B-groups do not nest); use --solver als, "
-            "adam or lbfgs",
-        )
+    sharing, plan_source = _resolve_plan(
+        plan, config, collection.names, list(collection.modules), rank
+    )
+    per_module = (
+        sharing if isinstance(sharing, dict) else dict.fromkeys(collection.modules, sharing)
+    )
+    if solver == "exact":
+        for module, module_plan in per_module.items():
+            if not module_plan.restrict(collection.modules[module].task_ids).has_closed_form:
+                raise CliError(
+                    plan_source,
+                    f"the plan of {module} has no closed form (its A- and B-groups do not "
+                    "nest); use --solver als, adam or lbfgs",
+                )
+    if isinstance(sharing, dict):
+        plan_summary = {
+            "name": "per-module",
+            "source": plan_source,
+            "modules": {m: p.to_dict() for m, p in sharing.items()},
+        }
+    else:
+        plan_summary = {"name": sharing.name, "source": plan_source, **sharing.to_dict()}
     bundle = Bundle.empty(
         collection,
         dtype=dtype,
-        meta={
-            "solver": solver,
-            "weighting": weighting,
-            "plan": {"source": plan_source, **sharing.to_dict()},
-        },
+        meta={"solver": solver, "weighting": weighting, "plan": plan_summary},
     )
     groups = collection.shape_groups()
     kinds = {name: info.kind for name, info in collection.modules.items()}
@@ -354,7 +429,7 @@ def merge(
         "num_params": bundle.num_params,
         "original_params": bundle.original_params,
         "tasks": bundle.task_relative_errors(),
-        "plan": {"name": sharing.name, "source": plan_source, **sharing.to_dict()},
+        "plan": plan_summary,
         "solver": solver,
         "seconds": seconds,
         "bytes": bundle.num_params * _itemsize(dtype),

@@ -17,7 +17,7 @@ from test_io_helpers import (
     tiny_llama,
 )
 
-from hydraopt_jax.cli import main, plan_from_config
+from hydraopt_jax.cli import CliError, main, plan_from_config, plans_from_config
 from hydraopt_jax.io import load_bundle, load_collection
 
 
@@ -147,6 +147,40 @@ def test_merge_with_a_yaml_plan(tmp_path, capsys):
     q = bundle.modules["model.layers.0.self_attn.q_proj"]
     assert q.plan.a_group == (0, 0, 0) and q.plan.b_group == (0, 1, 2)
     assert str(q.shared_a.dtype) == "bfloat16"
+
+
+def test_merge_with_per_module_plans(tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text('a: shared\nmodules:\n  "*.v_proj": {a: per-task}\n')
+    rc, out, err = _run(
+        capsys, "merge", *llama_adapters(), "--out", tmp_path / "b", "--plan", plan, "--json"
+    )
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["plan"]["name"] == "per-module"
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.modules["model.layers.1.self_attn.v_proj"].plan.a_group == (0, 1, 2)
+    assert bundle.modules["model.layers.1.self_attn.v_proj"].relative_error[0] < 1e-5
+    assert bundle.modules["model.layers.1.self_attn.q_proj"].plan.a_group == (0, 0, 0)
+
+
+def test_per_module_plan_files():
+    tasks = ["t0", "t1", "t2"]
+    modules = ["l0.q", "l0.v", "l1.q", "l1.v", "l0.mlp.up"]
+    spec = {
+        "a": "shared",
+        "rank": 4,
+        "modules": {"*.v": {"b": "shared", "a": "per-task"}, "*.mlp.*": {"rank": 2}},
+    }
+    plans = plans_from_config(spec, tasks, modules, rank=6)
+    assert plans["l0.q"].a_group == (0, 0, 0) and plans["l0.q"].rank == 6
+    assert plans["l1.v"].a_group == (0, 1, 2) and plans["l1.v"].b_group == (0, 0, 0)
+    assert plans["l0.mlp.up"].rank == 2 and plans["l0.mlp.up"].a_group == (0, 0, 0)
+    assert plans_from_config({"a": "shared"}, tasks, modules).a_group == (0, 0, 0)
+    with pytest.raises(CliError, match="matches no adapted module"):
+        plans_from_config({"modules": {"*.k": {"a": "shared"}}}, tasks, modules)
+    with pytest.raises(CliError, match=r"modules.\*.v: unknown key 'c'"):
+        plans_from_config({"modules": {"*.v": {"c": 1}}}, tasks, modules)
 
 
 def test_plan_files():
