@@ -200,3 +200,26 @@ def test_demo_calls_run_demo(monkeypatch, capsys):
     fake.run_demo = lambda: called.append(True)
     monkeypatch.setitem(__import__("sys").modules, "hydraopt_jax._demo", fake)
     assert main(["demo"]) == 0 and called == [True]
+
+
+def test_real_process_prints_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hydraopt_jax.cli",
+            "merge",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"hydraopt: {tmp_path / 'nope'}: no such adapter directory\n"
+    assert list(tmp_path.iterdir()) == []
