@@ -74,3 +74,83 @@ def test_generation_is_deterministic_and_splits_disjoint():
             assert x not in heldout
             answer = [int(t) for t in labels[labels != -100]]
             assert answer == task.transform(list(x)) + [T.EOS]
+
+
+def _adapter_dir() -> pathlib.Path:
+    path = COLLECTION / ADAPTER_TASK
+    if not (path / "adapter_model.safetensors").exists():
+        pytest.skip(f"no committed adapter at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from benchmarks.testbed import model as M
+
+    torch.set_num_threads(1)
+    return M.load_base_model(pretrain_if_missing=False)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_load_adapter_factors_folds_the_scale_like_peft(base_model):
+    import copy
+
+    import torch
+    from peft import PeftModel
+
+    from benchmarks.testbed.evaluate import load_adapter_factors
+
+    path = _adapter_dir()
+    factors = load_adapter_factors(path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base_model), str(path))
+    checked = 0
+    for name, module in peft_model.base_model.model.named_modules():
+        if not hasattr(module, "get_delta_weight") or "default" not in getattr(
+            module, "lora_A", {}
+        ):
+            continue
+        a, b = factors[name]
+        with torch.no_grad():
+            expected = module.get_delta_weight("default").numpy()
+        np.testing.assert_allclose(b @ a, expected, rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked == len(factors) > 0
+    config = json.loads((path / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    assert scale != 1.0  # otherwise the check above would not see a missing fold
+
+
+def test_evaluation_reproduces_the_manifest(base_model):
+    from benchmarks.testbed.evaluate import evaluate_task, load_adapter_factors
+
+    path = _adapter_dir()
+    manifest = json.loads((COLLECTION / "manifest.json").read_text())
+    entry = manifest["tasks"][ADAPTER_TASK]
+    own = evaluate_task(base_model, ADAPTER_TASK, load_adapter_factors(path))
+    assert own == pytest.approx(entry["own_accuracy"], abs=1e-9)
+    assert own > 0.9
+    assert evaluate_task(base_model, ADAPTER_TASK, None) == pytest.approx(
+        entry["base_accuracy"], abs=1e-9
+    )
+
+
+def test_subspace_overlap_limits():
+    from benchmarks.testbed.overlap import mean_pairwise_overlap, subspace_overlap
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4))
+    mixed = x @ rng.normal(size=(4, 4))  # same column space, different basis
+    assert subspace_overlap(x, mixed) == pytest.approx(1.0)
+    eye = np.eye(32)
+    assert subspace_overlap(eye[:, :4], eye[:, 4:8]) == pytest.approx(0.0)
+    assert subspace_overlap(eye[:, :4], eye[:, 2:6]) == pytest.approx(0.5)
+    a = rng.normal(size=(4, 32))
+    f1 = {"m": (a, rng.normal(size=(16, 4)))}
+    f2 = {"m": (2 * a, rng.normal(size=(16, 4)))}
+    out = mean_pairwise_overlap([f1, f2])
+    assert out["a"] == pytest.approx(1.0) and 0 < out["b"] < 1
+    assert out["a_random"] == pytest.approx(4 / 32) and out["b_random"] == pytest.approx(4 / 16)

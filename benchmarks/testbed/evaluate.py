@@ -28,7 +28,9 @@ from . import tasks as T
 _PREFIX = "base_model.model."
 
 
-def load_adapter_factors(adapter_dir: str | pathlib.Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_adapter_factors(
+    adapter_dir: str | pathlib.Path,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read a PEFT LoRA directory into `{module: (A [r, d_in], B [d_out, r] * scale)}`.
 
     The scale is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, honouring

@@ -1,7 +1,8 @@
 """The testbed's tiny base causal LM: a `transformers` Llama built from a config.
 
 The base model is pretrained once on *generic* transformations over all eight alphabets
-(`tasks.PRETRAIN_TASKS`: rotate, swap pairs, sort descending, shift -1), never on the five
+(`tasks.PRETRAIN_TASKS`: rotate, swap pairs, sort descending, shift -1, list the
+repeated tokens), never on the five
 applications, so it knows the token embeddings and how to attend over a prompt but scores
 near zero on the applications until a LoRA teaches them.
 

@@ -67,7 +67,9 @@ def collection_overlap(collection: str | pathlib.Path) -> dict:
     """`mean_pairwise_overlap` of every adapter directory in a collection folder."""
     from .evaluate import load_adapter_factors
 
-    dirs = sorted(p for p in pathlib.Path(collection).iterdir() if (p / "adapter_config.json").exists())
+    dirs = sorted(
+        p for p in pathlib.Path(collection).iterdir() if (p / "adapter_config.json").exists()
+    )
     return mean_pairwise_overlap([load_adapter_factors(d) for d in dirs])
 
 

@@ -25,8 +25,8 @@ import numpy as np
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 APPLICATIONS = ("copy", "reverse", "sort", "shift", "dedup")
 APP_TOKEN = {app: 4 + i for i, app in enumerate(APPLICATIONS)}  # 4..8
-PRETRAIN_TASKS = ("rotate", "swap", "sortdesc", "unshift")
-PRETRAIN_TOKEN = {name: 9 + i for i, name in enumerate(PRETRAIN_TASKS)}  # 9..12
+PRETRAIN_TASKS = ("rotate", "swap", "sortdesc", "unshift", "repeats")
+PRETRAIN_TOKEN = {name: 9 + i for i, name in enumerate(PRETRAIN_TASKS)}  # 9..13
 NUM_LANGUAGES = 8
 ALPHABET_SIZE = 8
 ALPHABET_START = 16
@@ -63,6 +63,17 @@ def _dedup(x: list[int]) -> list[int]:
     return out
 
 
+def _repeats(x: list[int]) -> list[int]:
+    # the tokens that dedup drops: every occurrence after the first (possibly empty)
+    seen: set[int] = set()
+    out = []
+    for t in x:
+        if t in seen:
+            out.append(t)
+        seen.add(t)
+    return out
+
+
 def _swap(x: list[int]) -> list[int]:
     out = list(x)
     for i in range(0, len(x) - 1, 2):
@@ -82,6 +93,7 @@ TRANSFORMS = {
     "swap": _swap,
     "sortdesc": lambda x: sorted(x, reverse=True),
     "unshift": lambda x: _shift(x, -1),
+    "repeats": _repeats,
 }
 
 
