@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._solution import Solution
 from ._common import (
@@ -69,18 +70,20 @@ def _merge_side(x, coef, counts, mask, density, *, combination: str, sign_method
     return _elect_and_merge(pruned, coef, sign_method)
 
 
-def dare_masks(key, A, B, density: float) -> tuple[jax.Array, jax.Array]:
+def dare_masks(key, A, B, density) -> tuple[jax.Array, jax.Array]:
     """The keep-masks `(mask_a [T, r, d_in], mask_b [T, d_out, r])` DARE draws from `key`.
 
     Each entry is kept with probability `density`, independently (PEFT's
-    `torch.bernoulli(full_like(x, density))`); `key` is split once, A first, then B.
+    `torch.bernoulli(full_like(x, density))`): one uniform draw of `A.size + B.size` numbers
+    from `key` (an int seed or a `jax.random` key), A's entries first, each kept when below
+    `density`.
     """
     key = jax.random.PRNGKey(key) if isinstance(key, int) else key
-    key_a, key_b = jax.random.split(key)
-    return (
-        jax.random.bernoulli(key_a, density, jnp.shape(A)),
-        jax.random.bernoulli(key_b, density, jnp.shape(B)),
-    )
+    shape_a, shape_b = jnp.shape(A), jnp.shape(B)
+    size_a = int(np.prod(shape_a))
+    draw = jax.random.uniform(key, (size_a + int(np.prod(shape_b)),))
+    keep = draw < density
+    return keep[:size_a].reshape(shape_a), keep[size_a:].reshape(shape_b)
 
 
 def _factorwise_impl(

@@ -123,7 +123,9 @@ def topk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
     """
     flat = jnp.abs(x).reshape(-1)
     order = jnp.argsort(-flat, stable=True)
-    position = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    position = (
+        jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    )
     return (position < k).reshape(x.shape)
 
 

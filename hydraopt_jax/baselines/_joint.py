@@ -65,10 +65,12 @@ def stacked_coordinates(A, B):
 # ---------------------------------------------------------------------------- joint (CtS)
 def _cores(u, v, rb, ra):
     """`u^T M_t v = (u^T rb_t)(ra_t^T v)`, `[T, k, k]`."""
-    return jnp.einsum("tkr,tlr->tkl", jnp.einsum("nk,tnr->tkr", u, rb), jnp.einsum("nl,tnr->tlr", v, ra))
+    return jnp.einsum(
+        "tkr,tlr->tkl", jnp.einsum("nk,tnr->tkr", u, rb), jnp.einsum("nl,tnr->tlr", v, ra)
+    )
 
 
-def _joint_impl(A, B, weights, tol, *, rank: int, diagonal: bool, max_steps: int):
+def _joint_impl(A, B, weights, tol, max_steps, *, rank: int, diagonal: bool):
     q_b, q_a, rb, ra = stacked_coordinates(A, B)
     k = min(rank, rb.shape[1], ra.shape[1])
     gram_b = jnp.einsum("tnr,tns->trs", rb, rb)
@@ -215,9 +217,10 @@ def joint(
     if int(max_steps) < 0:
         raise ValueError(f"joint: max_steps must be >= 0; got {max_steps}")
     w = task_weights(A, B, "uniform" if weights is None else weights)
-    statics = dict(rank=k, diagonal=bool(diagonal), max_steps=int(max_steps))
+    statics = dict(rank=k, diagonal=bool(diagonal))
+    arrays = (w, jnp.asarray(tol, A.dtype), jnp.asarray(int(max_steps), jnp.int32))
     return _core_solution(
-        _joint_impl, A, B, (w, jnp.asarray(tol, A.dtype)), statics,
+        _joint_impl, A, B, arrays, statics,
         method="joint_diag" if diagonal else "joint", diagonal=bool(diagonal),
         task_ranks=task_ranks, task_ids=task_ids,
     )  # fmt: skip
