@@ -125,14 +125,15 @@ def test_load_adapter_factors_folds_the_scale_like_peft(base_model):
 
 
 def test_evaluation_reproduces_the_manifest(base_model):
-    from benchmarks.testbed.evaluate import evaluate_task, load_adapter_factors
+    from benchmarks.testbed.evaluate import evaluate_task, load_adapter_factors, normalized_score
 
     path = _adapter_dir()
     manifest = json.loads((COLLECTION / "manifest.json").read_text())
     entry = manifest["tasks"][ADAPTER_TASK]
-    own = evaluate_task(base_model, ADAPTER_TASK, load_adapter_factors(path))
+    out = normalized_score(base_model, {ADAPTER_TASK: load_adapter_factors(path)}, COLLECTION)
+    own = out["accuracy"][ADAPTER_TASK]
     assert own == pytest.approx(entry["own_accuracy"], abs=1e-9)
-    assert own > 0.9
+    assert own > 0.9 and out["score"] == pytest.approx(1.0)
     assert evaluate_task(base_model, ADAPTER_TASK, None) == pytest.approx(
         entry["base_accuracy"], abs=1e-9
     )

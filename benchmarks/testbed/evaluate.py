@@ -133,3 +133,34 @@ def evaluate_task(
         task = T.task_from_name(task)
     model = apply_lora(base_model, lora, scale)
     return greedy_accuracy(model, task, T.heldout_inputs(task, split))
+
+
+def load_collection(collection_dir: str | pathlib.Path) -> dict[str, dict]:
+    """Every adapter of a collection folder: `{task_name: {module: (A, B * scale)}}`."""
+    collection_dir = pathlib.Path(collection_dir)
+    return {
+        p.name: load_adapter_factors(p)
+        for p in sorted(collection_dir.iterdir())
+        if (p / "adapter_config.json").exists()
+    }
+
+
+def normalized_score(
+    base_model,
+    loras: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    collection_dir: str | pathlib.Path,
+) -> dict:
+    """Paper-style score of (merged) per-task LoRAs against the collection's own LoRAs.
+
+    `score = mean_t accuracy_t / own_accuracy_t`, with the own-LoRA accuracies read from the
+    collection's `manifest.json`. **Arguments**: `loras` `{task_name: {module: (A, B)}}` (scale
+    folded), e.g. the task factors of a merged solution. **Returns**
+    `{"score": float, "accuracy": {task: float}, "relative": {task: float}}`.
+    """
+    manifest = json.loads((pathlib.Path(collection_dir) / "manifest.json").read_text())
+    accuracy, relative = {}, {}
+    for name, lora in loras.items():
+        own = manifest["tasks"][name]["own_accuracy"]
+        accuracy[name] = evaluate_task(base_model, name, lora)
+        relative[name] = accuracy[name] / own
+    return dict(score=float(np.mean(list(relative.values()))), accuracy=accuracy, relative=relative)

@@ -55,6 +55,7 @@ REGIMES = {
         eval_every=50,
         min_steps=100,
         target_val_accuracy=0.98,
+        max_grad_norm=None,
     ),
     "large_lr": dict(
         lr=1e-2,
@@ -65,6 +66,8 @@ REGIMES = {
         eval_every=50,
         min_steps=100,
         target_val_accuracy=0.98,
+        # without clipping, lr 1e-2 blew up on some shift tasks (loss stuck near 1.7)
+        max_grad_norm=1.0,
     ),
 }
 SEED_VARIANTS = ("same_seed", "diff_seed")
@@ -104,6 +107,8 @@ def train_lora(base_model, task: T.Task, regime: str, seed: int, log=print):
         loss = M.lm_loss(model, *stream.next_batch())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if hp["max_grad_norm"] is not None:
+            torch.nn.utils.clip_grad_norm_(params, hp["max_grad_norm"])
         opt.step()
         sched.step()
         losses.append(loss.item())
