@@ -15,6 +15,52 @@ from .overlap import collection_overlap
 from .train import ADAPTERS
 
 
+def initial_factors(seed: int) -> dict[str, np.ndarray]:
+    """The `lora_A` that PEFT initialises under `torch.manual_seed(seed)` (B starts at 0)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from . import model as M
+    from .train import LORA
+
+    base = M.load_base_model()  # before seeding: building the model consumes the torch RNG
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **LORA))
+    prefix, suffix = "base_model.model.", ".lora_A.default.weight"
+    return {
+        k[len(prefix) : -len(suffix)]: v.detach().numpy().copy()
+        for k, v in peft_model.named_parameters()
+        if k.endswith(suffix)
+    }
+
+
+def drift_from_init(collection: pathlib.Path) -> dict:
+    """Mean over tasks and modules of `||A - A0|| / ||A0||` and of the A0/A row-space overlap."""
+    from .evaluate import load_collection
+    from .overlap import subspace_overlap
+
+    manifest = json.loads((collection / "manifest.json").read_text())
+    rel, ovl = [], []
+    init_by_seed: dict[int, dict] = {}
+    for name, factors in load_collection(collection).items():
+        seed = manifest["tasks"][name]["seed"]
+        init = init_by_seed.setdefault(seed, initial_factors(seed))
+        for module, (a, _) in factors.items():
+            a0 = init[module]
+            rel.append(np.linalg.norm(a - a0) / np.linalg.norm(a0))
+            ovl.append(subspace_overlap(a.T, a0.T, a.shape[0]))
+    return dict(a_relative_drift=float(np.mean(rel)), a_init_overlap=float(np.mean(ovl)))
+
+
+def per_kind_overlap(per_module: dict) -> dict:
+    kinds: dict[str, list] = {}
+    for module, value in per_module.items():
+        kinds.setdefault(module.rsplit(".", 1)[-1], []).append(value)
+    return {k: tuple(float(x) for x in np.mean(v, axis=0)) for k, v in kinds.items()}
+
+
 def summarise(collection: pathlib.Path) -> dict:
     manifest = json.loads((collection / "manifest.json").read_text())
     entries = manifest["tasks"]
@@ -37,6 +83,8 @@ def summarise(collection: pathlib.Path) -> dict:
         overlap_b=overlap["b"],
         random_a=overlap["a_random"],
         random_b=overlap["b_random"],
+        per_kind=per_kind_overlap(overlap["per_module"]),
+        **drift_from_init(collection),
     )
 
 
@@ -44,21 +92,31 @@ def main() -> None:
     rows = [summarise(c) for c in sorted(ADAPTERS.iterdir()) if (c / "manifest.json").exists()]
     print(
         "| collection | tasks | own acc min | own acc mean | train s (total, per task) "
-        "| A overlap | B overlap |"
+        "| A overlap | B overlap | A drift from init | A overlap with init |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['collection']} | {r['num_tasks']} | {r['own_min']:.3f} | {r['own_mean']:.3f} "
             f"| {r['train_seconds']:.0f}, {r['seconds_per_task']:.1f} "
-            f"| {r['overlap_a']:.3f} | {r['overlap_b']:.3f} |"
+            f"| {r['overlap_a']:.3f} | {r['overlap_b']:.3f} "
+            f"| {r['a_relative_drift']:.3f} | {r['a_init_overlap']:.3f} |"
         )
+    print("\nper module kind, A / B overlap:\n")
+    kinds = list(rows[0]["per_kind"]) if rows else []
+    print("| collection | " + " | ".join(kinds) + " |")
+    print("|---|" + "---|" * len(kinds))
+    for r in rows:
+        cells = " | ".join(f"{r['per_kind'][k][0]:.2f} / {r['per_kind'][k][1]:.2f}" for k in kinds)
+        print(f"| {r['collection']} | {cells} |")
     if rows:
+        full = max(rows, key=lambda r: r["num_tasks"])
         print(
-            "\nrandom-subspace expectation: "
-            f"A {rows[0]['random_a']:.3f}, B {rows[0]['random_b']:.3f}"
+            "\nrandom-subspace expectation (r / d, mean over modules): "
+            f"A {full['random_a']:.3f}, B {full['random_b']:.3f}; per kind A r/d_in, B r/d_out: "
+            "q,o,gate,up A 0.125; down A 0.042; q,o,down B 0.125; k,v B 0.25; gate,up B 0.042"
         )
-        print("base accuracy per application:", json.dumps(rows[0]["base_by_app"]))
+        print("base accuracy per application:", json.dumps(full["base_by_app"]))
 
 
 if __name__ == "__main__":
