@@ -101,7 +101,14 @@ def np_knots(A, B, k, coef, density, merge="ties"):
     if merge == "linear":
         merged = np.einsum("t,tkd->kd", coef, sv)
     else:
-        pruned = np.stack([np_topk(x, int(density * x.size)) for x in sv])
+        # KnOTS's topk_values_mask: >= the kthvalue(n - int(n density)) of the magnitudes
+        def keep(x):
+            if density >= 1:
+                return x
+            kth = np.sort(np.abs(x).ravel())[x.size - int(x.size * density) - 1]
+            return np.where(np.abs(x) >= kth, x, 0.0)
+
+        pruned = np.stack([keep(x) for x in sv])
         elected = np.sign(pruned.sum(0))
         elected[elected == 0] = np.sign(elected.sum())
         agree = np.where(elected > 0, pruned > 0, pruned < 0)
@@ -143,6 +150,24 @@ def np_pca(A, B, k):
     u, _, _ = np.linalg.svd(np.concatenate(list(B), axis=1), full_matrices=False)
     p_b = u[:, :k]
     return np.einsum("ok,pk,tpr,trd,ld,lj->toj", p_b, p_b, B, A, p_a, p_a)
+
+
+# ---------------------------------------------------------------------------- selection kernels
+def test_topk_mask_is_exact_with_ties_and_zeros():
+    from hydraopt_jax.baselines._common import keep_at_least, topk_mask
+
+    rng = np.random.default_rng(30)
+    for dtype in (np.float32, np.float64):
+        # bf16-like data: few distinct magnitudes, both signs, zeros
+        x = (rng.integers(-4, 5, size=(6, 11)) * 0.25).astype(dtype)
+        for k in (0, 1, 7, 30, 66):
+            mask = np.asarray(topk_mask(jnp.asarray(x), jnp.asarray(k)))
+            ref = np.zeros(x.size, bool)
+            ref[np.argsort(-np.abs(x).ravel(), kind="stable")[:k]] = True
+            np.testing.assert_array_equal(mask.ravel(), ref)
+            keep = np.asarray(keep_at_least(jnp.asarray(x), jnp.asarray(k)))
+            kth = np.sort(np.abs(x).ravel())[::-1][min(k, x.size - 1)]
+            np.testing.assert_array_equal(keep, np.abs(x) >= kth)
 
 
 # ---------------------------------------------------------------------------- factor-wise merges

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._loss import relative_errors, residual_norms_sq, task_norms_sq, task_weights
+from .._loss import relative_errors, task_norms_sq, task_weights
 from .._plan import SharingPlan
 from .._solution import RESULTS, Solution
 
@@ -116,17 +116,53 @@ def prune_counts(density: float, sizes: Sequence[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- kernels
+def _magnitude_bits(x: jax.Array) -> jax.Array:
+    """`|x|` as integers of the same width: for non-negative floats the bit pattern orders
+    exactly as the value does."""
+    itype = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(jnp.abs(x), itype)
+
+
+def kth_largest_bits(bits: jax.Array, k: jax.Array) -> jax.Array:
+    """Bit pattern of the `k`-th largest entry (`1 <= k <= bits.size`) of `bits`.
+
+    Bisection on the integer value: one compare-and-count pass per bit, so
+    `O(bits.size * width)` with no sort (XLA's CPU sort of ~10^6 entries per task took
+    seconds; this takes tens of milliseconds).
+    """
+    flat = bits.reshape(-1)
+
+    def halve(_, bounds):  # invariant: #(>= lo) >= k > #(>= hi)
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(flat >= mid) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    start = (jnp.zeros((), flat.dtype), jnp.max(flat) + 1)
+    lo, _ = jax.lax.fori_loop(0, 8 * flat.dtype.itemsize, halve, start)
+    return lo
+
+
 def topk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
     """Boolean mask of the `k` entries of largest magnitude in `x` (any shape; `k` traced).
 
-    Exactly `k` entries, as `torch.topk`; equal magnitudes are broken by position.
+    Exactly `k` entries, as `torch.topk`; among equal magnitudes the first positions win.
     """
-    flat = jnp.abs(x).reshape(-1)
-    order = jnp.argsort(-flat, stable=True)
-    position = (
-        jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
-    )
-    return (position < k).reshape(x.shape)
+    bits = _magnitude_bits(x).reshape(-1)
+    k = jnp.clip(k, 0, bits.size)
+    kth = kth_largest_bits(bits, jnp.maximum(k, 1))
+    above = bits > kth
+    tied = bits == kth
+    room = k - jnp.sum(above)
+    keep = above | (tied & (jnp.cumsum(tied) <= room))
+    return (keep & (k > 0)).reshape(x.shape)
+
+
+def keep_at_least(x: jax.Array, count: jax.Array) -> jax.Array:
+    """Entries `>=` the `(count + 1)`-th largest magnitude (KnOTS's `topk_values_mask` rule;
+    ties at the threshold are all kept)."""
+    bits = _magnitude_bits(x)
+    return bits >= kth_largest_bits(bits, jnp.clip(count + 1, 1, bits.size))
 
 
 def factored_svd(left: jax.Array, right: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -152,18 +188,53 @@ def factored_svd(left: jax.Array, right: jax.Array, k: int) -> tuple[jax.Array, 
 
 
 # ---------------------------------------------------------------------------- reports
-def report(A, B, task_a, task_b, *finite_also):
-    """`(loss, relative_error, weights, result)` of per-task reconstructions `task_b @ task_a`.
+def _split_off(basis: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`x [T, d, r] = basis @ c + e` with `e` orthogonal to `basis [d, m]` (orthonormal
+    columns); projected twice (CGS2) so `e` stays orthogonal when it is tiny."""
+    c = jnp.einsum("dm,tdr->tmr", basis, x)
+    e = x - jnp.einsum("dm,tmr->tdr", basis, c)
+    c2 = jnp.einsum("dm,tdr->tmr", basis, e)
+    return c + c2, e - jnp.einsum("dm,tmr->tdr", basis, c2)
+
+
+def shared_basis_residuals(A, B, left, middle, right) -> jax.Array:
+    """`||B_t A_t - left @ middle_t @ right||_F^2` per task, factored and cancellation-free.
+
+    `left [d_out, m]` and `right [n, d_in]` are shared by all tasks, `middle [T, m, n]` is not
+    (`None` for one merged adapter `left @ right`; the cores for `CoreSolution`). With
+    `left = Q_l R_l`, `right^T = Q_r R_r` and `B_t = Q_l C_t + E_t`, `A_t^T = Q_r D_t + F_t`
+    (`E_t`, `F_t` orthogonal to the bases) the residual splits into four orthogonal parts:
+    `||C_t D_t^T - R_l middle_t R_r^T||^2 + ||C_t F_t^T||^2 + ||E_t D_t^T||^2 + ||E_t F_t^T||^2`,
+    the first computed entry-wise (`m x n`), the others as traces of `r x r` Grams. Costs
+    `O(T (m + n) r d)` against `O(T (r + m)^2 d)` for per-task QRs, which matters for `cat`.
+    """
+    q_l, r_l = jnp.linalg.qr(left)
+    q_r, r_r = jnp.linalg.qr(right.T)
+    c, e = _split_off(q_l, B)  # [T, m, r], [T, d_out, r]
+    d, f = _split_off(q_r, jnp.swapaxes(A, 1, 2))  # [T, n, r], [T, d_in, r]
+    if middle is None:  # one adapter for all tasks: left @ right
+        shared = (r_l @ r_r.T)[None]
+    else:
+        shared = jnp.einsum("mi,tij,nj->tmn", r_l, middle, r_r)
+    core = jnp.einsum("tmr,tnr->tmn", c, d) - shared
+    gram = functools.partial(jnp.einsum, "tdr,tds->trs")
+    gc, gd, ge, gf = gram(c, c), gram(d, d), gram(e, e), gram(f, f)
+    cross = jnp.einsum("trs,trs->t", gc, gf) + jnp.einsum("trs,trs->t", ge, gd)
+    return jnp.sum(core * core, axis=(1, 2)) + cross + jnp.einsum("trs,trs->t", ge, gf)
+
+
+def report(A, B, left, middle, right):
+    """`(loss, relative_error, weights, result)` of `dW_hat_t = left @ middle_t @ right`.
 
     `loss` uses the relative weights `1/||dW_t||^2`, so it equals `sum_t relative_error_t^2`
     and is comparable with `merge`'s default loss.
     """
     weights = task_weights(A, B, "relative")
-    residual = residual_norms_sq(A, B, task_a, task_b)
+    residual = shared_basis_residuals(A, B, left, middle, right)
     loss = jnp.sum(weights * residual)
     rel = relative_errors(residual, task_norms_sq(A, B))
-    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(task_a)) & jnp.all(jnp.isfinite(task_b))
-    for x in finite_also:
+    finite = jnp.isfinite(loss)
+    for x in (left, right) if middle is None else (left, middle, right):
         finite = finite & jnp.all(jnp.isfinite(x))
     result = jnp.where(finite, RESULTS.successful, RESULTS.nonfinite).astype(jnp.int32)
     return loss, rel, weights, result
@@ -172,10 +243,7 @@ def report(A, B, task_a, task_b, *finite_also):
 @functools.partial(jax.jit, static_argnames=("impl", "statics"))
 def _merge_and_report(A, B, arrays, *, impl: Callable, statics: tuple):
     shared_a, shared_b = impl(A, B, *arrays, **dict(statics))
-    num_tasks = A.shape[0]
-    task_a = jnp.broadcast_to(shared_a[None], (num_tasks,) + shared_a.shape)
-    task_b = jnp.broadcast_to(shared_b[None], (num_tasks,) + shared_b.shape)
-    loss, rel, weights, result = report(A, B, task_a, task_b)
+    loss, rel, weights, result = report(A, B, shared_b, None, shared_a)
     return shared_a, shared_b, loss, rel, weights, result
 
 

@@ -160,10 +160,7 @@ def _pca_impl(A, B, *, rank: int):
 @functools.partial(jax.jit, static_argnames=("impl", "statics"))
 def _fit_and_report(A, B, arrays, *, impl, statics):
     shared_u, shared_v, cores, steps, converged = impl(A, B, *arrays, **dict(statics))
-    num_tasks = A.shape[0]
-    task_a = jnp.broadcast_to(shared_v[None], (num_tasks,) + shared_v.shape)
-    task_b = jnp.einsum("ok,tkl->tol", shared_u, cores)
-    loss, rel, weights, result = report(A, B, task_a, task_b, cores)
+    loss, rel, weights, result = report(A, B, shared_u, cores, shared_v)
     return shared_u, shared_v, cores, loss, rel, weights, steps, result, converged
 
 

@@ -10,9 +10,9 @@ from ._common import (
     check_density,
     check_inputs,
     factored_svd,
+    keep_at_least,
     merge_coefficients,
     one_adapter_solution,
-    topk_mask,
 )
 
 __all__ = ["knots", "svd"]
@@ -85,14 +85,16 @@ def knots_aligned(A, B):
     return q_b @ u, sv, s
 
 
-def _knots_ties(sv, coef, counts):
+def _knots_ties(sv, coef, count, keep_all):
     """KnOTS's TIES on the aligned blocks (its `ties_masking` + disjoint `mean` merge).
 
-    Each task keeps its `counts` largest-magnitude entries; the elected sign is that of the
-    sum (a zero sum takes the overall majority sign); the agreeing weighted entries are
+    Each task keeps its entries `>=` the `(count + 1)`-th largest magnitude (the reference
+    code's `kthvalue(n - int(n K))` threshold keeps `int(n K) + 1`); the elected sign is that of
+    the sum (a zero sum takes the overall majority sign); the agreeing weighted entries are
     averaged over the tasks that keep a non-zero there.
     """
-    pruned = jnp.where(jax.vmap(topk_mask, in_axes=(0, None))(sv, counts), sv, 0.0)
+    keep = jax.vmap(keep_at_least, in_axes=(0, None))(sv, count) | keep_all
+    pruned = jnp.where(keep, sv, 0.0)
     elected = jnp.sign(jnp.sum(pruned, axis=0))
     elected = jnp.where(elected == 0, jnp.sign(jnp.sum(elected)), elected)
     agree = jnp.where(elected[None] > 0, pruned > 0, pruned < 0)
@@ -112,8 +114,8 @@ def _knots_impl(A, B, coef, density, *, rank: int, merge: str):
     else:
         # int(density * n) over the supported entries, n = K_eff d_in
         size = jnp.sum(support) * sv.shape[2]
-        counts = jnp.floor(density * size.astype(sv.dtype)).astype(jnp.int32)
-        merged = _knots_ties(sv, coef, jnp.where(density >= 1, size, counts))
+        count = jnp.floor(density * size.astype(sv.dtype)).astype(jnp.int32)
+        merged = _knots_ties(sv, coef, count, density >= 1)
     b, a = factored_svd(basis, merged, rank)
     return a, b
 
@@ -134,9 +136,9 @@ def knots(
     - `A`: `[T, r, d_in]`; `B`: `[T, d_out, r]`, LoRA scale folded in.
     - `rank`: rank `k` of the merged adapter, default `r`; `T r` keeps the KnOTS merge exactly.
     - `merge`: `"ties"` or `"linear"` (`"linear"` equals the SVD merge: `U` is orthonormal).
-    - `density`: fraction of each task's aligned entries TIES keeps (default 0.2). The
-      reference code keeps one entry more (`>=` the k-th value); here exactly
-      `int(density * n)`, as PEFT.
+    - `density`: fraction of each task's aligned entries TIES keeps (default 0.2), counted
+      as the reference code does: entries `>=` the `(int(density n) + 1)`-th largest
+      magnitude, `n` = supported directions x `d_in`; `1` keeps everything.
     - `weights`: per-task coefficients, default 1 for `"ties"` (disjoint mean), `1/T` for
       `"linear"`.
 
