@@ -76,13 +76,13 @@ def _solve_impl(
     weight_array,
     learning_rate,
     tol,
+    max_steps,
     cov,
     *,
     plan: SharingPlan,
     kind: str,
     transformation,
     weights_mode: str,
-    max_steps: int,
     init,
     svd_method: str,
 ):
@@ -135,7 +135,7 @@ def _solve_impl(
     return shared_a, shared_b, loss, rel, weights, steps.astype(jnp.int32), result
 
 
-_STATIC = ("plan", "kind", "transformation", "weights_mode", "max_steps", "init", "svd_method")
+_STATIC = ("plan", "kind", "transformation", "weights_mode", "init", "svd_method")
 _solve_jit = jax.jit(_solve_impl, static_argnames=_STATIC)
 
 
@@ -145,10 +145,12 @@ def _batched_solver(has_cov: bool, **static) -> Callable:
     own cache then keys on shapes). vmap cannot map a `None`, so `cov` is a trailing argument
     only when present."""
 
-    def solve(A, B, weight_array, learning_rate, tol, *cov):
-        return _solve_impl(A, B, weight_array, learning_rate, tol, *(cov or (None,)), **static)
+    def solve(A, B, weight_array, learning_rate, tol, max_steps, *cov):
+        return _solve_impl(
+            A, B, weight_array, learning_rate, tol, max_steps, *(cov or (None,)), **static
+        )
 
-    in_axes = (0, 0, None, None, None) + ((0,) if has_cov else ())
+    in_axes = (0, 0, None, None, None, None) + ((0,) if has_cov else ())
     return jax.jit(jax.vmap(solve, in_axes=in_axes))
 
 
@@ -191,14 +193,14 @@ def _solver_statics(plan, solver, learning_rate, weights, max_steps, tol, init, 
         kind=kind,
         transformation=transformation,
         weights_mode=weights if isinstance(weights, str) else "array",
-        max_steps=int(DEFAULT_MAX_STEPS[key] if max_steps is None else max_steps),
         init=init if isinstance(init, str) else "given",
         svd_method=svd_method,
     )
-    if kind != "exact" and statics["max_steps"] < 0:
+    max_steps = DEFAULT_MAX_STEPS[key] if max_steps is None else max_steps
+    if not _is_traced(max_steps) and int(max_steps) < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     tol = DEFAULT_TOL[key] if tol is None else tol
-    return statics, lr, tol
+    return statics, lr, tol, max_steps
 
 
 def _is_traced(x) -> bool:
@@ -273,7 +275,7 @@ def merge(
     A, B = A.astype(dtype), B.astype(dtype)
     num_tasks, r = A.shape[0], A.shape[1]
     plan = plan if plan.rank is not None else plan.with_rank(r)
-    statics, lr, tol = _solver_statics(
+    statics, lr, tol, max_steps = _solver_statics(
         plan, solver, learning_rate, weights, max_steps, tol, init, svd_method
     )
     weight_array = None if isinstance(weights, str) else jnp.asarray(weights, dtype)
@@ -288,6 +290,7 @@ def merge(
         weight_array,
         jnp.asarray(lr, dtype),
         jnp.asarray(tol, dtype),
+        jnp.asarray(max_steps, jnp.int32),
         None if activation_cov is None else jnp.asarray(activation_cov, dtype),
     )
     sol = Solution(
@@ -363,7 +366,7 @@ def merge_adapters(
 
     out: dict[str, Solution] = {}
     for (a_shape, b_shape, present, sub_plan, has_cov), members in groups.items():
-        statics, lr, tol_value = _solver_statics(
+        statics, lr, tol_value, steps_value = _solver_statics(
             sub_plan, solver, learning_rate, weights, max_steps, tol, init, svd_method
         )
         idx = np.asarray(present)
@@ -383,6 +386,7 @@ def merge_adapters(
             weight_array,
             jnp.asarray(lr, dtype),
             jnp.asarray(tol_value, dtype),
+            jnp.asarray(steps_value, jnp.int32),
             *((covs,) if has_cov else ()),
         )
         batch = Solution(*arrays, plan=sub_plan, task_ranks=(), task_ids=present)

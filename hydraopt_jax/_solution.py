@@ -109,3 +109,28 @@ class Solution:
 def stack_solutions(solutions: Sequence[Solution]) -> Solution:
     """Stack same-shaped Solutions on a new leading axis (inverse of `Solution.index`)."""
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *solutions)
+
+
+def task_relative_errors(solutions, num_tasks: int) -> np.ndarray:
+    """Each task's relative error over many modules: the RMS of its per-module errors.
+
+    `solutions` is `{module: Solution}` (as from `merge_adapters`); tasks absent from a
+    module are skipped there; a task present nowhere gets NaN.
+    """
+    total = np.zeros(num_tasks)
+    count = np.zeros(num_tasks)
+    for sol in solutions.values():
+        err = np.asarray(sol.relative_error, np.float64)
+        for local, t in enumerate(sol.task_ids):
+            total[t] += err[local] ** 2
+            count[t] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt(total / count)
+
+
+def collection_storage(solutions) -> tuple[int, int]:
+    """`(num_params, original_params)` summed over the modules of `{module: Solution}`."""
+    return (
+        sum(s.num_params for s in solutions.values()),
+        sum(s.original_params for s in solutions.values()),
+    )

@@ -90,4 +90,4 @@ def psd_solve_right(rhs: jax.Array, gram: jax.Array) -> jax.Array:
     rcond = 10.0 * gram.shape[-1] * jnp.finfo(gram.dtype).eps
     keep = evals > rcond * jnp.max(evals)
     inv = jnp.where(keep, 1.0 / jnp.where(keep, evals, 1.0), 0.0)
-    return ((rhs @ evecs) * inv) @ evecs.T
+    return ((rhs @ evecs) * inv[None, :]) @ evecs.T

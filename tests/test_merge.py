@@ -1,0 +1,417 @@
+"""The merge engine against dense float64 numpy references (issue 2's acceptance list)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import random_collection
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hydraopt_jax as hj
+from hydraopt_jax import RESULTS, SharingPlan
+from hydraopt_jax._loss import (
+    factored_task_errors,
+    gather_task_factors,
+    plan_loss,
+    task_norms_sq,
+)
+
+# ----------------------------------------------------------------------------- references
+
+
+def dense_updates(A, B):
+    return np.einsum("tor,trd->tod", np.asarray(B, np.float64), np.asarray(A, np.float64))
+
+
+def relative_weights(A, B):
+    return 1.0 / np.sum(dense_updates(A, B) ** 2, axis=(1, 2))
+
+
+def dense_optimum(A, B, plan: SharingPlan, weights):
+    """The optimum of a nesting plan from dense SVDs (Eckart-Young on stacked group means)."""
+    dense, w = dense_updates(A, B), np.asarray(weights, np.float64)
+    if not plan.b_nested_in_a:  # shared-B family: transpose everything
+        assert plan.a_nested_in_b
+        plan = SharingPlan(plan.b_group, plan.a_group, plan.rank)
+        dense = np.swapaxes(dense, 1, 2)
+    k = plan.rank
+    total = sum(w[t] * np.sum(dense[t] ** 2) for t in range(plan.num_tasks))
+    captured = 0.0
+    for a_members in plan.groups("a"):
+        blocks = []
+        for b_members in plan.groups("b"):
+            if b_members[0] not in a_members:
+                continue
+            wj = sum(w[t] for t in b_members)
+            if wj == 0:
+                continue
+            mean = sum(w[t] * dense[t] for t in b_members) / wj
+            blocks.append(np.sqrt(wj) * mean)
+        s = np.linalg.svd(np.concatenate(blocks, axis=0), compute_uv=False)
+        captured += np.sum(s[:k] ** 2)
+    return total - captured
+
+
+NESTING_PLANS = {
+    "shared_a": lambda T, k: SharingPlan.shared_a(T, k),
+    "shared_b": lambda T, k: SharingPlan.shared_b(T, k),
+    "full_merge": lambda T, k: SharingPlan.full_merge(T, k),
+    "a_groups_b_per_task": lambda T, k: SharingPlan([t % 2 for t in range(T)], list(range(T)), k),
+    "b_groups_inside_a_groups": lambda T, k: SharingPlan(
+        [t % 2 for t in range(T)], [t % 4 for t in range(T)], k
+    ),
+    "b_groups_a_per_task": lambda T, k: SharingPlan(list(range(T)), [t % 2 for t in range(T)], k),
+}
+
+# ----------------------------------------------------------------------------- optimality
+
+
+@pytest.mark.parametrize("plan_name", sorted(NESTING_PLANS))
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_exact_equals_the_dense_svd_optimum(rng, plan_name, k):
+    A, B = random_collection(rng, num_tasks=6)
+    plan = NESTING_PLANS[plan_name](6, k)
+    sol = hj.merge(A, B, plan, "exact")
+    optimum = dense_optimum(A, B, plan, relative_weights(A, B))
+    dense_loss = hj.dense_loss_reference(
+        A, B, sol.shared_a, sol.shared_b, plan, relative_weights(A, B)
+    )
+    assert dense_loss / optimum <= 1.0001
+    assert float(sol.loss) == pytest.approx(dense_loss, rel=1e-9)
+    assert sol.result == RESULTS.successful and sol.steps == 0
+
+
+@pytest.mark.parametrize("plan_name", ["shared_a", "shared_b", "full_merge", "b_groups_inside_a_groups"])
+def test_iterative_solvers_reach_the_optimum_from_a_random_start(rng, plan_name):
+    A, B = random_collection(rng, num_tasks=6)
+    plan = NESTING_PLANS[plan_name](6, 2)
+    optimum = dense_optimum(A, B, plan, relative_weights(A, B))
+    als = hj.merge(A, B, plan, "als", init="random", max_steps=1000, tol=1e-12)
+    adam = hj.merge(A, B, plan, "adam", init="random", max_steps=3000)
+    assert float(als.loss) / optimum <= 1.001
+    assert float(adam.loss) / optimum <= 1.01
+
+
+def test_separate_reconstructs_every_task_exactly(rng):
+    A, B = random_collection(rng, num_tasks=5)
+    sol = hj.merge(A, B, SharingPlan.separate(5))
+    assert np.max(sol.relative_error) < 1e-12
+    for t in range(5):
+        a_hat, b_hat = sol.task_factors(t)
+        np.testing.assert_allclose(b_hat @ a_hat, dense_updates(A, B)[t], atol=1e-12)
+    assert sol.storage_ratio == 1.0
+
+
+def test_separate_is_exact_in_float32_too(rng):
+    A, B = random_collection(rng, num_tasks=5, dtype=np.float32)
+    sol = hj.merge(A, B, SharingPlan.separate(5))
+    assert sol.shared_a.dtype == jnp.float32
+    # the QR-based residual reports float32 round-off, not the Gram identity's sqrt(eps)
+    assert np.max(sol.relative_error) < 1e-5
+
+
+@pytest.mark.parametrize("weighting", ["relative", "uniform"])
+def test_full_merge_is_the_truncated_svd_of_the_weighted_mean(rng, weighting):
+    A, B = random_collection(rng, num_tasks=4)
+    k = 3
+    sol = hj.merge(A, B, SharingPlan.full_merge(4, k), weights=weighting)
+    w = relative_weights(A, B) if weighting == "relative" else np.ones(4)
+    mean = np.einsum("t,tod->od", w, dense_updates(A, B)) / w.sum()
+    u, s, vt = np.linalg.svd(mean)
+    truncated = (u[:, :k] * s[:k]) @ vt[:k]
+    np.testing.assert_allclose(sol.shared_b[0] @ sol.shared_a[0], truncated, atol=1e-10)
+
+
+def test_rank_above_the_adapters_rank_is_a_valid_point(rng):
+    A, B = random_collection(rng, num_tasks=4, rank=3)
+    k1 = hj.merge(A, B, SharingPlan.shared_a(4, 3))
+    k2 = hj.merge(A, B, SharingPlan.shared_a(4, 6))
+    assert k2.shared_a.shape == (1, 6, A.shape[2])
+    assert float(k2.loss) < float(k1.loss)
+    big = hj.merge(A, B, SharingPlan.shared_a(4, 12))  # 12 = T r: every task fits exactly
+    assert np.max(big.relative_error) < 1e-10
+
+
+def test_grouped_plan_without_closed_form_needs_an_iterative_solver(rng):
+    A, B = random_collection(rng, num_tasks=4)
+    plan = SharingPlan([0, 0, 1, 1], [0, 1, 0, 1], rank=2)
+    with pytest.raises(ValueError, match="no closed form.*als"):
+        hj.merge(A, B, plan, "exact")
+    als = hj.merge(A, B, plan, "als", max_steps=2000, tol=1e-13)
+    lbfgs = hj.merge(A, B, plan, "lbfgs", max_steps=2000)
+    best = min(float(als.loss), float(lbfgs.loss))
+    assert float(als.loss) / best <= 1.001 and float(lbfgs.loss) / best <= 1.001
+
+
+def test_als_never_increases_the_loss(rng):
+    A, B = random_collection(rng, num_tasks=6)
+    plan = SharingPlan([0, 0, 0, 1, 1, 1], [0, 1, 2, 0, 1, 2], rank=2)
+    from hydraopt_jax._merge import _solve_jit
+
+    hj.merge(A, B, plan, "als", init="random", max_steps=0, tol=0.0)
+    before = _solve_jit._cache_size()
+    losses = [
+        float(hj.merge(A, B, plan, "als", init="random", max_steps=n, tol=0.0).loss)
+        for n in range(0, 12)
+    ]
+    assert _solve_jit._cache_size() == before  # max_steps is traced: no recompilation
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:]))
+    assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def test_weights_array_and_uniform_enter_the_objective(rng):
+    A, B = random_collection(rng, num_tasks=4)
+    plan = SharingPlan.shared_a(4, 2)
+    w = np.array([1.0, 2.0, 0.5, 0.0])
+    sol = hj.merge(A, B, plan, weights=w)
+    np.testing.assert_allclose(sol.weights, w)
+    assert float(sol.loss) / dense_optimum(A, B, plan, w) <= 1.0001
+    uniform = hj.merge(A, B, plan, weights="uniform")
+    assert float(uniform.loss) / dense_optimum(A, B, plan, np.ones(4)) <= 1.0001
+
+
+def test_a_zero_adapter_gets_zero_weight_and_finite_results(rng):
+    A, B = random_collection(rng, num_tasks=4)
+    B[2] = 0.0
+    sol = hj.merge(A, B, SharingPlan.shared_a(4, 2))
+    assert sol.weights[2] == 0.0
+    assert np.all(np.isfinite(sol.shared_a)) and np.all(np.isfinite(sol.relative_error))
+
+
+def test_non_finite_input_is_reported_not_silently_returned(rng):
+    A, B = random_collection(rng, num_tasks=3)
+    A[1, 0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        hj.merge(A, B, SharingPlan.shared_a(3))
+    sol = hj.merge(A, B, SharingPlan.shared_a(3), throw=False)
+    assert sol.result == RESULTS.nonfinite
+
+
+def test_bad_shapes_say_what_arrived(rng):
+    A, B = random_collection(rng, num_tasks=3)
+    with pytest.raises(ValueError, match=r"A \(3, 3, 20\) and B \(3, 16, 2\) disagree"):
+        hj.merge(A, B[:, :, :2], SharingPlan.shared_a(3))
+    with pytest.raises(ValueError, match="plan has 4 tasks but A has 3"):
+        hj.merge(A, B, SharingPlan.shared_a(4))
+    with pytest.raises(ValueError, match="solver must be"):
+        hj.merge(A, B, SharingPlan.shared_a(3), solver="newton")
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_factored_loss_equals_the_dense_loss(rng):
+    A, B = random_collection(rng, num_tasks=5, rank=3)
+    plan = SharingPlan([0, 0, 1, 1, 1], [0, 1, 0, 1, 2], rank=4)
+    shared_a = rng.normal(size=(2, 4, 20))
+    shared_b = rng.normal(size=(3, 16, 4))
+    w = rng.uniform(0.5, 2, size=5)
+    norms = task_norms_sq(A, B)
+    factored = plan_loss(shared_a, shared_b, A, B, w, norms, plan)
+    dense = hj.dense_loss_reference(A, B, shared_a, shared_b, plan, w)
+    assert float(factored) == pytest.approx(dense, rel=1e-12)
+
+
+def test_factored_gradient_matches_finite_differences(rng):
+    A, B = random_collection(rng, num_tasks=4, rank=2, d_in=7, d_out=5)
+    plan = SharingPlan([0, 0, 1, 1], [0, 1, 2, 3], rank=3)
+    params = (rng.normal(size=(2, 3, 7)), rng.normal(size=(4, 5, 3)))
+    w = rng.uniform(0.5, 2, size=4)
+    norms = task_norms_sq(A, B)
+
+    def f(p):
+        return plan_loss(p[0], p[1], A, B, w, norms, plan)
+
+    grads = jax.grad(f)(params)
+    eps = 1e-6
+    for which in (0, 1):
+        for _ in range(5):
+            idx = tuple(rng.integers(0, n) for n in params[which].shape)
+            bumped = [np.array(p, copy=True) for p in params]
+            bumped[which][idx] += eps
+            up = float(f(tuple(bumped)))
+            bumped[which][idx] -= 2 * eps
+            down = float(f(tuple(bumped)))
+            assert grads[which][idx] == pytest.approx((up - down) / (2 * eps), rel=1e-6, abs=1e-8)
+
+
+def test_reported_error_is_accurate_where_the_gram_identity_cancels(rng):
+    A, B = random_collection(rng, num_tasks=3, dtype=np.float32)
+    plan = SharingPlan.separate(3)
+    sol = hj.merge(A, B, plan)
+    task_a, task_b = gather_task_factors(sol.shared_a, sol.shared_b, plan)
+    gram = factored_task_errors(A, B, task_a, task_b, task_norms_sq(A, B))
+    # The Gram identity is only good to ~eps * ||dW||^2; the reported residual is far smaller.
+    assert np.all(np.asarray(sol.relative_error) ** 2 < 1e-3 * np.abs(np.asarray(gram)).max() + 1e-10)
+
+
+# ----------------------------------------------------------------------------- activation-aware
+
+
+def test_activation_aware_exact_is_the_whitened_optimum(rng):
+    A, B = random_collection(rng, num_tasks=4, d_in=12)
+    x = rng.normal(size=(200, 12)) * rng.uniform(0.1, 3, size=12)
+    cov = x.T @ x / 200
+    plan = SharingPlan.shared_a(4, 2)
+    sol = hj.merge(A, B, plan, activation_cov=cov)
+    chol = np.linalg.cholesky(cov + 1e-6 * np.trace(cov) / 12 * np.eye(12))
+    A_w = A @ chol
+    w = relative_weights(A_w, B)
+    optimum = dense_optimum(A_w, B, plan, w)
+    achieved = hj.dense_loss_reference(A_w, B, sol.shared_a @ chol, sol.shared_b, plan, w)
+    assert achieved / optimum <= 1.0001
+    assert float(sol.loss) == pytest.approx(achieved, rel=1e-8)
+    # It trades plain error for error where inputs are large: worse unwhitened, better whitened.
+    plain = hj.merge(A, B, plan)
+    plain_whitened = hj.dense_loss_reference(A_w, B, plain.shared_a @ chol, plain.shared_b, plan, w)
+    assert achieved < plain_whitened
+
+
+def test_activation_aware_adam_matches_its_exact_solution(rng):
+    A, B = random_collection(rng, num_tasks=4, d_in=12)
+    cov = np.diag(rng.uniform(0.1, 3, size=12))
+    plan = SharingPlan.shared_a(4, 2)
+    exact = hj.merge(A, B, plan, activation_cov=cov)
+    adam = hj.merge(A, B, plan, "adam", activation_cov=cov, init="random", max_steps=3000)
+    assert float(adam.loss) / float(exact.loss) <= 1.01
+
+
+# ----------------------------------------------------------------------------- JAX behaviour
+
+
+def test_second_call_with_same_shapes_does_not_recompile(rng):
+    from hydraopt_jax._merge import _solve_jit
+
+    A, B = random_collection(rng, num_tasks=4, d_in=11, d_out=13)
+    plan = SharingPlan.shared_a(4, 2)
+    hj.merge(A, B, plan)
+    before = _solve_jit._cache_size()
+    A2, B2 = random_collection(rng, num_tasks=4, d_in=11, d_out=13)
+    hj.merge(A2, B2, plan)
+    assert _solve_jit._cache_size() == before
+
+
+def test_learning_rate_sweep_does_not_recompile(rng):
+    from hydraopt_jax._merge import _solve_jit
+
+    A, B = random_collection(rng, num_tasks=3, d_in=9, d_out=10)
+    plan = SharingPlan.shared_a(3, 2)
+    hj.merge(A, B, plan, "adam", learning_rate=1e-2, max_steps=5)
+    before = _solve_jit._cache_size()
+    losses = [float(hj.merge(A, B, plan, "adam", learning_rate=lr, max_steps=5, init="random").loss)
+              for lr in (1e-3, 3e-3, 3e-2)]
+    assert _solve_jit._cache_size() == before + 1  # init="random" is one new static config
+    assert len(set(losses)) == 3
+
+
+def test_merge_works_under_jit_and_vmap_and_vmap_equals_a_loop(rng):
+    plan = SharingPlan.shared_a(3, 2)
+    modules = [random_collection(rng, num_tasks=3, d_in=9, d_out=8) for _ in range(4)]
+    stack_a = jnp.stack([a for a, _ in modules])
+    stack_b = jnp.stack([b for _, b in modules])
+
+    batched = jax.jit(jax.vmap(lambda a, b: hj.merge(a, b, plan).loss))(stack_a, stack_b)
+    looped = [float(hj.merge(a, b, plan).loss) for a, b in modules]
+    np.testing.assert_allclose(batched, looped, rtol=1e-10)
+
+
+def test_user_optax_transformation_is_accepted(rng):
+    A, B = random_collection(rng, num_tasks=3)
+    plan = SharingPlan.shared_a(3, 2)
+    sol = hj.merge(A, B, plan, optax.sgd(0.1, momentum=0.9), init="random", max_steps=50)
+    start = hj.merge(A, B, plan, "als", init="random", max_steps=0)
+    assert float(sol.loss) < float(start.loss)
+    assert int(sol.steps) <= 50
+
+
+def test_iterative_solver_reports_max_steps(rng):
+    A, B = random_collection(rng, num_tasks=3)
+    sol = hj.merge(A, B, SharingPlan([0, 0, 1], [0, 1, 1], 2), "als", max_steps=1, tol=0.0)
+    assert sol.result == RESULTS.max_steps_reached and sol.steps == 1
+
+
+# ----------------------------------------------------------------------------- no dense d_out x d_in
+
+
+def _all_shapes(jaxpr):
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield getattr(var.aval, "shape", ())
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else [param]
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _all_shapes(inner)
+
+
+@pytest.mark.parametrize(
+    "solver, plan",
+    [
+        ("exact", SharingPlan.shared_a(3, 2)),
+        ("exact", SharingPlan.shared_b(3, 2)),
+        ("exact", SharingPlan.full_merge(3, 2)),
+        ("exact", SharingPlan.separate(3, 2)),
+        ("als", SharingPlan([0, 0, 1], [0, 1, 1], 2)),
+        ("adam", SharingPlan([0, 0, 1], [0, 1, 1], 2)),
+        ("lbfgs", SharingPlan([0, 0, 1], [0, 1, 1], 2)),
+    ],
+)
+def test_no_solver_forms_a_d_out_by_d_in_array(solver, plan):
+    d_in, d_out = 29, 31  # primes that appear in no other dimension
+    A = jnp.ones((3, 2, d_in))
+    B = jnp.ones((3, d_out, 2))
+    for svd_method in ("direct", "randomized"):
+        jaxpr = jax.make_jaxpr(
+            lambda a, b: hj.merge(a, b, plan, solver, svd_method=svd_method, max_steps=3)
+        )(A, B)
+        for shape in _all_shapes(jaxpr.jaxpr):
+            assert not (d_in in shape and d_out in shape), f"{solver}: array of shape {shape}"
+
+
+# ----------------------------------------------------------------------------- randomized
+
+
+def test_randomized_subspace_iteration_matches_the_direct_solution(rng):
+    A, B = random_collection(rng, num_tasks=40, rank=4, d_in=60, d_out=50)
+    plan = SharingPlan.full_merge(40, 6)
+    direct = hj.merge(A, B, plan, svd_method="direct")
+    randomized = hj.merge(A, B, plan, svd_method="randomized")
+    assert float(randomized.loss) / float(direct.loss) <= 1.0001
+    shared = hj.merge(A, B, SharingPlan.shared_a(40, 6), svd_method="randomized")
+    optimum = dense_optimum(A, B, SharingPlan.shared_a(40, 6), relative_weights(A, B))
+    assert float(shared.loss) / optimum <= 1.0001
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    num_tasks=st.integers(1, 5),
+    rank=st.integers(1, 3),
+    k=st.integers(1, 5),
+    data=st.data(),
+)
+def test_exact_is_optimal_for_any_nesting_plan(num_tasks, rank, k, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    A, B = random_collection(rng, num_tasks=num_tasks, rank=rank, d_in=9, d_out=8)
+    a_labels = data.draw(st.lists(st.integers(0, 2), min_size=num_tasks, max_size=num_tasks))
+    # B-groups refine A-groups: label B by (A-label, extra label)
+    extra = data.draw(st.lists(st.integers(0, 1), min_size=num_tasks, max_size=num_tasks))
+    plan = SharingPlan.from_labels(a_labels, list(zip(a_labels, extra)), rank=k)
+    if data.draw(st.booleans()):
+        plan = SharingPlan(plan.b_group, plan.a_group, k)  # the shared-B family
+    sol = hj.merge(A, B, plan)
+    w = relative_weights(A, B)
+    optimum = dense_optimum(A, B, plan, w)
+    achieved = hj.dense_loss_reference(A, B, sol.shared_a, sol.shared_b, plan, w)
+    assert achieved <= optimum * 1.0001 + 1e-9 * num_tasks
+    assert sol.shared_a.shape == (plan.num_a_groups, k, 9)
+    assert sol.shared_b.shape == (plan.num_b_groups, 8, k)
+    assert sol.relative_error.shape == (num_tasks,)
