@@ -154,8 +154,9 @@ def np_pca(A, B, k):
 
 # ---------------------------------------------------------------------------- selection kernels
 def test_topk_mask_is_exact_with_ties_and_zeros():
-    from hydraopt_jax.baselines._common import keep_at_least, topk_mask
+    from hydraopt_jax.baselines import _common
 
+    topk_mask, keep_at_least = jax.jit(_common.topk_mask), jax.jit(_common.keep_at_least)
     rng = np.random.default_rng(30)
     for dtype in (np.float32, np.float64):
         # bf16-like data: few distinct magnitudes, both signs, zeros

@@ -240,11 +240,14 @@ def report(A, B, left, middle, right):
     return loss, rel, weights, result
 
 
+# Two jitted stages, the method and its report: the report is the same for every method, so
+# it compiles once per shape signature instead of once per method (compiling it dominated).
 @functools.partial(jax.jit, static_argnames=("impl", "statics"))
-def _merge_and_report(A, B, arrays, *, impl: Callable, statics: tuple):
-    shared_a, shared_b = impl(A, B, *arrays, **dict(statics))
-    loss, rel, weights, result = report(A, B, shared_b, None, shared_a)
-    return shared_a, shared_b, loss, rel, weights, result
+def run_impl(A, B, arrays, *, impl: Callable, statics: tuple):
+    return impl(A, B, *arrays, **dict(statics))
+
+
+report_jit = jax.jit(report)
 
 
 def one_adapter_solution(
@@ -258,10 +261,11 @@ def one_adapter_solution(
     task_ids,
 ) -> Solution:
     """Run a one-adapter merge `impl(A, B, *arrays, **statics) -> (a [k, d_in], b [d_out, k])`
-    under one jit and wrap it as a `full_merge` `Solution` with its per-task errors."""
-    shared_a, shared_b, loss, rel, weights, result = _merge_and_report(
+    jitted, and wrap it as a `full_merge` `Solution` with its per-task errors."""
+    shared_a, shared_b = run_impl(
         A, B, tuple(arrays), impl=impl, statics=tuple(sorted(statics.items()))
     )
+    loss, rel, weights, result = report_jit(A, B, shared_b, None, shared_a)
     num_tasks, r = A.shape[0], A.shape[1]
     return Solution(
         shared_a=shared_a[None],

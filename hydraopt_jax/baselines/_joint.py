@@ -9,13 +9,11 @@ Both work in the coordinates of the stacked factors. With `[B_1 ... B_T] = Q_b R
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from .._loss import task_weights
-from ._common import check_inputs, report, resolve_task_ids, resolve_task_ranks
+from ._common import check_inputs, report_jit, resolve_task_ids, resolve_task_ranks, run_impl
 from ._core_solution import CoreSolution
 
 __all__ = ["joint", "pca"]
@@ -157,16 +155,10 @@ def _pca_impl(A, B, *, rank: int):
     return shared_u, shared_v, cores, jnp.asarray(0, jnp.int32), jnp.asarray(True)
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "statics"))
-def _fit_and_report(A, B, arrays, *, impl, statics):
-    shared_u, shared_v, cores, steps, converged = impl(A, B, *arrays, **dict(statics))
-    loss, rel, weights, result = report(A, B, shared_u, cores, shared_v)
-    return shared_u, shared_v, cores, loss, rel, weights, steps, result, converged
-
-
 def _core_solution(impl, A, B, arrays, statics, *, method, diagonal, task_ranks, task_ids):
-    out = _fit_and_report(A, B, tuple(arrays), impl=impl, statics=tuple(sorted(statics.items())))
-    shared_u, shared_v, cores, loss, rel, weights, steps, result, converged = out
+    out = run_impl(A, B, tuple(arrays), impl=impl, statics=tuple(sorted(statics.items())))
+    shared_u, shared_v, cores, steps, converged = out
+    loss, rel, weights, result = report_jit(A, B, shared_u, cores, shared_v)
     result = jnp.where((result == 0) & ~converged, 1, result).astype(jnp.int32)
     num_tasks, r = A.shape[0], A.shape[1]
     return CoreSolution(
