@@ -2,7 +2,9 @@
 
 One-adapter merges return a `Solution` on `SharingPlan.full_merge(T, rank=k)`; the methods
 with a small per-task core (`joint`, `pca`) return a `CoreSolution`. Both expose
-`task_factors(t)`, `relative_error`, `num_params` and `storage_ratio`.
+`task_factors(t)`, `relative_error`, `num_params` and `storage_ratio`. Their `loss` is always
+`sum_t relative_error_t^2` (relative weights, stored in `weights`), whatever the method's own
+merge coefficients, so losses compare across methods and with `merge`'s default.
 
 ```python
 sol = hj.baselines.run_baseline("ties", A, B, density=0.2)
