@@ -3,6 +3,10 @@
 HydraOpt (Ceritli et al., EMNLP 2025) in pure-functional, factored JAX.
 """
 
+from ._xla_flags import apply_cpu_workarounds as _apply_cpu_workarounds
+
+_apply_cpu_workarounds()  # before any computation: see _xla_flags.py
+
 from . import baselines as baselines
 from . import io as io
 from ._loss import dense_loss_reference as dense_loss_reference

@@ -2,13 +2,8 @@
 
 import os
 
-# Four host devices for the sharding tests; single-threaded XLA kernels, because this suite
-# shares two cores with other processes and oversubscribed thread pools stall for seconds.
-os.environ.setdefault(
-    "XLA_FLAGS",
-    "--xla_force_host_platform_device_count=4 "
-    "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
-)
+# Four host devices for the sharding tests (the package appends its own CPU flags).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
