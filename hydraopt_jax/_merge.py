@@ -71,35 +71,35 @@ def _whitening(cov, dtype):
 
 
 def _solve_impl(
-    A,
-    B,
-    weight_array,
-    learning_rate,
-    tol,
-    max_steps,
-    cov,
-    *,
-    plan: SharingPlan,
-    kind: str,
-    transformation,
-    weights_mode: str,
-    init,
-    svd_method: str,
+    A, B, traced: dict, *, plan: SharingPlan, kind, transformation, weights_mode, init, svd_method
 ):
-    """One module, pure and traceable: returns the arrays of a `Solution`."""
+    """One module, pure and traceable: returns the arrays of a `Solution`.
+
+    `traced` holds the array arguments: `learning_rate`, `tol`, `max_steps`, and optionally
+    `weights` [T], `cov` [d_in, d_in] and `init` (shared_a, shared_b).
+    """
     k = plan.rank
+    cov = traced.get("cov")
     if cov is not None:
         # ||(dW - dW_hat) L||_F with C = L L^T: solve on A L, map Ah back by L^{-1}.
         chol = _whitening(cov, A.dtype)
         A = A @ chol
-    weights = task_weights(A, B, weights_mode if weights_mode != "array" else weight_array)
+    weights = task_weights(A, B, traced["weights"] if weights_mode == "array" else weights_mode)
     norms_sq = task_norms_sq(A, B)
 
     if kind == "exact":
         shared_a, shared_b = solve_exact(A, B, weights, plan, k, svd_method)
         steps, converged = jnp.asarray(0, jnp.int32), jnp.asarray(True)
     else:
-        shared_a, shared_b = _initial_factors(A, B, weights, norms_sq, plan, k, init, svd_method)
+        if init == "given":
+            shared_a, shared_b = traced["init"]
+            if cov is not None:
+                shared_a = shared_a @ chol
+        else:
+            shared_a, shared_b = _initial_factors(
+                A, B, weights, norms_sq, plan, k, init, svd_method
+            )
+        max_steps, tol = traced["max_steps"], traced["tol"]
         if kind == "als":
             shared_a, shared_b, steps, converged = solve_als(
                 shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
@@ -107,7 +107,7 @@ def _solve_impl(
         else:
             tx = transformation
             if isinstance(tx, str):
-                tx = named_transformation(tx, learning_rate)
+                tx = named_transformation(tx, traced["learning_rate"])
             shared_a, shared_b, steps, converged = solve_optax(
                 tx, shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
             )
@@ -138,20 +138,16 @@ def _solve_impl(
 _STATIC = ("plan", "kind", "transformation", "weights_mode", "init", "svd_method")
 _solve_jit = jax.jit(_solve_impl, static_argnames=_STATIC)
 
+# Traced arguments that differ per module (mapped by vmap); the rest are shared.
+_PER_MODULE = ("cov", "init")
 
-@functools.lru_cache(maxsize=None)
-def _batched_solver(has_cov: bool, **static) -> Callable:
-    """One jitted solve vmapped over a leading module axis, per static configuration (jit's
-    own cache then keys on shapes). vmap cannot map a `None`, so `cov` is a trailing argument
-    only when present."""
 
-    def solve(A, B, weight_array, learning_rate, tol, max_steps, *cov):
-        return _solve_impl(
-            A, B, weight_array, learning_rate, tol, max_steps, *(cov or (None,)), **static
-        )
-
-    in_axes = (0, 0, None, None, None, None) + ((0,) if has_cov else ())
-    return jax.jit(jax.vmap(solve, in_axes=in_axes))
+@functools.cache
+def _batched_solver(traced_keys: tuple[str, ...], **static) -> Callable:
+    """One jitted solve vmapped over a leading module axis, per static configuration and
+    set of traced arguments (jit's own cache then keys on shapes)."""
+    in_axes = (0, 0, {key: 0 if key in _PER_MODULE else None for key in traced_keys})
+    return jax.jit(jax.vmap(functools.partial(_solve_impl, **static), in_axes=in_axes))
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -185,22 +181,33 @@ def _check_factors(A, B, plan: SharingPlan, where: str = "") -> None:
         raise ValueError(f"merge{at}: plan has {plan.num_tasks} tasks but A has {A.shape[0]}")
 
 
-def _solver_statics(plan, solver, learning_rate, weights, max_steps, tol, init, svd_method):
+def _solver_arguments(
+    plan, solver, learning_rate, weights, max_steps, tol, init, svd_method, dtype
+):
+    """`(statics, traced)`: the static configuration and the shared traced arguments."""
     kind, transformation, lr = _resolve_solver(solver, learning_rate)
     key = "als" if kind == "als" else "optax"
+    if not isinstance(init, str):
+        init = "given"
+    elif init not in ("relaxed", "random"):
+        raise ValueError(f"init must be 'relaxed', 'random' or (shared_a, shared_b); got {init!r}")
     statics = dict(
         plan=plan,
         kind=kind,
         transformation=transformation,
         weights_mode=weights if isinstance(weights, str) else "array",
-        init=init if isinstance(init, str) else "given",
+        init=init,
         svd_method=svd_method,
     )
     max_steps = DEFAULT_MAX_STEPS[key] if max_steps is None else max_steps
     if not _is_traced(max_steps) and int(max_steps) < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
-    tol = DEFAULT_TOL[key] if tol is None else tol
-    return statics, lr, tol, max_steps
+    traced = dict(
+        learning_rate=jnp.asarray(lr, dtype),
+        tol=jnp.asarray(DEFAULT_TOL[key] if tol is None else tol, dtype),
+        max_steps=jnp.asarray(max_steps, jnp.int32),
+    )
+    return statics, traced
 
 
 def _is_traced(x) -> bool:
@@ -275,24 +282,16 @@ def merge(
     A, B = A.astype(dtype), B.astype(dtype)
     num_tasks, r = A.shape[0], A.shape[1]
     plan = plan if plan.rank is not None else plan.with_rank(r)
-    statics, lr, tol, max_steps = _solver_statics(
-        plan, solver, learning_rate, weights, max_steps, tol, init, svd_method
+    statics, traced = _solver_arguments(
+        plan, solver, learning_rate, weights, max_steps, tol, init, svd_method, dtype
     )
-    weight_array = None if isinstance(weights, str) else jnp.asarray(weights, dtype)
-    if not isinstance(init, str):
-        statics["init"] = (jnp.asarray(init[0], dtype), jnp.asarray(init[1], dtype))
-        solve = functools.partial(_solve_impl, **statics)  # arrays in a static slot: no jit cache
-    else:
-        solve = functools.partial(_solve_jit, **statics)
-    arrays = solve(
-        A,
-        B,
-        weight_array,
-        jnp.asarray(lr, dtype),
-        jnp.asarray(tol, dtype),
-        jnp.asarray(max_steps, jnp.int32),
-        None if activation_cov is None else jnp.asarray(activation_cov, dtype),
-    )
+    if not isinstance(weights, str):
+        traced["weights"] = jnp.asarray(weights, dtype)
+    if activation_cov is not None:
+        traced["cov"] = jnp.asarray(activation_cov, dtype)
+    if statics["init"] == "given":
+        traced["init"] = (jnp.asarray(init[0], dtype), jnp.asarray(init[1], dtype))
+    arrays = _solve_jit(A, B, traced, **statics)
     sol = Solution(
         *arrays,
         plan=plan,
@@ -324,9 +323,10 @@ def merge_adapters(
     max_steps: int | None = None,
     tol: float | None = None,
     learning_rate: float | None = None,
-    init: str = "relaxed",
+    init: str | Mapping[str, tuple] = "relaxed",
     activation_covs: Mapping[str, Any] | None = None,
     svd_method: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[str, int], None] | None = None,
     throw: bool = True,
 ) -> dict[str, Solution]:
@@ -338,7 +338,11 @@ def merge_adapters(
       `{module: (A, B, ranks)}` over all `T` tasks of the collection; `ranks[t] = 0` marks a
       task absent from that module (its factors are left out of that module's problem).
     - `plan`: one `SharingPlan` over the `T` tasks, or `{module: SharingPlan}`.
+    - `init`: `"relaxed"`, `"random"`, or `{module: (shared_a, shared_b)}` to continue
+      iterative solves (e.g. from a checkpoint); every module must then be given.
     - `activation_covs`: optional `{module: [d_in, d_in]}` input covariances.
+    - `mesh`: optional `jax.sharding.Mesh`; the module axis of each shape group is sharded
+      over its first axis (padded to a multiple of its size). Results equal one device's.
     - `progress`: called as `progress(description, num_modules)` after each shape group.
     - the rest as in `merge`.
 
@@ -350,9 +354,9 @@ def merge_adapters(
     groups: dict[tuple, list[tuple[str, Any, Any, tuple[int, ...]]]] = {}
     for name, value in collection.items():
         A, B, ranks = _unpack_entry(name, value)
-        module_plan = plan[name] if isinstance(plan, Mapping) else plan
         if isinstance(plan, Mapping) and name not in plan:
             raise ValueError(f"module {name!r} has no plan in the per-module plan mapping")
+        module_plan = plan[name] if isinstance(plan, Mapping) else plan
         _check_factors(A, B, module_plan, where=name)
         present = tuple(t for t, rank in enumerate(ranks) if rank > 0)
         if not present:
@@ -366,29 +370,30 @@ def merge_adapters(
 
     out: dict[str, Solution] = {}
     for (a_shape, b_shape, present, sub_plan, has_cov), members in groups.items():
-        statics, lr, tol_value, steps_value = _solver_statics(
-            sub_plan, solver, learning_rate, weights, max_steps, tol, init, svd_method
-        )
+        names = [m[0] for m in members]
         idx = np.asarray(present)
-        stack_a = jnp.stack([jnp.asarray(a)[idx] for _, a, _, _ in members]).astype(jnp.float32)
-        stack_b = jnp.stack([jnp.asarray(b)[idx] for _, _, b, _ in members]).astype(jnp.float32)
-        dtype = stack_a.dtype
-        covs = (
-            jnp.stack([jnp.asarray(activation_covs[m[0]], dtype) for m in members])
-            if has_cov
-            else None
+        dtype = jnp.float32
+        statics, traced = _solver_arguments(
+            sub_plan, solver, learning_rate, weights, max_steps, tol, init, svd_method, dtype
         )
-        weight_array = None if isinstance(weights, str) else jnp.asarray(weights, dtype)[idx]
-        solve = _batched_solver(has_cov, **statics)
-        arrays = solve(
-            stack_a,
-            stack_b,
-            weight_array,
-            jnp.asarray(lr, dtype),
-            jnp.asarray(tol_value, dtype),
-            jnp.asarray(steps_value, jnp.int32),
-            *((covs,) if has_cov else ()),
-        )
+        stack_a = jnp.stack([jnp.asarray(a, dtype)[idx] for _, a, _, _ in members])
+        stack_b = jnp.stack([jnp.asarray(b, dtype)[idx] for _, _, b, _ in members])
+        if not isinstance(weights, str):
+            traced["weights"] = jnp.asarray(weights, dtype)[idx]
+        if has_cov:
+            traced["cov"] = jnp.stack([jnp.asarray(activation_covs[n], dtype) for n in names])
+        if statics["init"] == "given":
+            missing = [n for n in names if n not in init]
+            if missing:
+                raise ValueError(f"merge_adapters: init has no factors for modules {missing}")
+            traced["init"] = tuple(
+                jnp.stack([jnp.asarray(init[n][i], dtype) for n in names]) for i in (0, 1)
+            )
+        solve = _batched_solver(tuple(sorted(traced)), **statics)
+        if mesh is None:
+            arrays = solve(stack_a, stack_b, traced)
+        else:
+            arrays = _solve_sharded(solve, mesh, stack_a, stack_b, traced)
         batch = Solution(*arrays, plan=sub_plan, task_ranks=(), task_ids=present)
         for i, (name, _, _, ranks) in enumerate(members):
             sol = batch.index(i).replace(task_ranks=tuple(ranks[t] for t in present))
@@ -396,5 +401,35 @@ def merge_adapters(
                 _raise_on_failure(sol, where=name)
             out[name] = sol
         if progress is not None:
-            progress(f"{len(members)} x {a_shape[1:]}->{b_shape[1]} ({sub_plan.name})", len(members))
+            progress(
+                f"{len(members)} x {a_shape[1:]}->{b_shape[1]} ({sub_plan.name})", len(members)
+            )
     return {name: out[name] for name in collection if name in out}
+
+
+def _solve_sharded(solve, mesh, stack_a, stack_b, traced):
+    """Run a vmapped solve with its module axis sharded over the mesh's first axis.
+
+    The module axis is padded (repeating the last module) to a multiple of the axis size,
+    and the padding is dropped from the results.
+    """
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axis = mesh.axis_names[0]
+    size = mesh.shape[axis]
+    num = stack_a.shape[0]
+    pad = (-num) % size
+
+    def place(x, per_module: bool):
+        if not per_module:
+            return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis)))
+
+    traced = {
+        key: jax.tree_util.tree_map(lambda x, k=key: place(x, k in _PER_MODULE), value)
+        for key, value in traced.items()
+    }
+    arrays = solve(place(stack_a, True), place(stack_b, True), traced)
+    return tuple(x[:num] for x in arrays)

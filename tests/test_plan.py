@@ -12,7 +12,10 @@ def test_named_plans_have_the_documented_group_counts():
     T = 6
     assert (SharingPlan.shared_a(T).num_a_groups, SharingPlan.shared_a(T).num_b_groups) == (1, T)
     assert (SharingPlan.shared_b(T).num_a_groups, SharingPlan.shared_b(T).num_b_groups) == (T, 1)
-    assert (SharingPlan.full_merge(T).num_a_groups, SharingPlan.full_merge(T).num_b_groups) == (1, 1)
+    assert (SharingPlan.full_merge(T).num_a_groups, SharingPlan.full_merge(T).num_b_groups) == (
+        1,
+        1,
+    )
     assert (SharingPlan.separate(T).num_a_groups, SharingPlan.separate(T).num_b_groups) == (T, T)
     for name in ("shared_a", "shared_b", "full_merge", "separate"):
         assert SharingPlan.named(name.replace("_", "-"), T).name == name
@@ -67,11 +70,11 @@ def test_restrict_relabels_groups_contiguously():
 
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=12), st.data())
 def test_nesting_criterion_matches_its_definition(a_labels, data):
-    b_labels = data.draw(st.lists(st.integers(0, 4), min_size=len(a_labels), max_size=len(a_labels)))
-    plan = SharingPlan.from_labels(a_labels, b_labels)
-    b_in_a = all(
-        len({plan.a_group[t] for t in members}) == 1 for members in plan.groups("b")
+    b_labels = data.draw(
+        st.lists(st.integers(0, 4), min_size=len(a_labels), max_size=len(a_labels))
     )
+    plan = SharingPlan.from_labels(a_labels, b_labels)
+    b_in_a = all(len({plan.a_group[t] for t in members}) == 1 for members in plan.groups("b"))
     assert plan.b_nested_in_a == b_in_a
     assert SharingPlan.from_dict(plan.to_dict()) == plan
     assert hash(plan) == hash(SharingPlan.from_dict(plan.to_dict()))

@@ -47,7 +47,10 @@ def solve_optax(
     max_steps,
     tol,
 ):
-    """Optax descent from `(shared_a, shared_b)`; returns `(shared_a, shared_b, steps, converged)`."""
+    """Optax descent from `(shared_a, shared_b)`.
+
+    Returns `(shared_a, shared_b, steps, converged)`.
+    """
     tx = optax.with_extra_args_support(tx)
     a_scale = jax.lax.stop_gradient(_rms(shared_a))
     b_scale = jax.lax.stop_gradient(_rms(shared_b))
