@@ -1,0 +1,36 @@
+"""The README's merge -> export -> load-in-PEFT example runs as written."""
+
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _block_after(heading: str, lang: str, index: int = 0) -> str:
+    section = README.split(heading, 1)[1]
+    return re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)[index]
+
+
+def test_setup_commands_and_ci_agree():
+    test_command = _block_after("## Set up", "bash", 1).strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci
+    assert _block_after("## Set up", "bash", 0).strip() == "pip install . && hydraopt demo"
+
+
+def test_readme_merge_export_load_example(tmp_path):
+    shutil.rmtree("/tmp/hydraopt-example", ignore_errors=True)
+    script = _block_after("## From PEFT adapters to PEFT adapters", "bash")
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, check=True, capture_output=True
+    )
+    exported = sorted(p.name for p in pathlib.Path("/tmp/hydraopt-example/peft").iterdir())
+    assert "copy_L0" in exported and len(exported) == 5
+    code = _block_after("## From PEFT adapters to PEFT adapters", "python")
+    code += "\nassert model.peft_config['default'].r == 8\n"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    shutil.rmtree("/tmp/hydraopt-example", ignore_errors=True)
