@@ -28,6 +28,19 @@ __all__ = [
 ]
 
 
+def check_factor_shapes(A, B, where: str) -> None:
+    """Raise `ValueError` naming `where` unless `A [T, r, d_in]` and `B [T, d_out, r]` agree."""
+    if A.ndim != 3 or B.ndim != 3:
+        raise ValueError(
+            f"{where}: A must be [T, r, d_in] and B [T, d_out, r]; got A {A.shape}, B {B.shape}"
+        )
+    if A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
+        raise ValueError(
+            f"{where}: A {A.shape} and B {B.shape} disagree; expected A [T, r, d_in] and "
+            "B [T, d_out, r] with the same T and r"
+        )
+
+
 def task_norms_sq(A: jax.Array, B: jax.Array) -> jax.Array:
     """`||B_t A_t||_F^2 = tr((B_t^T B_t)(A_t A_t^T))` for every task. `A: [T, r, d_in]`,
     `B: [T, d_out, r]` -> `[T]`."""

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from ._loss import (
+    check_factor_shapes,
     gather_task_factors,
     plan_loss,
     relative_errors,
@@ -167,18 +168,10 @@ def _resolve_solver(solver: SolverLike, learning_rate):
 
 
 def _check_factors(A, B, plan: SharingPlan, where: str = "") -> None:
-    at = f" ({where})" if where else ""
-    if A.ndim != 3 or B.ndim != 3:
-        raise ValueError(
-            f"merge{at}: A must be [T, r, d_in] and B [T, d_out, r]; got A {A.shape}, B {B.shape}"
-        )
-    if A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
-        raise ValueError(
-            f"merge{at}: A {A.shape} and B {B.shape} disagree; expected A [T, r, d_in] and "
-            f"B [T, d_out, r] with the same T and r"
-        )
+    at = f"merge ({where})" if where else "merge"
+    check_factor_shapes(A, B, at)
     if plan.num_tasks != A.shape[0]:
-        raise ValueError(f"merge{at}: plan has {plan.num_tasks} tasks but A has {A.shape[0]}")
+        raise ValueError(f"{at}: plan has {plan.num_tasks} tasks but A has {A.shape[0]}")
 
 
 def _solver_arguments(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._loss import relative_errors, task_norms_sq, task_weights
+from .._loss import check_factor_shapes, relative_errors, task_norms_sq, task_weights
 from .._plan import SharingPlan
 from .._solution import RESULTS, Solution
 
@@ -31,15 +31,7 @@ __all__ = [
 def check_inputs(name: str, A, B) -> tuple[jax.Array, jax.Array]:
     """`A [T, r, d_in]`, `B [T, d_out, r]` as arrays of one float dtype (at least float32)."""
     A, B = jnp.asarray(A), jnp.asarray(B)
-    if A.ndim != 3 or B.ndim != 3:
-        raise ValueError(
-            f"{name}: A must be [T, r, d_in] and B [T, d_out, r]; got A {A.shape}, B {B.shape}"
-        )
-    if A.shape[0] != B.shape[0] or A.shape[1] != B.shape[2]:
-        raise ValueError(
-            f"{name}: A {A.shape} and B {B.shape} disagree; expected A [T, r, d_in] and "
-            "B [T, d_out, r] with the same T and r"
-        )
+    check_factor_shapes(A, B, name)
     if A.shape[0] < 1:
         raise ValueError(f"{name}: needs at least one task; got A {A.shape}")
     dtype = jnp.promote_types(jnp.promote_types(A.dtype, B.dtype), jnp.float32)
