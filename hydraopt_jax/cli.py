@@ -5,6 +5,7 @@ hydraopt merge DIR... --out OUT [--plan shared-a|shared-b|full-merge|separate|FI
                [--rank K] [--solver exact|als|adam|lbfgs] [--steps N] [--names a,b,...]
                [--weighting relative|uniform] [--config PLAN.yaml]
                [--dtype float32|bfloat16|float16] [--json] [--resume]
+               [--checkpoint-every N] [--max-memory SIZE]
 hydraopt export OUT --to DIR [--task NAME[,NAME...]] [--dtype ...]  # DIR/<task>/ per task
 hydraopt inspect DIR... [--rank K] [--names ...] [--json]
 hydraopt demo
@@ -12,6 +13,21 @@ hydraopt demo
 
 Every bad input prints one line `hydraopt: PATH: cause` (or `hydraopt: --flag: cause`) to
 stderr, exits with status 2 and leaves no output behind (outputs are written atomically).
+docs/errors.md lists every refusal with its message.
+
+**Long runs.** Iterative solvers (`als`, `adam`, `lbfgs`) run in chunks of
+`--checkpoint-every N` steps (default 50) per unit of modules and save an Orbax checkpoint
+in `OUT.hydraopt-ckpt/` after each chunk (see `hydraopt_jax.io.resume`); after a crash,
+`--resume` continues from it and ends with bitwise the factors of an uninterrupted run with
+the same flags (the uninterrupted run is chunked the same way: Adam's moments and L-BFGS's
+memory restart at every chunk). A checkpoint made from other inputs, plan or flags is
+refused, and so is a fresh run while a checkpoint exists. The checkpoint is removed once the
+bundle is written.
+
+**Memory guard.** Before a shape group is solved its memory is estimated
+(`hydraopt_jax.io.memory`) and compared with `--max-memory` (default 80% of the memory
+available); a group that does not fit is loaded and solved in module sub-batches that do,
+and a module that does not fit alone is refused, naming it and the flag.
 
 **`--json`** (merge) prints one JSON object: `storage_ratio`, `num_params`,
 `original_params`, `tasks` (name -> relative error), `plan`, `solver`, `seconds` (plus
@@ -66,7 +82,7 @@ from typing import Annotated
 
 import typer
 
-from .io._files import AdapterError
+from .io._files import AdapterError, kill_point
 
 __all__ = ["app", "main"]
 
@@ -86,6 +102,7 @@ NAMED = {
     "separate": "separate",
 }
 SOLVERS = ("exact", "als", "adam", "lbfgs")
+DEFAULT_CHECKPOINT_EVERY = 50
 WEIGHTINGS = ("relative", "uniform")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _PLAN_KEYS = {"rank", "a", "b", "a_groups", "b_groups", "a_group", "b_group"}
@@ -349,12 +366,32 @@ def merge(
         bool, typer.Option("--json", help="Print one JSON summary object.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted run (not available yet).")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted iterative run from OUT.hydraopt-ckpt/ (same inputs "
+            "and flags).",
+        ),
     ] = False,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Iterative solvers: checkpoint every N steps for --resume (0: never).",
+        ),
+    ] = DEFAULT_CHECKPOINT_EVERY,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget per solve, e.g. 8GB (default: 80% of available memory); "
+            "larger shape groups are solved in module sub-batches.",
+        ),
+    ] = None,
 ):
     """Merge adapters into a bundle (OUT/hydraopt.json + OUT/factors.safetensors)."""
-    from . import merge_adapters
     from .io.bundle import Bundle, is_bundle, save_bundle
+    from .io.memory import parse_size
+    from .io.resume import RunCheckpoint, checkpoint_dir, fingerprint
 
     if solver not in SOLVERS:
         raise CliError("--solver", f"unknown solver {solver!r}; expected {', '.join(SOLVERS)}")
@@ -364,12 +401,12 @@ def merge(
         )
     if dtype not in DTYPE_NAMES:
         raise CliError("--dtype", f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_NAMES)}")
-    if resume:
-        raise CliError(
-            "--resume",
-            "not available yet: solver-state checkpointing is not implemented in this version; "
-            "rerun without --resume",
-        )
+    memory_limit = None
+    if max_memory is not None:
+        try:
+            memory_limit = parse_size(max_memory)
+        except ValueError as err:
+            raise CliError("--max-memory", str(err)) from None
     if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
         raise CliError(out, "exists and is not a hydraopt bundle; refusing to overwrite it")
     start = time.perf_counter()
@@ -396,33 +433,51 @@ def merge(
         }
     else:
         plan_summary = {"name": sharing.name, "source": plan_source, **sharing.to_dict()}
+    iterative = solver != "exact"
+    total_steps = _total_steps(solver, steps)
+    checkpoint = None
+    if (iterative and checkpoint_every > 0) or checkpoint_dir(out).exists():
+        flags = {
+            "solver": solver,
+            "steps": total_steps,
+            "weighting": weighting,
+            "rank": rank,
+            "checkpoint_every": checkpoint_every if iterative else None,
+        }
+        resolved_plan = {k: v for k, v in plan_summary.items() if k != "source"}
+        checkpoint = RunCheckpoint.open(
+            out, fingerprint(collection, resolved_plan, flags), resume=resume
+        )
+        if not (iterative and checkpoint_every > 0):
+            checkpoint = None  # a matching checkpoint with nothing to resume: ignored
     bundle = Bundle.empty(
         collection,
         dtype=dtype,
         meta={"solver": solver, "weighting": weighting, "plan": plan_summary},
     )
-    groups = collection.shape_groups()
-    kinds = {name: info.kind for name, info in collection.modules.items()}
-    console = _stderr_console()
-    with _progress(console, len(groups)) as progress:
-        bar = progress.add_task("merging", total=len(groups))
-        for (kind, d_in, d_out), module_names in groups.items():
-            progress.update(bar, description=f"{kind} {d_in}->{d_out} x{len(module_names)}")
-            group = collection.load_group(module_names)
-            try:
-                solutions = merge_adapters(
-                    group, sharing, solver, weights=weighting, max_steps=steps
-                )
-            except FloatingPointError as err:
-                # inputs were checked finite when read: this is the solver diverging
-                raise CliError(f"--solver {solver}", f"{err}; try --solver exact or als") from None
-            try:
-                bundle.add_solutions(group, solutions, kinds)
-            except ValueError as err:
-                raise CliError(out, str(err)) from None
-            del group
-            progress.advance(bar)
-    save_bundle(bundle, out)
+    created = checkpoint is not None and not checkpoint.resumed
+    try:
+        _solve_all(
+            collection,
+            sharing,
+            per_module,
+            solver,
+            weighting,
+            total_steps,
+            checkpoint,
+            checkpoint_every,
+            memory_limit,
+            bundle,
+            out,
+        )
+        save_bundle(bundle, out)
+    except (CliError, AdapterError):
+        # a bad input found while solving (e.g. NaN in a later group): leave nothing behind
+        if created:
+            checkpoint.remove()
+        raise
+    if checkpoint is not None:
+        checkpoint.remove()
     seconds = time.perf_counter() - start
     summary = {
         "storage_ratio": bundle.storage_ratio,
@@ -440,6 +495,159 @@ def merge(
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         _print_merge_summary(summary, len(bundle.modules))
+
+
+def _total_steps(solver: str, steps: int | None) -> int | None:
+    """The step budget of an iterative solver (its default if `--steps` is not given)."""
+    if solver == "exact":
+        return None
+    from ._merge import DEFAULT_MAX_STEPS
+
+    return steps if steps is not None else DEFAULT_MAX_STEPS["als" if solver == "als" else "optax"]
+
+
+def _module_bytes(collection, per_module, names) -> dict[str, int]:
+    """The memory guard's estimate for each module of one shape group (see io/memory.py)."""
+    from .io.memory import estimate_module_bytes
+
+    r_max = max(max(collection.modules[n].ranks) for n in names)
+    out = {}
+    for name in names:
+        info = collection.modules[name]
+        plan = per_module[name].restrict(info.task_ids)
+        k = plan.rank or max(info.ranks)
+        out[name] = estimate_module_bytes(
+            collection.num_tasks,
+            r_max,
+            info.d_in,
+            info.d_out,
+            k,
+            plan.num_a_groups,
+            plan.num_b_groups,
+        )
+    return out
+
+
+def _solve_all(
+    collection,
+    sharing,
+    per_module,
+    solver,
+    weighting,
+    total_steps,
+    checkpoint,
+    checkpoint_every,
+    memory_limit,
+    bundle,
+    out,
+) -> None:
+    """Solve every shape group (in memory-sized units, chunked and checkpointed if
+    iterative) and add the solutions to `bundle`."""
+    from .io.memory import MemoryBudgetError, budget, plan_batches
+
+    groups = collection.shape_groups()
+    kinds = {name: info.kind for name, info in collection.modules.items()}
+    limit, source = budget(memory_limit)
+    console = _stderr_console()
+    with _progress(console, len(groups)) as progress:
+        bar = progress.add_task("merging", total=len(groups))
+        for g, ((kind, d_in, d_out), module_names) in enumerate(groups.items()):
+            progress.update(bar, description=f"{kind} {d_in}->{d_out} x{len(module_names)}")
+            key = f"{kind}:{d_in}x{d_out}"
+            batches = checkpoint.batches(key) if checkpoint is not None else None
+            if batches is None or sorted(n for b in batches for n in b) != sorted(module_names):
+                try:
+                    batches = plan_batches(
+                        module_names,
+                        _module_bytes(collection, per_module, module_names),
+                        limit,
+                        source,
+                    )
+                except MemoryBudgetError as err:
+                    raise CliError(err.module, err.cause) from None
+                if checkpoint is not None:
+                    checkpoint.set_batches(key, batches)
+            for b, batch in enumerate(batches):
+                group = collection.load_group(batch)
+                solutions = _solve_unit(
+                    f"g{g:04d}b{b:02d}",
+                    group,
+                    sharing,
+                    solver,
+                    weighting,
+                    total_steps,
+                    checkpoint,
+                    checkpoint_every,
+                )
+                try:
+                    bundle.add_solutions(group, solutions, kinds)
+                except ValueError as err:
+                    raise CliError(out, str(err)) from None
+                del group, solutions
+            progress.advance(bar)
+
+
+def _merge(group, sharing, solver, weighting, max_steps, init="relaxed"):
+    from . import merge_adapters
+
+    try:
+        return merge_adapters(
+            group, sharing, solver, weights=weighting, max_steps=max_steps, init=init
+        )
+    except FloatingPointError as err:
+        # inputs were checked finite when read: this is the solver diverging
+        raise CliError(f"--solver {solver}", f"{err}; try --solver exact or als") from None
+
+
+def _solve_unit(
+    unit, group, sharing, solver, weighting, total_steps, checkpoint, checkpoint_every
+) -> dict:
+    """Solve one unit of modules; iterative solvers run in checkpointed chunks.
+
+    Chunk `c` runs `min(N, total - c N)` steps on the modules not done yet, starting from
+    the previous chunk's factors; a module is done when its solver converged (stopped
+    before its step budget) or the total is spent. `Solution.steps` counts all chunks.
+    """
+    from ._solution import RESULTS
+
+    if checkpoint is None:
+        solutions = _merge(group, sharing, solver, weighting, total_steps)
+        kill_point("solve")
+        return solutions
+    saved = checkpoint.load_unit(unit)
+    if saved is not None:
+        solutions, extra = saved
+        solutions = {n: solutions[n] for n in group if n in solutions}
+        steps_done, done = int(extra["steps_done"]), set(extra["done"])
+        if extra.get("complete"):
+            return solutions
+    else:
+        solutions, steps_done, done = {}, 0, set()
+    while True:
+        active = [n for n in group if n not in done]
+        if not active:
+            break
+        chunk = min(checkpoint_every, total_steps - steps_done)
+        init = (
+            "relaxed"
+            if not solutions
+            else {n: (solutions[n].shared_a, solutions[n].shared_b) for n in active}
+        )
+        new = _merge({n: group[n] for n in active}, sharing, solver, weighting, chunk, init)
+        kill_point("solve")
+        steps_done += chunk
+        for name, sol in new.items():
+            before = solutions[name].steps if name in solutions else 0
+            solutions[name] = sol.replace(steps=sol.steps + before)
+            if int(sol.result) != RESULTS.max_steps_reached or steps_done >= total_steps:
+                done.add(name)
+        complete = all(n in done for n in group)
+        checkpoint.save_unit(
+            unit,
+            solutions,
+            {"steps_done": steps_done, "done": sorted(done), "complete": complete},
+        )
+    return {n: solutions[n] for n in group if n in solutions}
 
 
 def _itemsize(dtype: str) -> int:

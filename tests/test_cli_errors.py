@@ -95,9 +95,9 @@ CASES = {
         ["merge", *dirs, "--out", tp / "out", "--dtype", "int8"],
         ["--dtype", "int8"],
     ),
-    "resume": lambda tp, dirs: (
-        ["merge", *dirs, "--out", tp / "out", "--resume"],
-        ["--resume", "not available"],
+    "bad max memory": lambda tp, dirs: (
+        ["merge", *dirs, "--out", tp / "out", "--max-memory", "lots"],
+        ["--max-memory", "lots"],
     ),
     "names count": lambda tp, dirs: (
         ["merge", *dirs, "--out", tp / "out", "--names", "a,b"],

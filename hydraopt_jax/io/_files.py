@@ -5,7 +5,15 @@ each tensor C-contiguous first: `safetensors.numpy.save_file` (seen with 0.8.0) 
 non-C-contiguous array in *memory* order under its logical shape, so a transposed view
 comes back scrambled with no error. Every output directory is written by `atomic_dir`:
 files go into a temporary sibling directory, are fsynced, and the directory is renamed
-into place, so a crash never leaves a half-written output.
+into place, so a crash never leaves a half-written output. Temporary siblings are named
+`.<out>.tmp-<pid>-*` (and `.<out>.old-<pid>-*` while replacing); a later write to the same
+`out` removes those whose process is gone (left behind by a SIGKILL).
+
+`kill_point(name)` is a test hook: when the environment variable `HYDRAOPT_TEST_KILL_AT`
+equals `name`, the process kills itself with SIGKILL there (with
+`HYDRAOPT_TEST_KILL_MODE=interrupt` it raises `KeyboardInterrupt` instead). It is how the
+crash-safety tests stop `hydraopt merge` while loading (`load`), solving (`solve`), after a
+checkpoint (`chunk:K`) or while writing (`write`). Never set it outside tests.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -26,6 +35,7 @@ __all__ = [
     "AdapterError",
     "DTYPES",
     "atomic_dir",
+    "kill_point",
     "read_safetensors_header",
     "to_dtype",
     "write_json",
@@ -156,13 +166,59 @@ def _fsync_dir(path) -> None:
             os.close(fd)
 
 
+KILL_ENV = "HYDRAOPT_TEST_KILL_AT"
+
+
+def kill_point(name: str) -> None:
+    """Test hook (see the module docstring): die here if `HYDRAOPT_TEST_KILL_AT == name`."""
+    if os.environ.get(KILL_ENV) != name:
+        return
+    if os.environ.get("HYDRAOPT_TEST_KILL_MODE") == "interrupt":
+        raise KeyboardInterrupt(f"{KILL_ENV}={name}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_siblings(out) -> list[Path]:
+    """Remove `.<out>.tmp-<pid>-*` / `.<out>.old-<pid>-*` left by processes that are gone."""
+    out = Path(out)
+    parent = out.absolute().parent
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for path in parent.glob(f".{glob_escape(out.name)}.{kind}-*"):
+            pid = path.name[len(f".{out.name}.{kind}-") :].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
 @contextlib.contextmanager
-def atomic_dir(out, *, replaceable: Callable[[Path], bool], what: str) -> Iterator[Path]:
+def atomic_dir(
+    out, *, replaceable: Callable[[Path], bool], what: str, hook: str | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling directory of `out`; on success rename it to `out`.
 
     An existing `out` is replaced only if it is an empty directory or `replaceable(out)`
     holds (e.g. "is a hydraopt bundle"); otherwise `AdapterError` before anything is
     written. On any exception the temporary directory is removed and `out` is untouched.
+    Temporary siblings left by killed processes are removed first. `hook`: a
+    `kill_point` name checked after the contents are written, before the rename.
     """
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -170,16 +226,19 @@ def atomic_dir(out, *, replaceable: Callable[[Path], bool], what: str) -> Iterat
             raise AdapterError(out, f"exists and is not {what}; refusing to overwrite it")
     parent = out.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
     try:
         yield tmp
+        if hook is not None:
+            kill_point(hook)
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync_file(file)
         for sub in [tmp, *[d for d in tmp.rglob("*") if d.is_dir()]]:
             _fsync_dir(sub)
         if out.exists():
-            old = parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

@@ -268,7 +268,7 @@ def save_bundle(bundle: Bundle, out_dir) -> Path:
         for key, value in carried.items():
             tensors[f"carried/{task}/{key}"] = value
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, replaceable=is_bundle, what="a hydraopt bundle") as tmp:
+    with atomic_dir(out_dir, replaceable=is_bundle, what="a hydraopt bundle", hook="write") as tmp:
         write_safetensors(
             tmp / FACTORS_NAME,
             tensors,

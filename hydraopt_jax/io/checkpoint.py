@@ -23,7 +23,7 @@ from .._plan import SharingPlan
 from .._solution import Solution
 from ._files import AdapterError, atomic_dir, write_json
 
-__all__ = ["restore_solution", "save_solution"]
+__all__ = ["read_checkpoint_extra", "restore_solution", "save_solution"]
 
 _ARRAYS = ("shared_a", "shared_b", "loss", "relative_error", "weights", "steps", "result")
 _META = "solution.json"
@@ -42,10 +42,14 @@ def _is_checkpoint(path: Path) -> bool:
     return (path / _META).is_file() and (path / "arrays").is_dir()
 
 
-def save_solution(path, solution: Solution | Mapping[str, Solution]) -> Path:
+def save_solution(
+    path, solution: Solution | Mapping[str, Solution], *, extra: Mapping | None = None
+) -> Path:
     """Write a `Solution` (or `{name: Solution}`) to `path`, replacing an older checkpoint.
 
     The arrays are stored exactly (dtype and shape kept); `restore_solution` gives them back.
+    `extra`: a JSON-serialisable mapping stored alongside (`read_checkpoint_extra`), written
+    in the same atomic step as the arrays.
     """
     import orbax.checkpoint as ocp
 
@@ -63,6 +67,7 @@ def save_solution(path, solution: Solution | Mapping[str, Solution]) -> Path:
         "single": single,
         "names": list(items),
         "static": [_static(sol) for sol in items.values()],
+        "extra": dict(extra or {}),
     }
     path = Path(path)
     with atomic_dir(path, replaceable=_is_checkpoint, what="a hydraopt Solution checkpoint") as tmp:
@@ -73,21 +78,37 @@ def save_solution(path, solution: Solution | Mapping[str, Solution]) -> Path:
     return path
 
 
-def restore_solution(path) -> Solution | dict[str, Solution]:
-    """Read a checkpoint written by `save_solution`."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path)
+def _read_meta(path: Path) -> dict:
     if not _is_checkpoint(path):
         raise AdapterError(path, f"not a Solution checkpoint (expected {_META} and arrays/)")
     try:
         meta = json.loads((path / _META).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise AdapterError(path / _META, f"not valid JSON ({err})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(path / _META, f"format_version {meta.get('format_version')!r}")
-    with ocp.StandardCheckpointer() as checkpointer:
-        tree = checkpointer.restore((path / "arrays").absolute())
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise AdapterError(path / _META, f"format_version {version!r}")
+    return meta
+
+
+def read_checkpoint_extra(path) -> dict:
+    """The `extra` mapping given to `save_solution` (empty if none)."""
+    return dict(_read_meta(Path(path)).get("extra") or {})
+
+
+def restore_solution(path) -> Solution | dict[str, Solution]:
+    """Read a checkpoint written by `save_solution`."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path)
+    meta = _read_meta(path)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore((path / "arrays").absolute())
+    except Exception as err:  # orbax raises many kinds on damaged checkpoints
+        raise AdapterError(
+            path / "arrays", f"cannot restore the Orbax checkpoint ({' '.join(str(err).split())})"
+        ) from None
     out = {}
     for i, (name, static) in enumerate(zip(meta["names"], meta["static"], strict=True)):
         arrays = tree[f"item{i}"]

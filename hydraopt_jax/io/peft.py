@@ -31,6 +31,7 @@ from ._files import (
     AdapterError,
     atomic_dir,
     dtype_name,
+    kill_point,
     read_safetensors,
     read_safetensors_header,
     to_dtype,
@@ -200,12 +201,41 @@ def _check_config(config: dict, where) -> None:
             where, "target_parameters is set: LoRA on raw nn.Parameters is not supported"
         )
     for field in ("r", "lora_alpha"):
-        value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise AdapterError(where, f"{field} must be a positive number, got {value!r}")
+        if not _positive(config.get(field)):
+            raise AdapterError(
+                where, f"{field} must be a positive number, got {config.get(field)!r}"
+            )
     for field in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(field) or {}, dict):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict):
             raise AdapterError(where, f"{field} must be a mapping, got {config.get(field)!r}")
+        for key, value in pattern.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as err:
+                raise AdapterError(
+                    where, f"{field} key {key!r} is not a valid regular expression ({err})"
+                ) from None
+            if not _positive(value):
+                raise AdapterError(
+                    where, f"{field}[{key!r}] must be a positive number, got {value!r}"
+                )
+    mts = config.get("modules_to_save")
+    if mts is not None and not isinstance(mts, str):
+        if not isinstance(mts, list) or not all(isinstance(m, str) for m in mts):
+            raise AdapterError(
+                where, f"modules_to_save must be a list of module names, got {mts!r}"
+            )
+
+
+def _positive(value) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _parse(
@@ -449,6 +479,7 @@ class AdapterCollection:
                 r = a.shape[0]
                 arrays[n][0][t, :r] = a
                 arrays[n][1][t, :, :r] = b
+            kill_point("load")  # test hook: die mid-load (see `_files.kill_point`)
         for n, info in zip(names, infos, strict=False):
             out[n] = (*arrays[n], info.ranks)
         return out
@@ -607,7 +638,10 @@ def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=
         bundle.task_index(name)  # raises on unknown names before anything is written
     out_dir = Path(out_dir)
     with atomic_dir(
-        out_dir, replaceable=_is_export_dir, what="a hydraopt export (one PEFT adapter per task)"
+        out_dir,
+        replaceable=_is_export_dir,
+        what="a hydraopt export (one PEFT adapter per task)",
+        hook="write",
     ) as tmp:
         for name in tasks:
             sub = tmp / name
