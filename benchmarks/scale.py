@@ -1,0 +1,197 @@
+"""Scale: a Llama-sized merge through the CLI, and a thousand adapters in bounded memory.
+
+    PYTHONPATH=. python benchmarks/scale.py            # (a) and (b)
+    PYTHONPATH=. python benchmarks/scale.py --only a   # or --only b
+    PYTHONPATH=. python benchmarks/scale.py --tasks-b 200 --layers-b 1   # smaller (b)
+
+(a) 40 adapters with Llama-3.2-1B attention shapes (16 layers; q, o 2048x2048; k, v
+    512x2048; r = 32), written to disk in PEFT format here, then
+    `hydraopt merge DIRS --out OUT --plan shared-a --json` in a fresh process, timed end to
+    end (imports, reading 40 adapters, 4 compilations, solves, writing the bundle).
+    Target: under 60 s on the 2-core development machine.
+(b) `--tasks-b` adapters (default 1000) at d = 4096, r = 16, q_proj only on `--layers-b`
+    layers (default 2): the same CLI command, plus a child process that times loading and
+    solving the shape group separately. Reports time per module, peak resident memory
+    (ru_maxrss of the child), the bytes of one shape group's factors (float32), and the
+    extrapolated time of a 32-layer model (q_proj only, and 4 attention projections of
+    4096x4096 each, i.e. Llama-2-7B-like).
+
+Both use synthetic adapters shaped like trained ones (`hydraopt_jax._synthetic`: A near a
+shared init, B with application / language structure). Absolute seconds on a shared 2-core
+CPU are indicative only.
+
+Recorded run:
+
+    (filled in below from a real run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# jaxlib's LAPACK threads (scipy OpenBLAS) spin against each other on a loaded small
+# machine; see speed.py. Inherited by the child processes.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import hydraopt_jax  # noqa: E402, F401  (first: sets the XLA CPU flag)
+import numpy as np  # noqa: E402
+from hydraopt_jax._synthetic import synthetic_collection  # noqa: E402
+
+from _common import header, hydraopt_cmd, run_cmd, write_peft_dir  # noqa: E402
+
+LLAMA_32_1B = {"q_proj": (2048, 2048), "k_proj": (2048, 512), "v_proj": (2048, 512),
+               "o_proj": (2048, 2048)}  # fmt: skip  (d_in, d_out)
+
+CHILD = r"""
+import json, resource, sys, time
+import jax, numpy as np
+import hydraopt_jax as hj
+from hydraopt_jax.io.peft import load_collection
+dirs = sys.argv[1:]
+t0 = time.perf_counter()
+coll = load_collection(dirs)
+t1 = time.perf_counter()
+out = {"open_s": t1 - t0, "groups": []}
+plan = hj.SharingPlan.shared_a(len(dirs))
+for key, names in coll.shape_groups().items():
+    t1 = time.perf_counter()
+    group = coll.load_group(names)
+    t2 = time.perf_counter()
+    sols = jax.block_until_ready(hj.merge_adapters(group, plan, "exact"))
+    t3 = time.perf_counter()
+    rss_after_solve = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rel = float(np.mean([np.mean(s.relative_error) for s in sols.values()]))
+    factor_bytes = sum(a.nbytes + b.nbytes for a, b, _ in group.values())
+    del group, sols
+    out["groups"].append(dict(key=list(key), modules=len(names), load_s=t2 - t1,
+                              solve_s=t3 - t2, mean_rel_err=rel, factor_mb=factor_bytes / 2**20,
+                              peak_rss_mb=rss_after_solve))
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+RSS_OF_BARE_IMPORT = r"""
+import resource, jax, jax.numpy as jnp, hydraopt_jax
+jnp.zeros(1).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def generate(root: Path, num_tasks: int, layers: int, shapes, rank: int) -> tuple[list[str], float]:
+    """Write `num_tasks` PEFT adapter dirs; returns (dirs, MB of factors written)."""
+    apps = max(d for d in range(1, int(num_tasks**0.5) + 1) if num_tasks % d == 0)
+    langs = num_tasks // apps
+    dirs = [root / f"task{t:04d}" for t in range(num_tasks)]
+    per_task: list[dict] = [{} for _ in range(num_tasks)]
+    total = 0
+    # one layer at a time keeps the generator's float64 temporaries small
+    for layer in range(layers):
+        coll, _, _ = synthetic_collection(apps, langs, num_layers=1, shapes=shapes, rank=rank,
+                                          seed=layer)  # fmt: skip
+        for name, (a, b) in coll.items():
+            module = f"model.layers.{layer}.self_attn.{name.split('.', 2)[-1]}"
+            for t in range(num_tasks):
+                per_task[t][module] = (a[t], b[t])
+            total += a.nbytes + b.nbytes
+        del coll
+    for t, path in enumerate(dirs):
+        write_peft_dir(path, per_task[t], rank)
+        per_task[t] = None
+    return [str(d) for d in dirs], total / 2**20
+
+
+def cli_merge(dirs: list[str], out: Path, plan: str) -> tuple[float, dict]:
+    seconds, stdout = run_cmd([*hydraopt_cmd(), "merge", *dirs, "--out", str(out), "--plan", plan,
+                               "--json"])  # fmt: skip
+    return seconds, json.loads(stdout.strip().splitlines()[-1])
+
+
+def child_peak(cmd: list[str]) -> tuple[float, str]:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    seconds, stdout = run_cmd(cmd)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the max over all waited-for children: only a new max is seen
+    return (after / 1024 if after > before else float("nan")), stdout
+
+
+def part_a(tmp: Path) -> None:
+    print("\n## (a) 40 adapters, Llama-3.2-1B attention shapes, 16 layers, r = 32, shared-a, CLI")
+    start = time.perf_counter()
+    dirs, mb = generate(tmp / "a", 40, 16, LLAMA_32_1B, 32)
+    print(f"generated 40 PEFT dirs ({mb:.0f} MB of float32 factors) in "
+          f"{time.perf_counter() - start:.1f} s (not timed below)")  # fmt: skip
+    seconds, summary = cli_merge(dirs, tmp / "a_out", "shared-a")
+    errs = list(summary["tasks"].values())
+    print(f"hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall {seconds:.1f} s "
+          f"(its own 'seconds' {summary['seconds']:.1f} s); target < 60 s: "
+          f"{'met' if seconds < 60 else 'MISSED'}")  # fmt: skip
+    print(f"storage ratio {summary['storage_ratio']:.3f}; per-task relative error mean "
+          f"{np.mean(errs):.4f}, max {np.max(errs):.4f}")  # fmt: skip
+    shutil.rmtree(tmp / "a", ignore_errors=True)
+    shutil.rmtree(tmp / "a_out", ignore_errors=True)
+
+
+def part_b(tmp: Path, num_tasks: int, layers: int) -> None:
+    d, r = 4096, 16
+    print(f"\n## (b) {num_tasks} adapters at d = {d}, r = {r}, q_proj on {layers} layer(s), shared-a")
+    start = time.perf_counter()
+    dirs, mb = generate(tmp / "b", num_tasks, layers, {"q_proj": (d, d)}, r)
+    print(f"generated {num_tasks} PEFT dirs ({mb:.0f} MB of float32 factors) in "
+          f"{time.perf_counter() - start:.1f} s (not timed below)")  # fmt: skip
+    base_rss, out = child_peak([sys.executable, "-c", RSS_OF_BARE_IMPORT])
+    base_rss = float(out.strip())
+    _, stdout = child_peak([sys.executable, "-c", CHILD, *dirs])
+    info = json.loads(stdout.strip().splitlines()[-1])
+    group = info["groups"][0]
+    per_module = group["solve_s"] / group["modules"]
+    load_per_module = group["load_s"] / group["modules"]
+    print(f"in a child process: open {info['open_s']:.1f} s; load group {group['load_s']:.1f} s; "
+          f"solve {group['solve_s']:.1f} s (incl. one compile) for {group['modules']} module(s)")  # fmt: skip
+    print(f"  time per module: solve {per_module:.1f} s, load {load_per_module:.1f} s; mean "
+          f"per-task relative error {group['mean_rel_err']:.4f}")  # fmt: skip
+    print(f"  one shape group's factors (float32): {group['factor_mb']:.0f} MB; peak RSS "
+          f"{info['peak_rss_mb']:.0f} MB = {info['peak_rss_mb'] / group['factor_mb']:.2f}x the "
+          f"group; the runtime alone (import jax + hydraopt_jax) {base_rss:.0f} MB; peak minus "
+          f"runtime = {(info['peak_rss_mb'] - base_rss) / group['factor_mb']:.2f}x the group")  # fmt: skip
+    seconds, summary = cli_merge(dirs, tmp / "b_out", "shared-a")
+    cli_per_module = seconds / layers
+    print(f"hydraopt merge --plan shared-a (CLI, end to end): wall {seconds:.1f} s = "
+          f"{cli_per_module:.1f} s per module (incl. imports, compile, write)")  # fmt: skip
+    steady = per_module + load_per_module
+    print(f"extrapolated to 32 layers (load + solve per module, compile once): q_proj only "
+          f"{32 * steady:.0f} s; 4 attention projections 4096x4096 (Llama-2-7B-like) "
+          f"{128 * steady:.0f} s")  # fmt: skip
+    shutil.rmtree(tmp / "b", ignore_errors=True)
+    shutil.rmtree(tmp / "b_out", ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["a", "b"])
+    parser.add_argument("--tasks-b", type=int, default=1000)
+    parser.add_argument("--layers-b", type=int, default=2)
+    parser.add_argument("--tmp", default=None, help="scratch dir (default: a new temp dir)")
+    args = parser.parse_args()
+    header(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; scale")
+    tmp = Path(tempfile.mkdtemp(prefix="hydraopt-scale-", dir=args.tmp))
+    try:
+        if args.only in (None, "a"):
+            part_a(tmp)
+        if args.only in (None, "b"):
+            part_b(tmp, args.tasks_b, args.layers_b)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Speed, side by side: PEFT `add_weighted_adapter` vs hydraopt_jax on the same adapters.
+
+    PYTHONPATH=. python benchmarks/speed.py            # acceptance: 16 adapters x 16 modules, d=2048, r=16
+    PYTHONPATH=. python benchmarks/speed.py --small    # quick: 4 adapters x 4 modules, d=512
+
+One run builds a synthetic collection, writes it as PEFT adapter dirs, loads them all into a
+torch model of `nn.Linear` modules (PEFT's own loader), and times, interleaved (round robin,
+median of `--reps`):
+
+* in process: PEFT `linear`, `cat`, `svd`, `ties_svd` (adapters already loaded) against our
+  `full-merge` (exact, uniform weights: the same target as PEFT's `svd`), `shared-a` and the
+  baselines `linear`, `svd`, `ties` (collection already in memory; warm, after one compile,
+  whose time is reported separately);
+* cold commands: `hydraopt merge DIRS --plan full-merge --weighting uniform` (and
+  `--plan shared-a`) in a fresh Python process, against a fresh PEFT process that loads the
+  base model and the adapters, runs `add_weighted_adapter(..., "svd")` and saves the result.
+
+Errors: every one-adapter output is compared with the exact mean update
+`M = (1/T) sum_t B_t A_t`: `||dW_merged - M||_F / ||M||_F`, in factored form (float64).
+`shared-a` keeps one adapter per task; its column is the mean per-task relative error
+`||dW_t - dW_hat_t|| / ||dW_t||` instead (its own objective), marked `*`.
+
+Only ratios measured side by side mean anything here (2 shared CPU cores).
+
+Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py`):
+
+    (filled in below from a real run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# jaxlib's LAPACK (QR, SVD, eigh) is scipy's OpenBLAS; its threads spin against each other
+# on a loaded 2-core machine (100-300x slower small QR/SVD measured here). Torch uses MKL
+# and is not affected. Set before JAX loads; inherited by the `hydraopt merge` children.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import hydraopt_jax as hj  # noqa: E402  (first: sets the XLA CPU flag)
+from hydraopt_jax._synthetic import synthetic_collection  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _common import (  # noqa: E402
+    error_vs_mean,
+    header,
+    hydraopt_cmd,
+    interleaved,
+    median,
+    run_cmd,
+    write_collection,
+)
+
+PEFT_COLD_SCRIPT = r"""
+import sys, time, warnings
+warnings.simplefilter("ignore")
+import torch
+from torch import nn
+from peft import PeftModel
+d, layers, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dirs = sys.argv[4:]
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.utils.skip_init(nn.Linear, d, d, bias=False)
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer() for _ in range(layers)])
+names = [f"t{i}" for i in range(len(dirs))]
+model = PeftModel.from_pretrained(Base(), dirs[0], adapter_name=names[0])
+for name, path in zip(names[1:], dirs[1:]):
+    model.load_adapter(path, adapter_name=name)
+model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "merged", combination_type="svd")
+model.save_pretrained(out, selected_adapters=["merged"])
+"""
+
+
+def build_peft_model(dirs, names, d: int, layers: int):
+    import torch
+    from peft import PeftModel
+    from torch import nn
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.utils.skip_init(nn.Linear, d, d, bias=False)
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer() for _ in range(layers)])
+
+    model = PeftModel.from_pretrained(Base(), str(dirs[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], dirs[1:], strict=True):
+        model.load_adapter(str(path), adapter_name=name)
+    return model
+
+
+def peft_merged_factors(model, adapter: str, modules):
+    """`{module: (A_hat [k, d_in], B_hat [d_out, k])}` of a PEFT adapter, scale folded in B."""
+    out = {}
+    for module in modules:
+        layer = model.base_model.model.get_submodule(module)
+        a = layer.lora_A[adapter].weight.detach().double().numpy()
+        b = layer.lora_B[adapter].weight.detach().double().numpy() * layer.scaling[adapter]
+        out[module] = (a, b)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="4 adapters x 4 modules, d=512")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (median)")
+    parser.add_argument("--slow-reps", type=int, default=1,
+                        help="repetitions of PEFT ties_svd and of the cold PEFT process")
+    args = parser.parse_args()  # fmt: skip
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.small:
+        apps, langs, layers, d = 2, 2, 4, 512
+    else:
+        apps, langs, layers, d = 4, 4, 16, 2048
+    r = k = 16
+    num_tasks = apps * langs
+    header(
+        f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; speed: {num_tasks} adapters x {layers} modules, d_in = d_out = {d}, r = k = {r}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    )
+    collection, _, _ = synthetic_collection(
+        apps, langs, num_layers=layers, shapes={"q_proj": (d, d)}, rank=r
+    )
+    modules = list(collection)
+    names = [f"t{i}" for i in range(num_tasks)]
+    tmp = Path(tempfile.mkdtemp(prefix="hydraopt-speed-"))
+    try:
+        dirs = write_collection(tmp / "adapters", collection, names)
+        model = build_peft_model(dirs, names, d, layers)
+        uniform = [1.0 / num_tasks] * num_tasks
+
+        errors: dict[str, float] = {}
+        ranks: dict[str, int] = {}
+
+        def peft_run(kind: str):
+            weights = [1.0] * num_tasks if kind.startswith("ties") else uniform
+            extra = {"density": 0.2} if kind.startswith("ties") else {}
+
+            def fn():
+                model.add_weighted_adapter(names, weights, "merged", combination_type=kind, **extra)
+                factors = peft_merged_factors(model, "merged", modules)
+                model.delete_adapter("merged")
+                return factors
+
+            return fn
+
+        # ---- our side
+        full_plan = hj.SharingPlan.full_merge(num_tasks, rank=k)
+        shared_plan = hj.SharingPlan.shared_a(num_tasks, rank=k)
+
+        def ours_full():
+            sols = hj.merge_adapters(collection, full_plan, "exact", weights="uniform")
+            return jax.block_until_ready(sols)
+
+        def ours_shared():
+            sols = hj.merge_adapters(collection, shared_plan, "exact")
+            return jax.block_until_ready(sols)
+
+        def ours_baseline(name: str):
+            def fn():
+                sols = {
+                    m: hj.baselines.run_baseline(name, a, b, **({"rank": k} if name == "svd" else {}))
+                    for m, (a, b) in collection.items()
+                }
+                return jax.block_until_ready(sols)
+
+            return fn
+
+        ours = {
+            "hydraopt full-merge (exact)": ours_full,
+            "hydraopt shared-a (exact)": ours_shared,
+            "hydraopt baseline linear": ours_baseline("linear"),
+            "hydraopt baseline svd": ours_baseline("svd"),
+            "hydraopt baseline ties": ours_baseline("ties"),
+        }
+        compile_s = {}
+        first_out = {}
+        for name, fn in ours.items():
+            start = time.perf_counter()
+            first_out[name] = fn()
+            compile_s[name] = time.perf_counter() - start
+
+        peft = {f"PEFT {kind}": peft_run(kind) for kind in ("linear", "cat", "svd", "ties_svd")}
+        # errors (outside the timed loop)
+        for name, fn in peft.items():
+            if name != "PEFT ties_svd":
+                factors = fn()
+                errors[name] = float(np.mean([error_vs_mean(*factors[m], *collection[m]) for m in modules]))
+                ranks[name] = next(iter(factors.values()))[0].shape[0]
+        for name, sols in first_out.items():
+            if "shared-a" in name:
+                errors[name] = float(np.mean([np.mean(s.relative_error) for s in sols.values()]))
+                ranks[name] = k
+                continue
+            errs = []
+            for m in modules:
+                a_hat, b_hat = sols[m].task_factors(0)
+                errs.append(error_vs_mean(np.asarray(a_hat), np.asarray(b_hat), *collection[m]))
+                ranks[name] = int(a_hat.shape[0])
+            errors[name] = float(np.mean(errs))
+
+        # ---- in process, interleaved
+        fns = {**peft, **ours}
+        reps = {n: (args.slow_reps if n == "PEFT ties_svd" else args.reps) for n in fns}
+        ties_holder = {}
+
+        def ties_timed():
+            ties_holder["f"] = peft["PEFT ties_svd"]()
+
+        fns["PEFT ties_svd"] = ties_timed
+        times = interleaved(fns, reps)
+        f = ties_holder["f"]
+        errors["PEFT ties_svd"] = float(np.mean([error_vs_mean(*f[m], *collection[m]) for m in modules]))
+        ranks["PEFT ties_svd"] = next(iter(f.values()))[0].shape[0]
+
+        med = {n: median(t) for n, t in times.items()}
+        ref = med["PEFT svd"]
+        print()
+        print(f"## in process (median of {args.reps}; PEFT ties_svd: {args.slow_reps}); "
+              f"ratio = time(PEFT svd) / time(method)")  # fmt: skip
+        print(f"{'method':32s} {'rank':>5s} {'median s':>9s} {'x vs PEFT svd':>14s} "
+              f"{'compile s':>10s} {'err vs mean':>12s}")  # fmt: skip
+        for n in fns:
+            comp = f"{compile_s[n] - med[n]:10.2f}" if n in compile_s else f"{'-':>10s}"
+            mark = "*" if "shared-a" in n else " "
+            print(f"{n:32s} {ranks[n]:5d} {med[n]:9.3f} {ref / med[n]:14.1f} {comp} "
+                  f"{errors[n]:11.2e}{mark}")  # fmt: skip
+
+        # ---- cold commands
+        cold = {}
+        outs = tmp / "outs"
+        counter = iter(range(10**6))
+        dir_args = [str(p) for p in dirs]
+
+        def cold_ours(plan: str, extra: list[str]):
+            def fn():
+                out = outs / f"o{next(counter)}"
+                run_cmd([*hydraopt_cmd(), "merge", *dir_args, "--out", str(out), "--plan", plan,
+                         "--rank", str(k), "--json", *extra])  # fmt: skip
+                shutil.rmtree(out, ignore_errors=True)
+
+            return fn
+
+        def cold_peft():
+            out = outs / f"p{next(counter)}"
+            run_cmd([sys.executable, "-c", PEFT_COLD_SCRIPT, str(d), str(layers), str(out),
+                     *dir_args])  # fmt: skip
+            shutil.rmtree(out, ignore_errors=True)
+
+        cold = {
+            "PEFT svd (fresh process)": cold_peft,
+            "hydraopt merge --plan full-merge": cold_ours("full-merge", ["--weighting", "uniform"]),
+            "hydraopt merge --plan shared-a": cold_ours("shared-a", []),
+        }
+        cold_reps = {n: (args.slow_reps if n.startswith("PEFT") else args.reps) for n in cold}
+        cold_times = interleaved(cold, cold_reps)
+        cmed = {n: median(t) for n, t in cold_times.items()}
+        print()
+        print(f"## cold commands (fresh process: imports, load, compile, solve, write; median of "
+              f"{args.reps}, PEFT: {args.slow_reps})")  # fmt: skip
+        print(f"{'command':34s} {'median s':>9s} {'x vs PEFT svd in process':>25s} "
+              f"{'x vs PEFT svd fresh process':>28s}")  # fmt: skip
+        for n in cold:
+            print(f"{n:34s} {cmed[n]:9.2f} {ref / cmed[n]:25.1f} "
+                  f"{cmed['PEFT svd (fresh process)'] / cmed[n]:28.1f}")  # fmt: skip
+        print()
+        print("* shared-a keeps one adapter per task: its error is the mean per-task relative error.")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
