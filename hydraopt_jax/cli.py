@@ -874,18 +874,32 @@ def _fail(message: str) -> int:
     return 2
 
 
+INTERRUPTED = 130
+
+
+def _interrupted() -> int:
+    sys.stderr.write(
+        "hydraopt: interrupted; no output written (an iterative merge continues with --resume)\n"
+    )
+    sys.stderr.flush()
+    return INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 ok, 2 bad input, 1 internal error)."""
+    """Console entry point; returns the exit status (0 ok, 2 bad input, 1 internal error,
+    130 interrupted)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         result = app(args=args, prog_name="hydraopt", standalone_mode=False)
+        if result == INTERRUPTED:  # Typer turns Ctrl-C (KeyboardInterrupt) into 130
+            return _interrupted()
         return result if isinstance(result, int) else 0
     except CliError as err:
         return _fail(f"{err.where}: {err.cause}")
     except AdapterError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        return _fail("interrupted; no output written")
+        return _interrupted()
     except Exception as err:
         # Typer >= 0.29 vendors click (`typer._click`), so match click's classes by name.
         kinds = {cls.__name__ for cls in type(err).__mro__}

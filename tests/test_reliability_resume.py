@@ -1,0 +1,201 @@
+"""`hydraopt merge --resume`: an interrupted iterative run, resumed, ends with bitwise the
+factors of an uninterrupted run with the same flags; a checkpoint made from other inputs,
+plan or flags is refused (exit 2, one line naming the checkpoint and the cause)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from test_reliability_helpers import (
+    bundle_arrays,
+    listing,
+    run_cli,
+    write_adapter,
+    write_collection,
+)
+
+from hydraopt_jax.cli import main
+from hydraopt_jax.io.resume import checkpoint_dir
+
+# A plan without a closed form (A- and B-groups do not nest), so ALS really iterates.
+PLAN = "a_group: [0, 0, 1]\nb_group: [0, 1, 1]\n"
+# One shape group of two modules; the memory budget (~18.6 kB estimated per module) splits
+# it into two units of one module each, so a run has several units but one compilation.
+MODULES = {"model.layers.0.q_proj": (16, 16), "model.layers.1.q_proj": (16, 16)}
+MEMORY = ["--max-memory", "20kB"]
+ALS = ["--solver", "als", "--steps", "5", "--checkpoint-every", "2", *MEMORY]  # chunks 2, 2, 1
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    dirs = write_collection(root / "in", modules=MODULES)
+    plan = root / "plan.yaml"
+    plan.write_text(PLAN)
+    return root, dirs, plan
+
+
+def _merge(out, dirs, plan, flags, *extra):
+    return main(
+        ["merge", *map(str, dirs), "--out", str(out), "--plan", str(plan), *flags, "--json", *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def als_reference(inputs):
+    root, dirs, plan = inputs
+    assert _merge(root / "ref_als", dirs, plan, ALS) == 0
+    return bundle_arrays(root / "ref_als"), json.loads(
+        (root / "ref_als" / "hydraopt.json").read_text()
+    )
+
+
+def _assert_bitwise(out, reference):
+    got = bundle_arrays(out)
+    assert sorted(got) == sorted(reference)
+    for key, value in reference.items():
+        assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+
+
+def test_uninterrupted_run_counts_all_steps_and_removes_its_checkpoint(inputs, als_reference):
+    root, dirs, plan = inputs
+    _, meta = als_reference
+    steps = {m["steps"] for m in meta["modules"].values()}
+    assert steps <= {1, 2, 3, 4, 5} and max(steps) > 2  # chunks were chained
+    assert not checkpoint_dir(root / "ref_als").exists()
+    assert not [p for p in listing(root) if p.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    "solver_flags, kill_at",
+    [
+        (ALS, "chunk:4"),
+        (["--solver", "adam", "--steps", "6", "--checkpoint-every", "3"], "chunk:1"),
+    ],
+    ids=["als-after-first-unit", "adam-mid-unit"],
+)
+def test_interrupt_then_resume_is_bitwise_equal(
+    inputs, als_reference, solver_flags, kill_at, monkeypatch, capsys, tmp_path
+):
+    root, dirs, plan = inputs
+    if solver_flags is ALS:
+        reference = als_reference[0]
+    else:
+        assert _merge(tmp_path / "ref", dirs, plan, solver_flags) == 0
+        reference = bundle_arrays(tmp_path / "ref")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    monkeypatch.setenv("HYDRAOPT_TEST_KILL_AT", kill_at)
+    monkeypatch.setenv("HYDRAOPT_TEST_KILL_MODE", "interrupt")
+    assert _merge(out, dirs, plan, solver_flags) == 130
+    assert "interrupted" in capsys.readouterr().err
+    monkeypatch.delenv("HYDRAOPT_TEST_KILL_AT")
+    assert not out.exists() and checkpoint_dir(out).is_dir()
+    units = listing(checkpoint_dir(out) / "units")
+    assert units == (["g0000b00", "g0000b01"] if kill_at == "chunk:4" else ["g0000b00"])
+    assert _merge(out, dirs, plan, solver_flags, "--resume") == 0, capsys.readouterr().err
+    _assert_bitwise(out, reference)
+    assert not checkpoint_dir(out).exists()
+    assert [p for p in listing(tmp_path) if p != "ref"] == ["out"]
+
+
+def test_sigkill_then_resume_is_bitwise_equal(inputs, als_reference, tmp_path):
+    """A real SIGKILL of the command (a subprocess) after its first checkpoint."""
+    _, dirs, plan = inputs
+    out = tmp_path / "out"
+    proc = run_cli(
+        "merge", *dirs, "--out", out, "--plan", plan, *ALS, env={"HYDRAOPT_TEST_KILL_AT": "chunk:1"}
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert not out.exists() and (checkpoint_dir(out) / "manifest.json").is_file()
+    assert _merge(out, dirs, plan, ALS, "--resume") == 0
+    _assert_bitwise(out, als_reference[0])
+    assert listing(tmp_path) == ["out"]  # checkpoint and temporary siblings gone
+
+
+def _changed_input(root, dirs, plan):
+    changed = root / "changed"
+    shutil.copytree(dirs[0].parent, changed)
+    write_adapter(changed / "task1", seed=99, modules=MODULES)
+    new_dirs = [changed / d.name for d in dirs]
+    return new_dirs, plan, ALS, "--resume", "task1: adapter_model.safetensors changed"
+
+
+REFUSALS = {
+    "changed input": _changed_input,
+    "changed steps": lambda root, dirs, plan: (
+        dirs,
+        plan,
+        ["--solver", "als", "--steps", "7", "--checkpoint-every", "2", *MEMORY],
+        "--resume",
+        "--steps 5, now 7",
+    ),
+    "changed solver": lambda root, dirs, plan: (
+        dirs,
+        plan,
+        ["--solver", "adam", "--steps", "5", "--checkpoint-every", "2", *MEMORY],
+        "--resume",
+        "--solver 'als', now 'adam'",
+    ),
+    "changed chunking": lambda root, dirs, plan: (
+        dirs,
+        plan,
+        ["--solver", "als", "--steps", "5", "--checkpoint-every", "3", *MEMORY],
+        "--resume",
+        "--checkpoint-every 2, now 3",
+    ),
+    "changed plan": lambda root, dirs, plan: (dirs, "separate", ALS, "--resume", "different plan"),
+    "no --resume": lambda root, dirs, plan: (dirs, plan, ALS, None, "pass --resume"),
+}
+
+
+@pytest.fixture(scope="module")
+def interrupted(inputs, tmp_path_factory):
+    """A checkpoint of an interrupted ALS run (made once, copied by each refusal case)."""
+    _, dirs, plan = inputs
+    root = tmp_path_factory.mktemp("interrupted")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HYDRAOPT_TEST_KILL_AT", "chunk:1")
+    mp.setenv("HYDRAOPT_TEST_KILL_MODE", "interrupt")
+    try:
+        assert _merge(root / "out", dirs, plan, ALS) == 130
+    finally:
+        mp.undo()
+    return checkpoint_dir(root / "out")
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_resume_refuses_a_checkpoint_of_other_inputs(case, inputs, interrupted, tmp_path, capsys):
+    root, dirs, plan = inputs
+    new_dirs, new_plan, flags, resume, needle = REFUSALS[case](tmp_path, dirs, plan)
+    out = tmp_path / "out"
+    ckpt = checkpoint_dir(out)
+    shutil.copytree(interrupted, ckpt)
+    before = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
+    capsys.readouterr()
+    rc = main(
+        [
+            "merge",
+            *map(str, new_dirs),
+            "--out",
+            str(out),
+            "--plan",
+            str(new_plan),
+            *flags,
+            *([resume] if resume else []),
+        ]
+    )
+    out_text, err = capsys.readouterr()
+    assert rc == 2 and out_text == "" and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"hydraopt: {ckpt}: ") and needle in err, err
+    assert not out.exists()
+    assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before  # untouched
+
+
+def test_resume_without_a_checkpoint_starts_fresh(inputs, als_reference, tmp_path):
+    _, dirs, plan = inputs
+    assert _merge(tmp_path / "out", dirs, plan, ALS, "--resume") == 0
+    _assert_bitwise(tmp_path / "out", als_reference[0])
