@@ -865,6 +865,13 @@ def demo():
     run_demo()
 
 
+from ._cli_plan import plan as _plan_command  # noqa: E402
+from ._cli_plan import sweep as _sweep_command  # noqa: E402
+
+app.command(name="plan")(_plan_command)
+app.command(name="sweep")(_sweep_command)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
