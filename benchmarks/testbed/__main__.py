@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="write no files")
     parser.add_argument("--report", action="store_true", help="only rebuild md + png from the JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the methods of an existing result file"
+    )
     args = parser.parse_args(argv)
 
     from . import evaluate_methods as EM
@@ -72,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         summaries = []
         for name in collections:
             t0 = time.perf_counter()
+            previous = None
+            existing = out_dir / f"testbed_{EM.collection_path(name).name}.json"
+            if args.resume and existing.exists():
+                previous = json.loads(existing.read_text())
             result = EM.evaluate_collection(
-                name, tasks=tasks, methods=methods, base_model=base,
+                name, tasks=tasks, methods=methods, base_model=base, previous=previous,
                 log=lambda s: print(s, file=sys.stderr, flush=True),
+                on_progress=(lambda r: EM.write_result(r, out_dir)) if write else None,
             )  # fmt: skip
             result["seconds"] = round(time.perf_counter() - t0, 1)
             result["quick"] = bool(args.quick)

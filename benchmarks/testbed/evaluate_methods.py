@@ -432,11 +432,17 @@ def evaluate_collection(
     methods: Sequence[Method] | None = None,
     base_model=None,
     log: Callable[[str], None] = lambda s: None,
+    previous: dict | None = None,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Merge and score every method on one collection.
 
-    **Returns** `{"collection", "tasks", "rows", "details", "config", "summary"}`; `rows` are
-    `{method, collection, storage_ratio, score, min_task_ratio}` dicts.
+    `previous`: an earlier (partial) result of the same collection and tasks; its methods are
+    reused, not recomputed. `on_progress(result)` is called after every method with the
+    partial result (`"complete": False`), e.g. to write it.
+
+    **Returns** `{"collection", "tasks", "rows", "details", "config", "summary", "complete"}`;
+    `rows` are `{method, collection, storage_ratio, score, min_task_ratio}` dicts.
     """
     from . import model as M
 
@@ -449,7 +455,33 @@ def evaluate_collection(
         covs = activation_covariances(base_model, coll)
         log(f"[{coll.name}] activation covariances: {time.perf_counter() - t0:.1f} s")
     rows, details = [], {}
+    done = {}
+    if previous is not None and previous.get("tasks") == coll.tasks:
+        done = {r["method"]: r for r in previous["rows"]}
+
+    def result(complete: bool) -> dict:
+        return dict(
+            collection=coll.name,
+            tasks=coll.tasks,
+            complete=complete,
+            rows=list(rows),
+            details=dict(details),
+            config=dict(
+                baseline_params=BASELINE_PARAMS,
+                calibration=CALIBRATION,
+                rank=coll.rank,
+                weights="relative",
+                own_accuracy=coll.own_accuracy,
+            ),
+            summary=summarize(rows),
+        )
+
     for method in methods:
+        if method.name in done and method.name in previous.get("details", {}):
+            rows.append(done[method.name])
+            details[method.name] = previous["details"][method.name]
+            log(f"[{coll.name}] {method.name:32s} (reused from the previous result)")
+            continue
         merged = merge_method(method, coll, covs)
         t0 = time.perf_counter()
         accuracy = evaluate_merged(base_model, merged)
@@ -470,20 +502,9 @@ def evaluate_collection(
             f"score {score:.4f}  min {worst:.4f}  rel.err {err:.3f}  "
             f"({merged.seconds:.1f} s merge, {eval_s:.1f} s eval)"
         )
-    return dict(
-        collection=coll.name,
-        tasks=coll.tasks,
-        rows=rows,
-        details=details,
-        config=dict(
-            baseline_params=BASELINE_PARAMS,
-            calibration=CALIBRATION,
-            rank=coll.rank,
-            weights="relative",
-            own_accuracy=coll.own_accuracy,
-        ),
-        summary=summarize(rows),
-    )
+        if on_progress is not None:
+            on_progress(result(False))
+    return result(True)
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -652,7 +673,10 @@ def markdown(results: Sequence[dict]) -> str:
         else:
             bad = ", ".join(f"`{v['baseline']}`" for v in fc["violations"])
             check = f"**no**: {bad}"
-        out.append(f"| {res['collection']} | {len(res['tasks'])} | {best} | {one} | {check} |")
+        name = res["collection"]
+        if res.get("complete") is False:
+            name += f" (partial: {len(res['rows'])} methods)"
+        out.append(f"| {name} | {len(res['tasks'])} | {best} | {one} | {check} |")
     for res in results:
         out += [
             "",

@@ -1,0 +1,179 @@
+"""Fast checks of the testbed's evaluation half: scoring, method grid, front check, CLI rows."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from benchmarks.testbed import evaluate_methods as EM  # noqa: E402
+
+COLLECTION = "small_lr_same_seed"
+TWO_TASKS = ["reverse_L1", "sort_L2"]
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    from benchmarks.testbed import model as M
+
+    return M.load_base_model(pretrain_if_missing=False)
+
+
+def _row(method, storage, score, worst=None):
+    return EM.make_row(method, "c", storage, score, score if worst is None else worst)
+
+
+# ---------------------------------------------------------------------------- pure logic
+def test_score_is_mean_and_min_of_ratios():
+    score, worst, ratios = EM.score_accuracies({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9})
+    assert ratios == {"a": 0.5, "b": 1.0}
+    assert score == pytest.approx(0.75) and worst == pytest.approx(0.5)
+
+
+def test_row_keys():
+    row = EM.make_row("hydraopt:shared-a", "small_lr_same_seed", 0.52, 0.97, 0.9)
+    assert tuple(row) == EM.ROW_KEYS
+    assert json.loads(json.dumps(row)) == row
+
+
+def test_method_grid_names():
+    from hydraopt_jax.baselines import BASELINES
+
+    names = [m.name for m in EM.method_grid()]
+    assert len(names) == len(set(names))
+    required = [
+        "lora",
+        "hydraopt:shared-a",
+        "hydraopt:shared-b",
+        "hydraopt:full-merge",
+        "hydraopt:shared-a-2r",
+        "hydraopt:a-per-lang",
+        "hydraopt:b-per-app",
+        "hydraopt:a-lang-b-app",
+        "hydraopt:shared-a+act",
+        "hydraopt:full-merge+act",
+    ] + [f"baseline:{b}" for b in BASELINES]
+    assert set(required) <= set(names)
+    quick = [m.name for m in EM.method_grid(sweep=False)]
+    assert set(required) <= set(quick) and set(quick) <= set(names)
+    # rank sweep: k in r/2, r, 2r, 4r for shared-a and full-merge
+    by = {m.name: m for m in EM.method_grid()}
+    assert sorted(m.rank(8) for m in by.values() if m.plan == "shared_a" and not m.activation) == [
+        4,
+        8,
+        16,
+        32,
+    ]
+    assert sorted(
+        m.rank(8) for m in by.values() if m.plan == "full_merge" and not m.activation
+    ) == [4, 8, 16, 32]
+    with pytest.raises(ValueError, match="unknown method"):
+        EM.methods_by_name(["hydraopt:nope"])
+
+
+def test_front_check_and_summary():
+    rows = [
+        _row("lora", 1.0, 1.0),
+        _row("hydraopt:full-merge", 0.025, 0.30),
+        _row("hydraopt:shared-a", 0.52, 0.97),
+        _row("hydraopt:shared-a-2r", 1.02, 0.995),
+        _row("baseline:linear", 0.025, 0.10),
+        _row("baseline:ties", 0.025, 0.20),
+        _row("baseline:joint", 0.60, 0.90),
+    ]
+    fc = EM.front_check(rows)
+    assert fc["passed"] and fc["checked"] == 3
+    assert [r["method"] for r in EM.hydraopt_front(rows)] == [
+        "hydraopt:full-merge",
+        "hydraopt:shared-a",
+        "hydraopt:shared-a-2r",
+    ]
+    s = EM.summarize(rows)
+    assert s["best_hydraopt_at_055"]["method"] == "hydraopt:shared-a"
+    assert s["one_adapter"]["passed"] and s["one_adapter"]["best_rival"] == "baseline:ties"
+    # a baseline better than everything HydraOpt has at its storage or less is a violation,
+    # even if HydraOpt beats it at a larger storage
+    rows.append(_row("baseline:pca", 0.30, 0.50))
+    fc = EM.front_check(rows)
+    assert not fc["passed"]
+    assert [v["baseline"] for v in fc["violations"]] == ["baseline:pca"]
+    assert fc["violations"][0]["hydraopt"] == "hydraopt:full-merge"
+    # equal storage counts as covered when the score is at least as high
+    assert EM.front_check([_row("hydraopt:x", 0.3, 0.5), _row("baseline:y", 0.3, 0.5)])["passed"]
+    text = EM.format_summary(dict(collection="c", tasks=["t"], rows=rows))
+    assert "FAIL" in text and "baseline:pca" in text
+
+
+def test_markdown_and_chart(tmp_path):
+    rows = [
+        _row("lora", 1.0, 1.0),
+        _row("hydraopt:full-merge", 0.025, 0.3),
+        _row("hydraopt:shared-a", 0.52, 0.97),
+        _row("baseline:linear", 0.025, 0.1),
+    ]
+    result = dict(collection="small_lr_same_seed", tasks=["a", "b"], rows=rows)
+    EM.write_result(result, tmp_path)
+    assert EM.load_results(tmp_path)[0]["rows"] == rows
+    md, png = EM.write_reports(tmp_path)
+    text = md.read_text()
+    assert "| **hydraopt:shared-a** | 0.5200 | 0.9700 |" in text
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------- real adapters
+def test_lora_scores_exactly_one_and_separate_reproduces_own(base_model):
+    methods = EM.methods_by_name(["lora", "hydraopt:separate"])
+    result = EM.evaluate_collection(
+        COLLECTION, tasks=TWO_TASKS, methods=methods, base_model=base_model
+    )
+    by = {r["method"]: r for r in result["rows"]}
+    assert all(tuple(r) == EM.ROW_KEYS for r in result["rows"])
+    assert by["lora"]["score"] == 1.0 and by["lora"]["min_task_ratio"] == 1.0
+    assert by["lora"]["storage_ratio"] == 1.0
+    sep = by["hydraopt:separate"]
+    assert sep["storage_ratio"] == pytest.approx(1.0)
+    own = result["config"]["own_accuracy"]
+    acc = result["details"]["hydraopt:separate"]["accuracy"]
+    # exact reconstruction (up to float32 rounding): the same greedy decisions
+    for t in TWO_TASKS:
+        assert abs(acc[t] - own[t]) <= 1 / 256, (t, acc[t], own[t])
+    assert sep["score"] == pytest.approx(1.0, abs=1 / 256)
+    assert result["details"]["hydraopt:separate"]["relative_error_mean"] < 1e-4
+
+
+def test_collection_loading_and_activation_covariances(base_model):
+    coll = EM.load_testbed_collection(COLLECTION, TWO_TASKS)
+    assert coll.tasks == TWO_TASKS and coll.rank == 8 and len(coll.modules) == 14
+    m = "model.layers.0.self_attn.k_proj"
+    assert coll.A[m].shape == (2, 8, 64) and coll.B[m].shape == (2, 32, 8)
+    np.testing.assert_allclose(coll.scales[m], 2.0)  # lora_alpha 16 / r 8
+    assert coll.attributes()[1] == {"application": "sort", "language": 2}
+    covs = EM.activation_covariances(base_model, coll, batches=1, batch_size=8)
+    c = covs["model.layers.1.mlp.down_proj"]
+    assert c.shape == (192, 192)
+    np.testing.assert_allclose(c, c.T, rtol=1e-5, atol=1e-7)
+    assert np.linalg.eigvalsh(c.astype(np.float64)).min() > -1e-5 * np.trace(c)
+
+
+def test_cli_json_prints_only_rows(capsys, tmp_path):
+    from benchmarks.testbed.__main__ import main
+
+    rc = main(
+        ["--json", "--collection", COLLECTION, "--tasks", "reverse_L1", "--methods", "lora",
+         "--out", str(tmp_path), "--no-write", "--threads", "1"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out)
+    assert rows == [EM.make_row("lora", COLLECTION, 1.0, 1.0, 1.0)]
+    assert not list(tmp_path.iterdir())
