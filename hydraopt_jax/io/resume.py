@@ -45,7 +45,7 @@ _HASH_BLOCK = 1 << 22
 def checkpoint_dir(out) -> Path:
     """`OUT.hydraopt-ckpt`, beside the output directory."""
     out = Path(out)
-    return out.absolute().parent / f"{out.name}{CHECKPOINT_SUFFIX}"
+    return out.parent / f"{out.name}{CHECKPOINT_SUFFIX}"
 
 
 def _file_sha256(path: Path) -> str:
