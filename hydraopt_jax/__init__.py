@@ -14,6 +14,7 @@ from ._loss import task_weights as task_weights
 from ._merge import merge as merge
 from ._merge import merge_adapters as merge_adapters
 from ._plan import SharingPlan as SharingPlan
+from ._planner import plan_budget as plan_budget
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 
