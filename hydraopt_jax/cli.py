@@ -548,25 +548,32 @@ def _solve_all(
     groups = collection.shape_groups()
     kinds = {name: info.kind for name, info in collection.modules.items()}
     limit, source = budget(memory_limit)
+    # Split every group before solving any, so a module that cannot fit fails at once.
+    # A resumed run keeps the split its checkpoint recorded (same units, same factors).
+    splits = {}
+    for (kind, d_in, d_out), module_names in groups.items():
+        key = f"{kind}:{d_in}x{d_out}"
+        batches = checkpoint.batches(key) if checkpoint is not None else None
+        if batches is None or sorted(n for b in batches for n in b) != sorted(module_names):
+            try:
+                batches = plan_batches(
+                    module_names,
+                    _module_bytes(collection, per_module, module_names),
+                    limit,
+                    source,
+                )
+            except MemoryBudgetError as err:
+                raise CliError(err.module, err.cause) from None
+        splits[key] = batches
     console = _stderr_console()
     with _progress(console, len(groups)) as progress:
         bar = progress.add_task("merging", total=len(groups))
         for g, ((kind, d_in, d_out), module_names) in enumerate(groups.items()):
             progress.update(bar, description=f"{kind} {d_in}->{d_out} x{len(module_names)}")
             key = f"{kind}:{d_in}x{d_out}"
-            batches = checkpoint.batches(key) if checkpoint is not None else None
-            if batches is None or sorted(n for b in batches for n in b) != sorted(module_names):
-                try:
-                    batches = plan_batches(
-                        module_names,
-                        _module_bytes(collection, per_module, module_names),
-                        limit,
-                        source,
-                    )
-                except MemoryBudgetError as err:
-                    raise CliError(err.module, err.cause) from None
-                if checkpoint is not None:
-                    checkpoint.set_batches(key, batches)
+            batches = splits[key]
+            if checkpoint is not None:
+                checkpoint.set_batches(key, batches)
             for b, batch in enumerate(batches):
                 group = collection.load_group(batch)
                 solutions = _solve_unit(

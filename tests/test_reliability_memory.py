@@ -1,0 +1,83 @@
+"""The memory guard: a shape group that does not fit the budget is loaded and solved in
+module sub-batches (same results); a module that does not fit alone is refused cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_reliability_helpers import bundle_arrays, listing, write_collection
+
+from hydraopt_jax.cli import main
+from hydraopt_jax.io import memory
+from hydraopt_jax.io.peft import AdapterCollection
+
+Q_BYTES = 27264  # estimate for one 24 -> 24 module of the helpers' collection (T=3, r=4)
+K_BYTES = 19200  # one 24 -> 12 module
+
+
+def test_parse_size_and_estimate():
+    assert memory.parse_size("512MB") == 512 * 10**6
+    assert memory.parse_size("2GiB") == 2 * 2**30
+    assert memory.parse_size("1.5k") == 1500
+    assert memory.parse_size("4096") == 4096
+    for bad in ("lots", "-1GB", "0", "12 parsecs", ""):
+        with pytest.raises(ValueError):
+            memory.parse_size(bad)
+    assert memory.estimate_module_bytes(3, 4, 24, 24, 4, 1, 3) == Q_BYTES
+    assert memory.estimate_module_bytes(3, 4, 24, 12, 4, 1, 3) == K_BYTES
+    sizes = {"a": 5, "b": 5, "c": 5, "d": 9}
+    assert memory.plan_batches(list(sizes), sizes, 10, "x") == [("a", "b"), ("c",), ("d",)]
+    assert memory.plan_batches(list(sizes), sizes, 100, "x") == [("a", "b", "c", "d")]
+    with pytest.raises(memory.MemoryBudgetError, match="module d needs about 9 B"):
+        memory.plan_batches(list(sizes), sizes, 8, "x")
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Record the module batches the command loads."""
+    seen = []
+    original = AdapterCollection.load_group
+
+    def spy(self, names):
+        seen.append(tuple(names))
+        return original(self, names)
+
+    monkeypatch.setattr(AdapterCollection, "load_group", spy)
+    return seen
+
+
+def _merge(dirs, out, *flags):
+    return main(["merge", *map(str, dirs), "--out", str(out), "--json", *flags])
+
+
+def test_sub_batches_give_the_same_factors(tmp_path, loads, capsys, monkeypatch):
+    dirs = write_collection(tmp_path / "in")
+    assert _merge(dirs, tmp_path / "whole") == 0
+    assert sorted(len(b) for b in loads) == [2, 3]  # two shape groups, loaded whole
+    loads.clear()
+    # 40 kB: the 24 -> 24 modules (27.3 kB each) one at a time, 24 -> 12 (19.2 kB) in pairs
+    assert _merge(dirs, tmp_path / "split", "--max-memory", "40kB") == 0
+    assert sorted(len(b) for b in loads) == [1, 1, 1, 2]
+    whole, split = bundle_arrays(tmp_path / "whole"), bundle_arrays(tmp_path / "split")
+    assert sorted(whole) == sorted(split)
+    for key in whole:
+        np.testing.assert_allclose(split[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # without the flag the budget is a fraction of the available memory
+    loads.clear()
+    monkeypatch.setattr(memory, "available_memory", lambda: int(30_000 / 0.8))
+    assert _merge(dirs, tmp_path / "avail") == 0
+    assert sorted(len(b) for b in loads) == [1, 1, 1, 1, 1]
+    assert listing(tmp_path) == ["avail", "in", "split", "whole"]
+
+
+def test_a_module_too_big_for_the_budget_is_refused(tmp_path, loads, capsys):
+    dirs = write_collection(tmp_path / "in")
+    capsys.readouterr()
+    assert _merge(dirs, tmp_path / "out", "--max-memory", "20kB", "--solver", "als") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    # the 24 -> 12 modules would fit one at a time; the 24 -> 24 modules do not fit at all
+    assert err.startswith("hydraopt: model.layers.0.self_attn.q_proj: needs about 26.6 KiB")
+    assert "--max-memory" in err
+    assert listing(tmp_path) == ["in"]  # refused before anything is solved or written
+    assert loads == []
