@@ -398,7 +398,7 @@ def test_randomized_subspace_iteration_matches_the_direct_solution(rng):
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     num_tasks=st.integers(1, 5),
