@@ -75,6 +75,10 @@ FACTORWISE = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_pr
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
 
+# Budgets of the planner's points (its own default candidate ranks; nothing tuned here).
+PLANNER_BUDGETS = (0.15, 0.30, 0.55)
+QUICK_PLANNER_BUDGETS = (0.30,)
+
 # Activation covariances: base-model module inputs on training-distribution batches.
 CALIBRATION = dict(batches=8, batch_size=64, seed=777)
 
@@ -192,7 +196,8 @@ class Method:
     """One point of the chart.
 
     `kind`: `"lora"`, `"hydraopt"` or `"baseline"`; `plan`: `shared_a`, `shared_b`,
-    `full_merge`, `separate`, `a_per_lang`, `b_per_app` or `a_lang_b_app`; `rank_mult`: the
+    `full_merge`, `separate`, `a_per_lang`, `b_per_app` or `a_lang_b_app`; `kind` `"planner"`:
+    the per-module plan `hydraopt_jax._planner.plan_budget` picks under `budget`; `rank_mult`: the
     merged rank as a multiple of `r` (`None`: the method's default); `activation`: whiten by
     the modules' input covariances.
     """
@@ -204,6 +209,7 @@ class Method:
     solver: str = "exact"
     activation: bool = False
     baseline: str | None = None
+    budget: float | None = None  # kind "planner": storage budget of `plan_budget`
 
     def rank(self, r: int) -> int | None:
         return None if self.rank_mult is None else max(1, int(round(self.rank_mult * r)))
@@ -227,6 +233,11 @@ def method_grid(sweep: bool = True) -> list[Method]:
         Method("hydraopt:a-lang-b-app", H, "a_lang_b_app", 1.0, solver="als"),
         Method("hydraopt:shared-a+act", H, "shared_a", 1.0, activation=True),
         Method("hydraopt:full-merge+act", H, "full_merge", 1.0, activation=True),
+    ]
+    # the planner (per-module side, groups and rank under a global budget)
+    grid += [
+        Method(f"hydraopt:plan@{b:.2f}", "planner", budget=b)
+        for b in (PLANNER_BUDGETS if sweep else QUICK_PLANNER_BUDGETS)
     ]
     if sweep:
         # k = r and k = 2r of shared-a, k = r of full-merge are the named rows above
@@ -376,6 +387,15 @@ def merge_method(
             coll.factors(), plan, method.solver,
             activation_covs=covs if method.activation else None,
         )  # fmt: skip
+    elif method.kind == "planner":
+        from hydraopt_jax import merge_adapters
+        from hydraopt_jax._planner import plan_budget
+
+        chosen = plan_budget(
+            coll.factors(), method.budget, task_names=coll.tasks,
+            task_attributes=coll.attributes(),
+        )  # fmt: skip
+        solutions = merge_adapters(coll.factors(), chosen.plans)
     elif method.kind == "baseline":
         from hydraopt_jax.baselines import run_baseline
 
@@ -459,13 +479,20 @@ def evaluate_collection(
     if previous is not None and previous.get("tasks") == coll.tasks:
         done = {r["method"]: r for r in previous["rows"]}
 
+    wanted = {m.name for m in methods}
+    kept = [r for r in (previous or {}).get("rows", []) if r["method"] not in wanted]
+    kept = [r for r in kept if r["method"] in previous.get("details", {})] if kept else []
+    order = {m.name: i for i, m in enumerate(method_grid(sweep=True))}
+
     def result(complete: bool) -> dict:
+        all_rows = sorted(rows + kept, key=lambda r: order.get(r["method"], len(order)))
+        all_details = {r["method"]: previous["details"][r["method"]] for r in kept} | details
         return dict(
             collection=coll.name,
             tasks=coll.tasks,
             complete=complete,
-            rows=list(rows),
-            details=dict(details),
+            rows=all_rows,
+            details=all_details,
             config=dict(
                 baseline_params=BASELINE_PARAMS,
                 calibration=CALIBRATION,
@@ -473,7 +500,7 @@ def evaluate_collection(
                 weights="relative",
                 own_accuracy=coll.own_accuracy,
             ),
-            summary=summarize(rows),
+            summary=summarize(all_rows),
         )
 
     for method in methods:
