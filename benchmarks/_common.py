@@ -112,6 +112,7 @@ def error_vs_mean(a_hat, b_hat, A, B) -> float:
 
 def run_cmd(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float = 1800):
     """Run a command, return `(seconds, stdout)`; raise with its stderr on failure."""
+    cpu_before = _children_cpu_s()
     full_env = dict(os.environ)
     # the same hydraopt_jax as this process (a snapshot on PYTHONPATH, or this tree)
     import hydraopt_jax
@@ -123,9 +124,24 @@ def run_cmd(cmd: list[str], env: Mapping[str, str] | None = None, timeout: float
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
     seconds = time.perf_counter() - start
+    LAST_CHILD["cpu_s"] = _children_cpu_s() - cpu_before
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])}... failed ({proc.returncode}):\n{proc.stderr}")
     return seconds, proc.stdout
+
+
+LAST_CHILD: dict[str, float] = {}
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> str:
+    return "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
 
 
 def hydraopt_cmd() -> list[str]:

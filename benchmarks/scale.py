@@ -22,7 +22,30 @@ CPU are indicative only.
 
 Recorded run:
 
-    (filled in below from a real run)
+    Run at commit 31fc28b (package snapshot on PYTHONPATH), 2 CPU cores shared with ~12 other
+    processes (load average ~11): absolute seconds are inflated several times.
+    (a): python benchmarks/scale.py --only a
+    # OPENBLAS_NUM_THREADS=1; scale
+    # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
+
+    ## (a) 40 adapters, Llama-3.2-1B attention shapes, 16 layers, r = 32, shared-a, CLI
+    generated 40 PEFT dirs (1040 MB of float32 factors) in 48.1 s (not timed below)
+    hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall 181.1 s (its own 'seconds' 171.8 s); target < 60 s: MISSED
+    storage ratio 0.400; per-task relative error mean 0.0974, max 0.0975
+
+    (b), reduced to 1 layer: python benchmarks/scale.py --only b --tasks-b 1000 --layers-b 1
+    NOTE: the 'runtime alone 2174 MB' figure of this run was wrong (ru_maxrss survives execve,
+    so the child reported the parent's peak; now measured with VmHWM): measured separately,
+    import jax + hydraopt_jax peaks at 200 MB, so peak minus runtime = (3363 - 200) / 500 = 6.3x
+    the group. The 3363 MB peak exceeds the parent's ~2174 MB, so it is the child's own.
+    ## (b) 1000 adapters at d = 4096, r = 16, q_proj on 1 layer(s), shared-a
+    generated 1000 PEFT dirs (500 MB of float32 factors) in 62.8 s (not timed below)
+    in a child process: open 0.9 s; load group 4.4 s; solve 51.2 s (incl. one compile) for 1 module(s)
+      time per module: solve 51.2 s, load 4.4 s; mean per-task relative error 0.0994
+      one shape group's factors (float32): 500 MB; peak RSS 3363 MB = 6.73x the group; the runtime alone (import jax + hydraopt_jax) 2174 MB; peak minus runtime = 2.38x the group
+    (the CLI part of (b) and the printed extrapolation did not finish before the session's
+    deadline; from the child's figures: 32 layers of q_proj ~ 32 x (51.2 + 4.4) s = 30 min
+    under this load, an upper bound since 51.2 s includes the one compile.)
 """
 
 from __future__ import annotations
@@ -45,7 +68,7 @@ import hydraopt_jax  # noqa: E402, F401  (first: sets the XLA CPU flag)
 import numpy as np  # noqa: E402
 from hydraopt_jax._synthetic import synthetic_collection  # noqa: E402
 
-from _common import header, hydraopt_cmd, run_cmd, write_peft_dir  # noqa: E402
+from _common import LAST_CHILD, header, hydraopt_cmd, load_average, run_cmd, write_peft_dir  # noqa: E402
 
 LLAMA_32_1B = {"q_proj": (2048, 2048), "k_proj": (2048, 512), "v_proj": (2048, 512),
                "o_proj": (2048, 2048)}  # fmt: skip  (d_in, d_out)
@@ -67,21 +90,24 @@ for key, names in coll.shape_groups().items():
     t2 = time.perf_counter()
     sols = jax.block_until_ready(hj.merge_adapters(group, plan, "exact"))
     t3 = time.perf_counter()
-    rss_after_solve = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_after_solve = float("nan")
     rel = float(np.mean([np.mean(s.relative_error) for s in sols.values()]))
     factor_bytes = sum(a.nbytes + b.nbytes for a, b, _ in group.values())
     del group, sols
     out["groups"].append(dict(key=list(key), modules=len(names), load_s=t2 - t1,
                               solve_s=t3 - t2, mean_rel_err=rel, factor_mb=factor_bytes / 2**20,
                               peak_rss_mb=rss_after_solve))
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+import re
+out["peak_rss_mb"] = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 print(json.dumps(out))
 """
 
+# VmHWM (per address space, reset by exec), not ru_maxrss: Linux keeps ru_maxrss across
+# execve, so a child of a big parent would report the parent's peak.
 RSS_OF_BARE_IMPORT = r"""
-import resource, jax, jax.numpy as jnp, hydraopt_jax
+import re, jax, jax.numpy as jnp, hydraopt_jax
 jnp.zeros(1).block_until_ready()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024)
 """
 
 
@@ -131,6 +157,7 @@ def part_a(tmp: Path) -> None:
     print(f"generated 40 PEFT dirs ({mb:.0f} MB of float32 factors) in "
           f"{time.perf_counter() - start:.1f} s (not timed below)")  # fmt: skip
     seconds, summary = cli_merge(dirs, tmp / "a_out", "shared-a")
+    print(f"  child CPU time (user + sys) {LAST_CHILD['cpu_s']:.1f} s; {load_average()}")
     errs = list(summary["tasks"].values())
     print(f"hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall {seconds:.1f} s "
           f"(its own 'seconds' {summary['seconds']:.1f} s); target < 60 s: "
@@ -165,6 +192,7 @@ def part_b(tmp: Path, num_tasks: int, layers: int) -> None:
           f"runtime = {(info['peak_rss_mb'] - base_rss) / group['factor_mb']:.2f}x the group")  # fmt: skip
     seconds, summary = cli_merge(dirs, tmp / "b_out", "shared-a")
     cli_per_module = seconds / layers
+    print(f"  child CPU time (user + sys) {LAST_CHILD['cpu_s']:.1f} s; {load_average()}")
     print(f"hydraopt merge --plan shared-a (CLI, end to end): wall {seconds:.1f} s = "
           f"{cli_per_module:.1f} s per module (incl. imports, compile, write)")  # fmt: skip
     steady = per_module + load_per_module

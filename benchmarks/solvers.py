@@ -22,7 +22,19 @@ Only ratios measured side by side in the same run mean anything (shared 2-core C
 
 Recorded run:
 
-    (filled in below from a real run)
+    Run at commit 31fc28b (package snapshot on PYTHONPATH), 2 CPU cores shared with other jobs,
+    load average 10-14 throughout (absolute seconds are inflated several times; ratios in one
+    row were measured side by side). Grid subsampled for time: d in {1024, 2048} x T in
+    {8, 40} (+ rows below when present); T = 200 and d = 4096 not run in this recording.
+    Command: python benchmarks/solvers.py --d 1024 2048 --T 8 40 --cap-s 15 --reps 3
+
+    # OPENBLAS_NUM_THREADS=1; solvers: r = k = 16, shared-a, target loss <= 1.001 x exact, cap 15 s per solver per combo
+    # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
+        d    T  exact s | als steps   als s    als/L* | adam steps  adam s   adam/L* | fact vg ms dense vg ms dense/fact
+     1024    8    0.042 |         2    0.04   1.00000 |        1300    7.53   1.00047 |      24.22       328.0       13.5
+     1024   40    0.260 |         2    0.22   1.00000 |        >300   25.38  11.62382 |      64.03       896.0       14.0
+     2048    8    0.064 |         2    0.08   1.00000 |        2000   16.84   1.00005 |       8.57       676.0       78.9
+     2048   40    0.544 |         2    0.38   1.00000 |         >80   16.04  87.47257 |     586.83      5259.4        9.0
 """
 
 from __future__ import annotations
