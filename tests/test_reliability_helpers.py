@@ -49,9 +49,7 @@ def write_adapter(
         tensors[f"{PREFIX}{name}.lora_A.weight"] = (rng.normal(size=(r, d_in)) * scale).astype(
             dtype
         )
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = (rng.normal(size=(d_out, r)) * 0.5).astype(
-            dtype
-        )
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = (rng.normal(size=(d_out, r)) * 0.5).astype(dtype)
     tensors.update(extra_tensors or {})
     write_safetensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
     config = {
