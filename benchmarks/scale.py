@@ -43,9 +43,9 @@ Recorded run:
     in a child process: open 0.9 s; load group 4.4 s; solve 51.2 s (incl. one compile) for 1 module(s)
       time per module: solve 51.2 s, load 4.4 s; mean per-task relative error 0.0994
       one shape group's factors (float32): 500 MB; peak RSS 3363 MB = 6.73x the group; the runtime alone (import jax + hydraopt_jax) 2174 MB; peak minus runtime = 2.38x the group
-    (the CLI part of (b) and the printed extrapolation did not finish before the session's
-    deadline; from the child's figures: 32 layers of q_proj ~ 32 x (51.2 + 4.4) s = 30 min
-    under this load, an upper bound since 51.2 s includes the one compile.)
+    hydraopt merge --plan shared-a (CLI, end to end): wall 82.1 s = 82.1 s per module (incl. imports, compile, write)
+    extrapolated to 32 layers (load + solve per module, compile once): q_proj only 1780 s; 4 attention projections 4096x4096 (Llama-2-7B-like) 7119 s
+    (the extrapolation uses the solve time that includes the one compile: an upper bound)
 """
 
 from __future__ import annotations
