@@ -130,6 +130,19 @@ def test_markdown_and_chart(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_combine_results():
+    a = dict(collection="c", tasks=["t"], rows=[_row("baseline:linear", 0.1, 0.2)],
+             details={"baseline:linear": {"x": 1}})  # fmt: skip
+    b = dict(collection="c", tasks=["t"], rows=[_row("hydraopt:plan@0.30", 0.05, 0.9)],
+             details={"hydraopt:plan@0.30": {"x": 2}}, complete=False)  # fmt: skip
+    c = EM.combine_results(a, b)
+    assert [r["method"] for r in c["rows"]] == ["hydraopt:plan@0.30", "baseline:linear"]
+    assert set(c["details"]) == {"baseline:linear", "hydraopt:plan@0.30"}
+    assert c["complete"] is False and c["summary"]["front_check"]["passed"]
+    with pytest.raises(ValueError):
+        EM.combine_results(a, dict(b, tasks=["u"]))
+
+
 # ---------------------------------------------------------------------------- real adapters
 def test_lora_scores_exactly_one_and_separate_reproduces_own(base_model):
     methods = EM.methods_by_name(["lora", "hydraopt:separate"])
