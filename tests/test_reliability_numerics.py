@@ -157,16 +157,7 @@ def test_als_stays_finite_and_optimal(case):
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            "badly scaled",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core: solve_optax rescales each factor array by ONE RMS over all its "
-                "groups, so with update norms 1e-6..1e6 the small tasks' B_t take steps ~1e3 "
-                "times their size and the weighted loss explodes (1e17); needs a per-group "
-                "RMS (axes 1, 2) in _solvers/optax_solver.py",
-            ),
-        ),
+        "badly scaled",
         "rank deficient",
         "zero adapters",
     ],

@@ -1,7 +1,7 @@
 """Gradient descent on the factored loss with any `optax.GradientTransformation`.
 
 The paper's gradient formulation, and the hook for custom objectives. Parameters are
-optimised in units of their initial RMS and the loss in units of `sum_t w_t ||dW_t||^2`, so
+optimised in units of their group's initial RMS and the loss in units of `sum_t w_t ||dW_t||^2`, so
 one learning rate suits any width and any adapter norm. One jitted `lax.while_loop`; the
 learning rate of the named solvers is a traced array, so a sweep does not recompile.
 """
@@ -30,8 +30,10 @@ def named_transformation(name: str, learning_rate) -> optax.GradientTransformati
     raise ValueError(f"unknown optax solver name {name!r}; expected 'adam' or 'lbfgs'")
 
 
-def _rms(x):
-    rms = jnp.sqrt(jnp.mean(x * x))
+def _group_rms(x):
+    """RMS of each group's factor, `[K, 1, 1]`: groups of one collection may differ in norm by
+    many orders of magnitude, so one scale for all of them would make Adam's steps wrong-sized."""
+    rms = jnp.sqrt(jnp.mean(x * x, axis=(-2, -1), keepdims=True))
     return jnp.where(rms > 0, rms, 1.0)
 
 
@@ -52,8 +54,8 @@ def solve_optax(
     Returns `(shared_a, shared_b, steps, converged)`.
     """
     tx = optax.with_extra_args_support(tx)
-    a_scale = jax.lax.stop_gradient(_rms(shared_a))
-    b_scale = jax.lax.stop_gradient(_rms(shared_b))
+    a_scale = jax.lax.stop_gradient(_group_rms(shared_a))
+    b_scale = jax.lax.stop_gradient(_group_rms(shared_b))
     total = jnp.sum(weights * norms_sq)
     total = jnp.where(total > 0, total, 1.0)
 
