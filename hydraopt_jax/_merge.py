@@ -369,8 +369,10 @@ def merge_adapters(
         statics, traced = _solver_arguments(
             sub_plan, solver, learning_rate, weights, max_steps, tol, init, svd_method, dtype
         )
-        stack_a = jnp.stack([jnp.asarray(a, dtype)[idx] for _, a, _, _ in members])
-        stack_b = jnp.stack([jnp.asarray(b, dtype)[idx] for _, _, b, _ in members])
+        # One host-side stack, one transfer; tasks are subset only when some are absent.
+        take = (lambda x: x) if len(present) == a_shape[0] else (lambda x, i=idx: x[i])
+        stack_a = jnp.asarray(np.stack([take(np.asarray(a, dtype)) for _, a, _, _ in members]))
+        stack_b = jnp.asarray(np.stack([take(np.asarray(b, dtype)) for _, _, b, _ in members]))
         if not isinstance(weights, str):
             traced["weights"] = jnp.asarray(weights, dtype)[idx]
         if has_cov:

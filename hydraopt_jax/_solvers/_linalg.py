@@ -75,6 +75,15 @@ def padded_members(groups: Sequence[Sequence[int]], dummy: int) -> np.ndarray:
     return np.array([list(m) + [dummy] * (width - len(m)) for m in groups], dtype=np.int32)
 
 
+def gather_padded(x: jax.Array, idx: np.ndarray) -> jax.Array:
+    """`x` with a zero entry appended, indexed by the static `idx [K, m]` (padding points at
+    the zero). When `idx` is just `arange(len(x))` reshaped, this is a reshape, not a copy:
+    the common shared-A / shared-B / separate cases then hold each factor once in memory."""
+    if idx.size == x.shape[0] and np.array_equal(idx.ravel(), np.arange(x.shape[0])):
+        return x.reshape(idx.shape + x.shape[1:])
+    return append_zero(x)[idx]
+
+
 def append_zero(x: jax.Array) -> jax.Array:
     """`x` with one zero entry appended on axis 0: the target of padded indices."""
     return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)], axis=0)

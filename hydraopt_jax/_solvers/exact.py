@@ -22,7 +22,7 @@ import numpy as np
 
 from .._plan import SharingPlan
 from ._linalg import (
-    append_zero,
+    gather_padded,
     padded_members,
     top_eigvecs_randomized,
     top_right_singular_vectors,
@@ -42,11 +42,11 @@ def _virtual_tasks(A, B, weights, plan: SharingPlan):
     idx = padded_members(members, dummy=plan.num_tasks)  # [K_B, n]
     num_b, width = idx.shape
     r = A.shape[1]
-    w_ext = append_zero(weights)[idx]  # [K_B, n]
+    w_ext = gather_padded(weights, idx)  # [K_B, n]
     group_weight = jnp.sum(w_ext, axis=1)
     coef = w_ext / jnp.where(group_weight > 0, group_weight, 1.0)[:, None]
-    a_v = append_zero(A)[idx].reshape(num_b, width * r, A.shape[2])
-    b_v = append_zero(B)[idx] * coef[:, :, None, None]  # [K_B, n, d_out, r]
+    a_v = gather_padded(A, idx).reshape(num_b, width * r, A.shape[2])
+    b_v = gather_padded(B, idx) * coef[:, :, None, None]  # [K_B, n, d_out, r]
     b_v = jnp.moveaxis(b_v, 1, 2).reshape(num_b, B.shape[1], width * r)
     a_of_b = tuple(plan.a_group[m[0]] for m in members)
     return a_v, b_v, group_weight, a_of_b
@@ -63,8 +63,8 @@ def _group_subspaces(a_v, b_scaled, a_of_b, k: int, svd_method: str):
     rows = idx.shape[1] * r_v
 
     if use_randomized(rows, k, svd_method):
-        a_g = append_zero(a_v)[idx]  # [K_A, m, r_v, d_in]
-        b_g = append_zero(b_scaled)[idx]  # [K_A, m, d_out, r_v]
+        a_g = gather_padded(a_v, idx)  # [K_A, m, r_v, d_in]
+        b_g = gather_padded(b_scaled, idx)  # [K_A, m, d_out, r_v]
 
         def one_group(a_m, b_m):
             def gram_apply(x):  # sum_j A_j^T B_j^T B_j A_j x, all factored
@@ -79,7 +79,7 @@ def _group_subspaces(a_v, b_scaled, a_of_b, k: int, svd_method: str):
 
     tri = jnp.linalg.qr(b_scaled, mode="r")  # [J, min(d_out, r_v), r_v]
     stacked = jnp.einsum("jsr,jrd->jsd", tri, a_v)
-    stacked = append_zero(stacked)[idx]  # [K_A, m, s, d_in]
+    stacked = gather_padded(stacked, idx)  # [K_A, m, s, d_in]
     stacked = stacked.reshape(idx.shape[0], -1, d_in)
     return jax.vmap(lambda s: top_right_singular_vectors(s, k))(stacked)
 
