@@ -112,6 +112,10 @@ def test_front_check_and_summary():
     assert EM.front_check([_row("hydraopt:x", 0.3, 0.5), _row("baseline:y", 0.3, 0.5)])["passed"]
     text = EM.format_summary(dict(collection="c", tasks=["t"], rows=rows))
     assert "FAIL" in text and "baseline:pca" in text
+    # baselines only (a run with --methods): no HydraOpt row to compare with
+    only = [r for r in rows if r["method"].startswith("baseline:")]
+    assert "FAIL" in EM.format_summary(dict(collection="c", tasks=["t"], rows=only))
+    assert "| c | 1 | - | - |" in EM.markdown([dict(collection="c", tasks=["t"], rows=only)])
 
 
 def test_markdown_and_chart(tmp_path):

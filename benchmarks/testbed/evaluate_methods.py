@@ -628,7 +628,7 @@ def format_summary(result: dict) -> str:
             f"(storage {b['storage']:.4f}) score {b['score']:.4f}"
         )
     o = s["one_adapter"]
-    if o:
+    if o and o["hydraopt"] is not None:
         lines.append(
             f"{name}: one-adapter storage ({o['storage']:.4f}): "
             f"{o['hydraopt']} {o['hydraopt_score']:.4f} "
@@ -712,7 +712,7 @@ def markdown(results: Sequence[dict]) -> str:
         one = (
             f"{o['hydraopt_score']:.4f} (`{o['hydraopt']}`) vs {o['best_rival_score']:.4f} "
             f"(`{o['best_rival']}`)"
-            if o
+            if o and o["hydraopt"] is not None
             else "-"
         )
         if fc["passed"]:
