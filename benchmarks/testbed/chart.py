@@ -41,6 +41,7 @@ def plot_panel(ax, result: dict, annotate: bool = True) -> None:
     hyd = [r for r in rows if r["method"].startswith("hydraopt:")]
     base = [r for r in rows if r["method"].startswith("baseline:")]
     lora = [r for r in rows if r["method"] == "lora"]
+    ref = [r for r in rows if r["method"].startswith("reference:")]
     xs, ys = _front_xy(rows)
     if xs:
         ax.plot(xs, ys, "-", color=HYDRA_COLOR, lw=1.2, alpha=0.7, label="HydraOpt front")
@@ -52,17 +53,22 @@ def plot_panel(ax, result: dict, annotate: bool = True) -> None:
         [r["storage_ratio"] for r in base], [r["score"] for r in base],
         color=BASE_COLOR, marker="s", s=20, zorder=3, label="baselines",
     )  # fmt: skip
+    if ref:
+        ax.scatter(
+            [r["storage_ratio"] for r in ref], [r["score"] for r in ref],
+            color="grey", marker="D", s=20, zorder=3, label="per-task truncation (reference)",
+        )  # fmt: skip
     if lora:
         ax.scatter(
             [lora[0]["storage_ratio"]], [lora[0]["score"]],
             color="black", marker="*", s=80, zorder=4, label="own LoRAs",
         )  # fmt: skip
     if annotate:
-        for r in hyd + base:
+        for r in hyd + base + ref:
             ax.annotate(
                 _short(r["method"]), (r["storage_ratio"], r["score"]), fontsize=5,
                 xytext=(2, 2), textcoords="offset points",
-                color=HYDRA_COLOR if r in hyd else BASE_COLOR,
+                color=HYDRA_COLOR if r in hyd else BASE_COLOR if r in base else "grey",
             )  # fmt: skip
     ax.set_xscale("log")
     ax.axvline(0.55, color="grey", lw=0.6, ls=":")

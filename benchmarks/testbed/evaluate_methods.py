@@ -9,8 +9,10 @@ its own LoRA (the accuracy recorded in the collection's `manifest.json`):
     min_task_ratio = min_t   acc_merged(t) / acc_own(t)
     storage_ratio  = stored parameters (all modules) / sum_t r_t (d_in + d_out) (all modules)
 
-Methods (`method_grid`): `lora` (the own adapters), HydraOpt plans (`hydraopt:...`, the exact
-solver where a closed form exists, ALS otherwise, activation-aware variants `+act`), a rank
+Methods (`method_grid`): `lora` (the own adapters), `reference:truncate-r/2` (every adapter
+truncated to rank r/2 by its own SVD: storage 0.5 without any sharing), HydraOpt plans
+(`hydraopt:...`, the exact solver where a closed form exists, ALS otherwise,
+activation-aware variants `+act`, the planner's per-module plans `plan@<budget>`), a rank
 sweep of `shared-a` and `full-merge`, and every baseline of `hydraopt_jax.baselines.BASELINES`
 (`baseline:<name>`) with fixed default hyperparameters (`BASELINE_PARAMS`; nothing is tuned on
 the test set). Activation covariances come from the *base* model's module inputs on a few
@@ -224,6 +226,9 @@ def method_grid(sweep: bool = True) -> list[Method]:
     H = "hydraopt"
     grid = [
         Method("lora", "lora"),
+        # reference, not a merge: each task's own adapter truncated to rank r/2 (its SVD);
+        # storage 0.5, no sharing. In neither the HydraOpt front nor the baselines.
+        Method("reference:truncate-r/2", "hydraopt", "separate", 0.5),
         Method("hydraopt:shared-a", H, "shared_a", 1.0),
         Method("hydraopt:shared-b", H, "shared_b", 1.0),
         Method("hydraopt:full-merge", H, "full_merge", 1.0),
