@@ -24,7 +24,25 @@ Only ratios measured side by side mean anything here (2 shared CPU cores).
 
 Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py`):
 
-    (filled in below from a real run)
+    Run at commit 44ba5aa, `PYTHONPATH=. python benchmarks/speed.py --reps 2`, 2 CPU cores
+    shared with other jobs (load average 8-14): only ratios in one table mean anything.
+    The in-process part finished; the cold-command part was still running when the session
+    ended and is not recorded (rerun on an idle machine to fill it in).
+
+    # OPENBLAS_NUM_THREADS=1; speed: 16 adapters x 16 modules, d_in = d_out = 2048, r = k = 16; torch 2.13.0+cpu (2 threads)
+    # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
+    
+    ## in process (median of 2; PEFT ties_svd: 1); ratio = time(PEFT svd) / time(method)
+    method                            rank  median s  x vs PEFT svd  compile s  err vs mean
+    PEFT linear                         16     0.291          907.1          -    1.50e+01 
+    PEFT cat                           256     0.984          268.1          -    0.00e+00 
+    PEFT svd                            16   263.676            1.0          -    4.54e-02 
+    PEFT ties_svd                       16   555.552            0.5          -    1.78e+00 
+    hydraopt full-merge (exact)         16     1.304          202.3       2.96    4.54e-02 
+    hydraopt shared-a (exact)           16     1.059          248.9       2.55    9.59e-02*
+    hydraopt baseline linear            16     0.202         1306.6       1.95    1.50e+01 
+    hydraopt baseline svd               16     0.960          274.7       1.27    4.54e-02 
+    hydraopt baseline ties              16     1.085          243.0       5.16    2.37e+00 
 """
 
 from __future__ import annotations
