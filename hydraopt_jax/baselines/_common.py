@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._lapack import after
 from .._loss import check_factor_shapes, relative_errors, task_norms_sq, task_weights
 from .._plan import SharingPlan
 from .._solution import RESULTS, Solution
@@ -167,7 +168,7 @@ def factored_svd(left: jax.Array, right: jax.Array, k: int) -> tuple[jax.Array, 
     (PEFT's `svd` split: singular values on B). Missing directions are zero-padded.
     """
     q_l, r_l = jnp.linalg.qr(left)  # [d_out, m_l], [m_l, n]
-    q_r, r_r = jnp.linalg.qr(right.T)  # [d_in, m_r], [m_r, n]
+    q_r, r_r = jnp.linalg.qr(after(right.T, q_l, r_l))  # [d_in, m_r], [m_r, n]
     u, s, vt = jnp.linalg.svd(r_l @ r_r.T, full_matrices=False)
     m = s.shape[0]
     kk = min(k, m)
@@ -201,7 +202,7 @@ def shared_basis_residuals(A, B, left, middle, right) -> jax.Array:
     `O(T (m + n) r d)` against `O(T (r + m)^2 d)` for per-task QRs, which matters for `cat`.
     """
     q_l, r_l = jnp.linalg.qr(left)
-    q_r, r_r = jnp.linalg.qr(right.T)
+    q_r, r_r = jnp.linalg.qr(after(right.T, q_l, r_l))
     c, e = _split_off(q_l, B)  # [T, m, r], [T, d_out, r]
     d, f = _split_off(q_r, jnp.swapaxes(A, 1, 2))  # [T, n, r], [T, d_in, r]
     if middle is None:  # one adapter for all tasks: left @ right

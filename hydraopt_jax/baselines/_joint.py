@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._lapack import after
 from .._loss import task_weights
 from ._common import check_inputs, report_jit, resolve_task_ids, resolve_task_ranks, run_impl
 from ._core_solution import CoreSolution
@@ -54,7 +55,7 @@ def stacked_coordinates(A, B):
     num_tasks, r, d_in = A.shape
     d_out = B.shape[1]
     q_b, r_b = jnp.linalg.qr(jnp.moveaxis(B, 0, 1).reshape(d_out, num_tasks * r))
-    q_a, r_a = jnp.linalg.qr(A.reshape(num_tasks * r, d_in).T)
+    q_a, r_a = jnp.linalg.qr(after(A.reshape(num_tasks * r, d_in).T, q_b, r_b))
     rb = jnp.moveaxis(r_b.reshape(r_b.shape[0], num_tasks, r), 1, 0)
     ra = jnp.moveaxis(r_a.reshape(r_a.shape[0], num_tasks, r), 1, 0)
     return q_b, q_a, rb, ra
@@ -115,7 +116,7 @@ def _joint_impl(A, B, weights, tol, max_steps, *, rank: int, diagonal: bool):
 
     # start: the top-k left / right singular subspaces of the concatenated weighted updates
     u0 = _top_eigvecs(jnp.einsum("t,tnr,trs,tms->nm", w, rb, gram_a, rb), k)
-    v0 = _top_eigvecs(jnp.einsum("t,tnr,trs,tms->nm", w, ra, gram_b, ra), k)
+    v0 = _top_eigvecs(after(jnp.einsum("t,tnr,trs,tms->nm", w, ra, gram_b, ra), u0), k)
     scale = jnp.maximum(jnp.sum(w * norms), jnp.finfo(A.dtype).tiny)
 
     def cond(state):
@@ -146,7 +147,7 @@ def _pca_impl(A, B, *, rank: int):
     k = min(rank, rb.shape[1], ra.shape[1])
     # top-k left singular vectors of [B_1 ... B_T] = Q_b R_b: those of R_b, from its Gram
     u = _top_eigvecs(jnp.einsum("tnr,tmr->nm", rb, rb), k)
-    v = _top_eigvecs(jnp.einsum("tnr,tmr->nm", ra, ra), k)
+    v = _top_eigvecs(after(jnp.einsum("tnr,tmr->nm", ra, ra), u), k)
     cores = _cores(u, v, rb, ra)  # (P_B^T B_t)(A_t P_A^T)
     shared_u = _pad_columns(q_b @ u, rank)
     shared_v = _pad_columns(q_a @ v, rank).T
