@@ -17,11 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._lapack import after
 from ._plan import SharingPlan
 
 __all__ = [
     "dense_loss_reference",
     "factored_task_errors",
+    "map_task_chunks",
+    "plan_residual_norms_sq",
     "residual_norms_sq",
     "task_norms_sq",
     "task_weights",
@@ -41,12 +44,55 @@ def check_factor_shapes(A, B, where: str) -> None:
         )
 
 
+# Elements of one chunk of tasks in `map_task_chunks` (float32: 16 MiB): bounds the workspace
+# of per-task products whatever the number of tasks.
+TASK_CHUNK_ELEMENTS = 1 << 22
+
+
+def map_task_chunks(fn, *xs: jax.Array, row_elements: int) -> jax.Array:
+    """`fn(*xs)` computed a chunk of the leading (task) axis at a time.
+
+    `fn` maps arrays with a leading task axis to one array with that leading axis, task by
+    task. XLA copies an operand whose contracted axis is not the minor one (e.g. `B` in
+    `B_t^T B_t`); chunking bounds that copy, and any per-task intermediate, to
+    `TASK_CHUNK_ELEMENTS` (`row_elements`: the elements one task touches). Small
+    collections run in one chunk, i.e. exactly `fn(*xs)`.
+    """
+    num_tasks = xs[0].shape[0]
+    chunk = max(1, min(num_tasks, TASK_CHUNK_ELEMENTS // max(row_elements, 1)))
+    if chunk == num_tasks:
+        return fn(*xs)
+    shapes = [jax.ShapeDtypeStruct((chunk, *x.shape[1:]), x.dtype) for x in xs]
+    out = jax.eval_shape(fn, *shapes)
+
+    def body(i, acc):
+        # the last chunk is shifted back to end at T (it recomputes a few tasks, identically)
+        start = jnp.minimum(i * chunk, num_tasks - chunk)
+        # Slicing a flattened [T, -1] view keeps XLA from giving the whole operand the
+        # layout `fn` prefers for its chunk (a full relayout copy before the loop, e.g. of B
+        # for a LAPACK QR): only the chunk is relaid out.
+        part = fn(*(
+            jax.lax.dynamic_slice_in_dim(x.reshape(num_tasks, -1), start, chunk).reshape(
+                (chunk, *x.shape[1:])
+            )
+            for x in xs
+        ))  # fmt: skip
+        return jax.lax.dynamic_update_slice_in_dim(acc, part, start, 0)
+
+    init = jnp.zeros((num_tasks, *out.shape[1:]), out.dtype)
+    return jax.lax.fori_loop(0, -(-num_tasks // chunk), body, init)
+
+
 def task_norms_sq(A: jax.Array, B: jax.Array) -> jax.Array:
     """`||B_t A_t||_F^2 = tr((B_t^T B_t)(A_t A_t^T))` for every task. `A: [T, r, d_in]`,
     `B: [T, d_out, r]` -> `[T]`."""
-    gram_b = jnp.einsum("tor,tos->trs", B, B)
-    gram_a = jnp.einsum("trd,tsd->trs", A, A)
-    return jnp.einsum("trs,trs->t", gram_b, gram_a)
+
+    def norms(a, b):
+        gram_b = jnp.einsum("tor,tos->trs", b, b)
+        gram_a = jnp.einsum("trd,tsd->trs", a, a)
+        return jnp.einsum("trs,trs->t", gram_b, gram_a)
+
+    return map_task_chunks(norms, A, B, row_elements=A.shape[1] * (A.shape[2] + B.shape[1]))
 
 
 def task_weights(A: jax.Array, B: jax.Array, weights="relative") -> jax.Array:
@@ -112,9 +158,30 @@ def residual_norms_sq(
     left = jnp.concatenate([B, -task_b], axis=-1)  # [T, d_out, r + k]
     right = jnp.concatenate([A, task_a], axis=-2)  # [T, r + k, d_in]
     r_left = jnp.linalg.qr(left, mode="r")
-    r_right = jnp.linalg.qr(jnp.swapaxes(right, -1, -2), mode="r")
+    r_right = jnp.linalg.qr(after(jnp.swapaxes(right, -1, -2), r_left), mode="r")
     core = jnp.einsum("tir,tjr->tij", r_left, r_right)
     return jnp.sum(core * core, axis=(-2, -1))
+
+
+def plan_residual_norms_sq(
+    A: jax.Array, B: jax.Array, shared_a: jax.Array, shared_b: jax.Array, plan: SharingPlan
+) -> jax.Array:
+    """`residual_norms_sq` of every task against its groups' shared factors, a chunk of tasks
+    at a time (`map_task_chunks`): no `[T, k, d_in]` broadcast of the shared factors and no
+    `[T, d_out, r + k]` concatenation of the whole collection is held in memory."""
+    r, d_in, d_out, k = A.shape[1], A.shape[2], B.shape[1], shared_a.shape[1]
+
+    def residual(a, b, ia, ib):
+        return residual_norms_sq(a, b, shared_a[ia], shared_b[ib])
+
+    return map_task_chunks(
+        residual,
+        A,
+        B,
+        jnp.asarray(np.asarray(plan.a_group, np.int32)),
+        jnp.asarray(np.asarray(plan.b_group, np.int32)),
+        row_elements=(r + k) * (d_in + d_out),
+    )
 
 
 def relative_errors(residual_sq: jax.Array, norms_sq: jax.Array) -> jax.Array:

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._host import stack_modules, unstack
+from ._lapack import after
 from ._loss import (
     check_factor_shapes,
-    gather_task_factors,
     plan_loss,
+    plan_residual_norms_sq,
     relative_errors,
-    residual_norms_sq,
     task_norms_sq,
     task_weights,
 )
@@ -54,7 +55,9 @@ def _initial_factors(A, B, weights, norms_sq, plan: SharingPlan, k: int, init, s
     everyone = tuple(range(plan.num_tasks))
     sa_1, _ = solve_exact(A, B, weights, SharingPlan(plan.a_group, everyone, k), k, svd_method)
     sb_1 = als_update_b(sa_1, A, B, weights, plan)
-    _, sb_2 = solve_exact(A, B, weights, SharingPlan(everyone, plan.b_group, k), k, svd_method)
+    # the second relaxation's LAPACK calls wait for the first's (see `_lapack`)
+    relaxed_b = SharingPlan(everyone, plan.b_group, k)
+    _, sb_2 = solve_exact(after(A, sb_1), after(B, sb_1), weights, relaxed_b, k, svd_method)
     sa_2 = als_update_a(sb_2, A, B, weights, plan)
     first_better = plan_loss(sa_1, sb_1, A, B, weights, norms_sq, plan) <= plan_loss(
         sa_2, sb_2, A, B, weights, norms_sq, plan
@@ -113,8 +116,7 @@ def _solve_impl(
                 tx, shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
             )
 
-    task_a, task_b = gather_task_factors(shared_a, shared_b, plan)
-    residual = residual_norms_sq(A, B, task_a, task_b)
+    residual = plan_residual_norms_sq(A, B, shared_a, shared_b, plan)
     loss = jnp.sum(weights * residual)
     rel = relative_errors(residual, norms_sq)
     if cov is not None:
@@ -369,10 +371,11 @@ def merge_adapters(
         statics, traced = _solver_arguments(
             sub_plan, solver, learning_rate, weights, max_steps, tol, init, svd_method, dtype
         )
-        # One host-side stack, one transfer; tasks are subset only when some are absent.
-        take = (lambda x: x) if len(present) == a_shape[0] else (lambda x, i=idx: x[i])
-        stack_a = jnp.asarray(np.stack([take(np.asarray(a, dtype)) for _, a, _, _ in members]))
-        stack_b = jnp.asarray(np.stack([take(np.asarray(b, dtype)) for _, _, b, _ in members]))
+        # The group's factors held once (see `_host`); tasks are subset only when some are
+        # absent from the module.
+        take = None if len(present) == a_shape[0] else (lambda x, i=idx: x[i])
+        stack_a = stack_modules([m[1] for m in members], dtype, take)
+        stack_b = stack_modules([m[2] for m in members], dtype, take)
         if not isinstance(weights, str):
             traced["weights"] = jnp.asarray(weights, dtype)[idx]
         if has_cov:
@@ -389,9 +392,16 @@ def merge_adapters(
             arrays = solve(stack_a, stack_b, traced)
         else:
             arrays = _solve_sharded(solve, mesh, stack_a, stack_b, traced)
-        batch = Solution(*arrays, plan=sub_plan, task_ranks=(), task_ids=present)
+        del stack_a, stack_b
+        per_module = list(zip(*(unstack(x) for x in arrays), strict=True))
+        del arrays
         for i, (name, _, _, ranks) in enumerate(members):
-            sol = batch.index(i).replace(task_ranks=tuple(ranks[t] for t in present))
+            sol = Solution(
+                *per_module[i],
+                plan=sub_plan,
+                task_ranks=tuple(ranks[t] for t in present),
+                task_ids=present,
+            )
             if throw:
                 _raise_on_failure(sol, where=name)
             out[name] = sol

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._loss import map_task_chunks
 from .._plan import SharingPlan
 from ._linalg import (
+    OVERSAMPLE,
     gather_padded,
     padded_members,
     top_eigvecs_randomized,
@@ -35,8 +37,12 @@ __all__ = ["solve_exact"]
 def _virtual_tasks(A, B, weights, plan: SharingPlan):
     """Collapse each B-group into one task: its weighted mean update, kept factored.
 
-    Returns `A_v [K_B, n r, d_in]`, `B_v [K_B, d_out, n r]`, `W [K_B]` and, for each B-group,
-    its A-group.
+    Returns `A_v [K_B, n r, d_in]`, `B_v [K_B, d_out, n r]` (the members' raw factors,
+    side by side), `coef [K_B, n r]` (each member's `w_t / W_j`, repeated over its `r`
+    columns: `M_j = B_v diag(coef) A_v`), `W [K_B]` and, for each B-group, its A-group.
+    The weights stay in `coef` and act on small matrices only: when every B-group is one
+    task in order (shared-A, separate) `A_v` and `B_v` are reshapes of the inputs, and the
+    solve holds no scaled copy of either factor.
     """
     members = plan.groups("b")
     idx = padded_members(members, dummy=plan.num_tasks)  # [K_B, n]
@@ -46,15 +52,14 @@ def _virtual_tasks(A, B, weights, plan: SharingPlan):
     group_weight = jnp.sum(w_ext, axis=1)
     coef = w_ext / jnp.where(group_weight > 0, group_weight, 1.0)[:, None]
     a_v = gather_padded(A, idx).reshape(num_b, width * r, A.shape[2])
-    b_v = gather_padded(B, idx) * coef[:, :, None, None]  # [K_B, n, d_out, r]
-    b_v = jnp.moveaxis(b_v, 1, 2).reshape(num_b, B.shape[1], width * r)
+    b_v = jnp.moveaxis(gather_padded(B, idx), 1, 2).reshape(num_b, B.shape[1], width * r)
     a_of_b = tuple(plan.a_group[m[0]] for m in members)
-    return a_v, b_v, group_weight, a_of_b
+    return a_v, b_v, jnp.repeat(coef, r, axis=1), group_weight, a_of_b
 
 
-def _group_subspaces(a_v, b_scaled, a_of_b, k: int, svd_method: str):
+def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str):
     """`Ah [K_A, k, d_in]`: per A-group, the top-k right singular subspace of the stacked
-    `[R_j A_j]` where `b_scaled_j = Q_j R_j` already carries `sqrt(W_j)`."""
+    `[R_j A_j]`, where `B_v_j diag(scale_j) = Q_j R_j` (`scale` carries `coef sqrt(W_j)`)."""
     num_virtual, r_v, d_in = a_v.shape
     groups = [[] for _ in range(max(a_of_b) + 1)]
     for j, g in enumerate(a_of_b):
@@ -64,20 +69,45 @@ def _group_subspaces(a_v, b_scaled, a_of_b, k: int, svd_method: str):
 
     if use_randomized(rows, k, svd_method):
         a_g = gather_padded(a_v, idx)  # [K_A, m, r_v, d_in]
-        b_g = gather_padded(b_scaled, idx)  # [K_A, m, d_out, r_v]
+        b_g = gather_padded(b_v, idx)  # [K_A, m, d_out, r_v]
+        s_g = gather_padded(scale, idx)  # [K_A, m, r_v]
+        d_out = b_v.shape[1]
+        # The operator needs S_j B_j^T B_j S_j. Its Gram [m, r_v, r_v] is formed once when
+        # that is smaller than applying B_j to a sketch ([m, d_out, k + p]) at every step.
+        use_gram = r_v * r_v <= d_out * (k + OVERSAMPLE)
 
-        def one_group(a_m, b_m):
-            def gram_apply(x):  # sum_j A_j^T B_j^T B_j A_j x, all factored
-                y = jnp.einsum("mrd,dp->mrp", a_m, x)
-                y = jnp.einsum("mor,mrp->mop", b_m, y)
-                y = jnp.einsum("mor,mop->mrp", b_m, y)
-                return jnp.einsum("mrd,mrp->dp", a_m, y)
+        def one_group(a_m, b_m, s_m):
+            m = a_m.shape[0]
+            a_2d = a_m.reshape(m * r_v, d_in)  # one GEMM each way, no batched copies
+            if use_gram:
+                gram = map_task_chunks(
+                    lambda b, s: jnp.einsum("mor,mos->mrs", b, b) * (s[:, :, None] * s[:, None, :]),
+                    b_m,
+                    s_m,
+                    row_elements=d_out * r_v,
+                )
+
+                def inner(y):
+                    return jnp.einsum("mrs,msp->mrp", gram, y)
+            else:
+
+                def inner(y):
+                    y = jnp.einsum("mor,mrp->mop", b_m, y * s_m[:, :, None])
+                    return jnp.einsum("mor,mop->mrp", b_m, y) * s_m[:, :, None]
+
+            def gram_apply(x):  # sum_j A_j^T S_j B_j^T B_j S_j A_j x, all factored
+                y = inner((a_2d @ x).reshape(m, r_v, -1))
+                # (y^T A)^T, not A^T y: XLA would materialise a transposed copy of A
+                return (y.reshape(m * r_v, -1).T @ a_2d).T
 
             return top_eigvecs_randomized(gram_apply, d_in, k, a_v.dtype)
 
-        return jax.vmap(one_group)(a_g, b_g)
+        if idx.shape[0] == 1:  # one A-group: no vmap (XLA would relayout a_g for it)
+            return one_group(a_g[0], b_g[0], s_g[0])[None]
+        return jax.vmap(one_group)(a_g, b_g, s_g)
 
-    tri = jnp.linalg.qr(b_scaled, mode="r")  # [J, min(d_out, r_v), r_v]
+    # qr(B S) = Q (R S): scaling columns scales the triangular factor's columns.
+    tri = jnp.linalg.qr(b_v, mode="r") * scale[:, None, :]  # [J, min(d_out, r_v), r_v]
     stacked = jnp.einsum("jsr,jrd->jsd", tri, a_v)
     stacked = gather_padded(stacked, idx)  # [K_A, m, s, d_in]
     stacked = stacked.reshape(idx.shape[0], -1, d_in)
@@ -85,11 +115,15 @@ def _group_subspaces(a_v, b_scaled, a_of_b, k: int, svd_method: str):
 
 
 def _solve_shared_a_family(A, B, weights, plan: SharingPlan, k: int, svd_method: str):
-    a_v, b_v, group_weight, a_of_b = _virtual_tasks(A, B, weights, plan)
-    b_scaled = b_v * jnp.sqrt(group_weight)[:, None, None]
-    shared_a = _group_subspaces(a_v, b_scaled, a_of_b, k, svd_method)
-    # Bh_j = M_j Ah^T = B_j (A_j Ah^T): the projection of each B-group's mean update.
-    proj = jnp.einsum("jrd,jkd->jrk", a_v, shared_a[np.asarray(a_of_b)])
+    a_v, b_v, coef, group_weight, a_of_b = _virtual_tasks(A, B, weights, plan)
+    scale = coef * jnp.sqrt(group_weight)[:, None]
+    shared_a = _group_subspaces(a_v, b_v, scale, a_of_b, k, svd_method)
+    # Bh_j = M_j Ah^T = B_j diag(coef_j) (A_j Ah^T): the projection of each B-group's mean.
+    if len(set(a_of_b)) == 1:  # one A-group: no [K_B, k, d_in] broadcast of Ah
+        proj = jnp.einsum("jrd,kd->jrk", a_v, shared_a[a_of_b[0]])
+    else:
+        proj = jnp.einsum("jrd,jkd->jrk", a_v, shared_a[np.asarray(a_of_b)])
+    proj = proj * coef[:, :, None]
     shared_b = jnp.einsum("jor,jrk->jok", b_v, proj)
     return shared_a, shared_b
 

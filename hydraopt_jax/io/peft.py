@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._host import aligned_zeros
 from ._files import (
     AdapterError,
     atomic_dir,
@@ -462,27 +463,30 @@ class AdapterCollection:
     def load_group(
         self, names: Sequence[str]
     ) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
-        """The merge input for `names` (modules of one shape), padded to their max rank."""
+        """The merge input for `names` (modules of one shape), padded to their max rank.
+
+        The factors of all `names` live in one aligned, read-only `[M, T, ...]` buffer per
+        side, of which each module's arrays are views: `merge_adapters` then solves the group
+        without copying it (see `hydraopt_jax._host`).
+        """
         infos = [self.modules[n] for n in names]
         r_max = max(max(i.ranks) for i in infos)
-        out = {}
-        arrays = {
-            n: (
-                np.zeros((self.num_tasks, r_max, i.d_in), np.float32),
-                np.zeros((self.num_tasks, i.d_out, r_max), np.float32),
-            )
-            for n, i in zip(names, infos, strict=False)
-        }
+        d_in, d_out = infos[0].d_in, infos[0].d_out
+        if any((i.d_in, i.d_out) != (d_in, d_out) for i in infos):
+            raise ValueError(f"load_group: modules {list(names)} do not all have one shape")
+        stack_a = aligned_zeros((len(names), self.num_tasks, r_max, d_in))
+        stack_b = aligned_zeros((len(names), self.num_tasks, d_out, r_max))
+        slot = {n: i for i, n in enumerate(names)}
         for t, adapter in enumerate(self.adapters):
             present = [n for n in names if n in adapter.modules]
             for n, (a, b) in adapter.load_factors(present).items():
                 r = a.shape[0]
-                arrays[n][0][t, :r] = a
-                arrays[n][1][t, :, :r] = b
+                stack_a[slot[n], t, :r] = a
+                stack_b[slot[n], t, :, :r] = b
             kill_point("load")  # test hook: die mid-load (see `_files.kill_point`)
-        for n, info in zip(names, infos, strict=False):
-            out[n] = (*arrays[n], info.ranks)
-        return out
+        stack_a.flags.writeable = False
+        stack_b.flags.writeable = False
+        return {n: (stack_a[i], stack_b[i], infos[i].ranks) for i, n in enumerate(names)}
 
     def iter_groups(self) -> Iterator[tuple[tuple[str, int, int], dict]]:
         """Yield `(shape_key, group_collection)` for each shape group, loading lazily."""
