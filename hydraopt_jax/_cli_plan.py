@@ -32,6 +32,8 @@ from typing import Annotated
 import numpy as np
 import typer
 
+from ._planner import DEFAULT_RANK_MULTIPLIERS
+
 __all__ = ["plan", "sweep"]
 
 DEFAULT_SWEEP_MULTIPLIERS = "0.5,1,2"
@@ -146,7 +148,7 @@ def plan(
     rank_multipliers: Annotated[
         str,
         typer.Option(help="Candidate ranks as multiples of each module's LoRA rank."),
-    ] = "0.5,1,1.5,2,3,4",
+    ] = ",".join(f"{m:g}" for m in DEFAULT_RANK_MULTIPLIERS),
     attributes: Annotated[
         str | None,
         typer.Option(help="Regex with named groups parsing task attributes from task names."),
@@ -283,7 +285,7 @@ def sweep(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
     """Storage vs error: named plans at a few ranks, planner points, classic merges."""
-    from ._planner import DEFAULT_RANK_MULTIPLIERS, choose, collection_options
+    from ._planner import choose, collection_options
     from .baselines import BASELINES, run_baseline
     from .cli import _load
 

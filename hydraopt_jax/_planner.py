@@ -11,7 +11,9 @@ adapters' parameters.
 B-grouping where one nests inside the other (the shared-A family when every B-group lies in
 one A-group, the shared-B family otherwise). Groupings are `all`, one per task attribute,
 and `task`. Ranks are multiples of each module's (largest) LoRA rank, by default
-`r/2, r, 3r/2, 2r, 3r, 4r`, capped at `min(d_in, d_out)`.
+`r/8, r/4, r/2, r, 3r/2, 2r, 3r, 4r` (at least 1), capped at `min(d_in, d_out)`. The low
+ranks matter at small budgets: a task kept on its own at rank `r/4` often fits better than
+any sharing at the same storage.
 
 **Evaluation, for every rank at once.** For a shared-A-family plan with A-groups `g` and
 B-groups `j` (each inside one `g`), `M_j = sum_{t in j} w_t dW_t / W_j`, the optimum of
@@ -71,7 +73,7 @@ __all__ = [
     "task_attributes_from_names",
 ]
 
-DEFAULT_RANK_MULTIPLIERS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+DEFAULT_RANK_MULTIPLIERS = (0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 NAMED_PAIRS = {
     ("all", "task"): "shared-a",
     ("task", "all"): "shared-b",

@@ -77,8 +77,11 @@ FACTORWISE = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_pr
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
 
-# Budgets of the planner's points (its own default candidate ranks; nothing tuned here).
-PLANNER_BUDGETS = (0.15, 0.30, 0.55)
+# Budgets of the planner's points (its own default candidate ranks; nothing tuned here):
+# one adapter's storage (0.025 with these shapes), the storage of each shared-basis baseline
+# rounded down (joint_diag 0.031, joint / pca at k = r 0.071 and at k = 2r 0.234), so that
+# every baseline faces a HydraOpt point at equal or smaller storage, and 0.15 / 0.30 / 0.55.
+PLANNER_BUDGETS = (0.025, 0.03, 0.07, 0.15, 0.23, 0.30, 0.55)
 QUICK_PLANNER_BUDGETS = (0.30,)
 
 # Activation covariances: base-model module inputs on training-distribution batches.
@@ -221,6 +224,12 @@ def _rank_tag(mult: float) -> str:
     return {0.5: "r/2", 1.0: "r", 2.0: "2r", 4.0: "4r"}.get(mult, f"{mult:g}r")
 
 
+def _budget_tag(budget: float) -> str:
+    """`0.3 -> "0.30"`, `0.025 -> "0.025"`: two decimals, three where needed."""
+    tag = f"{budget:.3f}"
+    return tag[:-1] if tag.endswith("0") else tag
+
+
 def method_grid(sweep: bool = True) -> list[Method]:
     """Every method, in a fixed order. `sweep` adds the rank sweeps (k in r/2, r, 2r, 4r)."""
     H = "hydraopt"
@@ -241,7 +250,7 @@ def method_grid(sweep: bool = True) -> list[Method]:
     ]
     # the planner (per-module side, groups and rank under a global budget)
     grid += [
-        Method(f"hydraopt:plan@{b:.2f}", "planner", budget=b)
+        Method(f"hydraopt:plan@{_budget_tag(b)}", "planner", budget=b)
         for b in (PLANNER_BUDGETS if sweep else QUICK_PLANNER_BUDGETS)
     ]
     if sweep:
