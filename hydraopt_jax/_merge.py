@@ -337,7 +337,10 @@ def merge_adapters(
       iterative solves (e.g. from a checkpoint); every module must then be given.
     - `activation_covs`: optional `{module: [d_in, d_in]}` input covariances.
     - `mesh`: optional `jax.sharding.Mesh`; the module axis of each shape group is sharded
-      over its first axis (padded to a multiple of its size). Results equal one device's.
+      over its first axis (padded to a multiple of its size) and, if the mesh has a second
+      axis whose size divides the number of tasks, the task axis over that one (for large
+      `T`: per-task products and Gram sums are split, XLA adds the reductions). Results equal
+      one device's.
     - `progress`: called as `progress(description, num_modules)` after each shape group.
     - the rest as in `merge`.
 
@@ -413,28 +416,35 @@ def merge_adapters(
 
 
 def _solve_sharded(solve, mesh, stack_a, stack_b, traced):
-    """Run a vmapped solve with its module axis sharded over the mesh's first axis.
+    """Run a vmapped solve with its module axis sharded over the mesh's first axis and, when
+    the mesh has a second axis that divides the number of tasks, the task axis over that one.
 
-    The module axis is padded (repeating the last module) to a multiple of the axis size,
-    and the padding is dropped from the results.
+    The module axis is padded (repeating the last module) to a multiple of the first axis's
+    size, and the padding is dropped from the results. Sharding the task axis splits every
+    per-task product and Gram accumulation over the second axis (XLA inserts the reductions);
+    the results are those of one device.
     """
     from jax.sharding import NamedSharding, PartitionSpec
 
     axis = mesh.axis_names[0]
     size = mesh.shape[axis]
-    num = stack_a.shape[0]
+    num, num_tasks = stack_a.shape[:2]
     pad = (-num) % size
+    task_axis = None
+    if len(mesh.axis_names) > 1 and num_tasks % mesh.shape[mesh.axis_names[1]] == 0:
+        task_axis = mesh.axis_names[1]
 
-    def place(x, per_module: bool):
+    def place(x, per_module: bool, per_task: bool = False):
         if not per_module:
             return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
         if pad:
             x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)], axis=0)
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(axis)))
+        spec = PartitionSpec(axis, task_axis) if per_task else PartitionSpec(axis)
+        return jax.device_put(x, NamedSharding(mesh, spec))
 
     traced = {
         key: jax.tree_util.tree_map(lambda x, k=key: place(x, k in _PER_MODULE), value)
         for key, value in traced.items()
     }
-    arrays = solve(place(stack_a, True), place(stack_b, True), traced)
+    arrays = solve(place(stack_a, True, True), place(stack_b, True, True), traced)
     return tuple(x[:num] for x in arrays)

@@ -508,3 +508,24 @@ def test_sharded_module_axis_equals_one_device(rng):
     for name in collection:
         np.testing.assert_allclose(sharded[name].shared_a, single[name].shared_a, atol=1e-6)
         np.testing.assert_allclose(sharded[name].loss, single[name].loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("plan_name", ["shared_a", "full_merge", "shared_b"])
+def test_sharded_module_and_task_axes_equal_one_device(rng, plan_name):
+    from jax.sharding import Mesh
+
+    devices = np.array(jax.devices()).reshape(2, 2)
+    mesh = Mesh(devices, ("modules", "tasks"))  # 2 x 2: modules over one, tasks the other
+    plan = SharingPlan.named(plan_name, 6, 3)
+    collection = {
+        f"m{i}": random_collection(rng, num_tasks=6, d_in=9, d_out=8, dtype=np.float32)
+        for i in range(3)  # 3 modules on 2 shards: padded to 4
+    }
+    single = hj.merge_adapters(collection, plan)
+    sharded = hj.merge_adapters(collection, plan, mesh=mesh)
+    for name in collection:
+        for field in ("shared_a", "shared_b", "relative_error"):
+            np.testing.assert_allclose(
+                getattr(sharded[name], field), getattr(single[name], field), atol=2e-5
+            )
+        np.testing.assert_allclose(sharded[name].loss, single[name].loss, rtol=1e-5)
