@@ -1,9 +1,10 @@
 """Programs with several LAPACK calls finish on a small CPU (see `hydraopt_jax._lapack`).
 
 Before `after`, a full merge of 16 modules at d = 2048 deadlocked on every run on a 2-core
-machine (the QR forming Q and the SVD of R ran at once, each blocking one of the two pool
-threads). The case runs in a child process pinned to 2 CPUs, with a timeout, so a regression
-fails here instead of hanging the suite.
+machine (the QR forming Q and the SVD of R in `top_right_singular_vectors` ran at once, each
+blocking one of the two pool threads; that function now uses an eigh chain instead, and the
+remaining independent pairs go through `after`). The case runs in a child process pinned to
+2 CPUs, with a timeout, so a hang fails here instead of hanging the suite.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ its own LoRA (the accuracy recorded in the collection's `manifest.json`):
     min_task_ratio = min_t   acc_merged(t) / acc_own(t)
     storage_ratio  = stored parameters (all modules) / sum_t r_t (d_in + d_out) (all modules)
 
-Methods (`method_grid`): `lora` (the own adapters), `reference:truncate-r/2` (every adapter
-truncated to rank r/2 by its own SVD: storage 0.5 without any sharing), HydraOpt plans
+Methods (`method_grid`): `lora` (the own adapters), `reference:truncate-r/2` and `-r/4` (every
+adapter truncated to rank r/2 or r/4 by its own SVD: storage 0.5 / 0.25 without any sharing),
+HydraOpt plans
 (`hydraopt:...`, the exact solver where a closed form exists, ALS otherwise,
 activation-aware variants `+act`, the planner's per-module plans `plan@<budget>`), a rank
 sweep of `shared-a` and `full-merge`, and every baseline of `hydraopt_jax.baselines.BASELINES`
@@ -238,6 +239,8 @@ def method_grid(sweep: bool = True) -> list[Method]:
         # reference, not a merge: each task's own adapter truncated to rank r/2 (its SVD);
         # storage 0.5, no sharing. In neither the HydraOpt front nor the baselines.
         Method("reference:truncate-r/2", "hydraopt", "separate", 0.5),
+        # the same at rank r/4 (storage 0.25): what the planner's 0.23-0.30 points mostly do
+        Method("reference:truncate-r/4", "hydraopt", "separate", 0.25),
         Method("hydraopt:shared-a", H, "shared_a", 1.0),
         Method("hydraopt:shared-b", H, "shared_b", 1.0),
         Method("hydraopt:full-merge", H, "full_merge", 1.0),

@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._lapack import after
-
 # Randomized subspace iteration: extra columns beyond k, and power steps. With these the
 # captured energy matches a full SVD to ~1e-7 relative on the collections we test.
 OVERSAMPLE = 16
@@ -32,14 +30,25 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
 def top_right_singular_vectors(stacked: jax.Array, k: int) -> jax.Array:
     """Top-`k` right singular vectors of `stacked [n, d]` as orthonormal rows `[k, d]`.
 
-    Thin QR of `stacked^T` then an SVD of the `n x n` triangle: exact, `O(d n^2)`.
-    Rows beyond the rank of `stacked` are zero-padded when `k > min(n, d)`.
+    For `n <= d`: the eigenvectors `U` of the small Gram `stacked stacked^T [n, n]` give the
+    rows `S^{-1} U^T stacked`, re-orthonormalised by a thin QR of `[d, k]`. Only the top-`k`
+    subspace is needed and the loss is stationary in it, so the Gram's squared conditioning
+    costs no measurable optimality (tests: within 1.0001 of the dense float64 optimum); this
+    avoids forming the `[d, n]` Q of a QR of `stacked^T` (half the solve time at n = 256,
+    d = 2048). Directions with a negligible singular value come out as arbitrary orthonormal
+    rows (they cannot raise the loss). Rows beyond `min(n, d)` are zero-padded.
     """
     n, d = stacked.shape
     if n <= d:
-        q, r = jnp.linalg.qr(stacked.T)  # [d, n], [n, n]
-        _, _, vt = jnp.linalg.svd(after(r.T, q))  # stacked = r^T q^T
-        basis = (q @ vt.T).T  # [n, d]
+        kk = min(k, n)
+        gram = stacked @ stacked.T
+        evals, evecs = jnp.linalg.eigh(0.5 * (gram + gram.T))  # ascending
+        top = evecs[:, ::-1][:, :kk]
+        sing = jnp.sqrt(jnp.maximum(evals[::-1][:kk], 0.0))
+        keep = sing > 10.0 * n * jnp.finfo(stacked.dtype).eps * sing[0]
+        rows = (top.T @ stacked) * jnp.where(keep, 1.0 / jnp.where(keep, sing, 1.0), 0.0)[:, None]
+        basis, _ = jnp.linalg.qr(rows.T)  # [d, kk], orthonormal columns
+        basis = basis.T
     else:
         _, _, basis = jnp.linalg.svd(stacked, full_matrices=False)  # [d, d]
     return _pad_rows(basis, k)
