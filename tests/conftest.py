@@ -1,9 +1,12 @@
 """Strict test settings: x64 for reference checks, rank promotion errors, warnings as errors."""
 
 import os
+import tempfile
 
 # Four host devices for the sharding tests (the package appends its own CPU flags).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# `hydraopt` commands run as subprocesses keep their compilation cache out of ~/.cache.
+os.environ.setdefault("HYDRAOPT_CACHE_DIR", tempfile.mkdtemp(prefix="hydraopt-test-cache-"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
-from test_reliability_helpers import listing, run_cli, write_collection
+from test_reliability_helpers import bundle_arrays, listing, run_cli, write_collection
 
 from hydraopt_jax.cli import main
 from hydraopt_jax.io import load_bundle
@@ -57,3 +58,31 @@ def test_export_killed_leaves_no_partial_output(tmp_path, capsys):
     assert main(["export", str(tmp_path / "bundle"), "--to", str(peft)]) == 0
     assert listing(peft) == ["task0", "task1", "task2"]
     assert listing(tmp_path) == ["bundle", "in", "peft"]
+
+
+def test_command_compilation_cache_is_filled_once_and_changes_nothing(tmp_path):
+    dirs = write_collection(tmp_path / "in", modules=MODULES)
+    cache = tmp_path / "cache"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        proc = run_cli("merge", *dirs, "--out", out, env={"HYDRAOPT_CACHE_DIR": str(cache)})
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(bundle_arrays(out))
+        if run == 0:
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries, "the first run compiles and fills the cache"
+    assert sorted(p.name for p in cache.iterdir()) == entries  # the second run only reads
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        np.testing.assert_array_equal(outputs[0][key], outputs[1][key])
+
+
+def test_empty_cache_dir_setting_disables_the_cache(tmp_path, monkeypatch):
+    from hydraopt_jax.cli import compilation_cache_dir
+
+    monkeypatch.setenv("HYDRAOPT_CACHE_DIR", "")
+    assert compilation_cache_dir() is None
+    monkeypatch.delenv("HYDRAOPT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == str(tmp_path / "hydraopt" / "jax")
