@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ._host import stack_modules, unstack
 from ._lapack import after
@@ -25,11 +24,15 @@ from ._plan import SharingPlan
 from ._solution import RESULTS, Solution
 from ._solvers.als import als_update_a, als_update_b, solve_als
 from ._solvers.exact import solve_exact
-from ._solvers.optax_solver import DEFAULT_LEARNING_RATE, named_transformation, solve_optax
 
 __all__ = ["merge", "merge_adapters"]
 
-SolverLike = str | optax.GradientTransformation
+if TYPE_CHECKING:  # optax is imported only when an Optax solver runs (0.3 s of start-up)
+    import optax
+
+    SolverLike = str | optax.GradientTransformation
+# Learning rates of the named Optax solvers (`_solvers/optax_solver.named_transformation`).
+DEFAULT_LEARNING_RATE = {"adam": 1e-2, "lbfgs": 1.0}
 DEFAULT_MAX_STEPS = {"als": 200, "optax": 2000}
 DEFAULT_TOL = {"als": 1e-7, "optax": 1e-9}
 # Whitening ridge, relative to the mean eigenvalue of the activation covariance.
@@ -109,6 +112,8 @@ def _solve_impl(
                 shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
             )
         else:
+            from ._solvers.optax_solver import named_transformation, solve_optax
+
             tx = transformation
             if isinstance(tx, str):
                 tx = named_transformation(tx, traced["learning_rate"])
@@ -156,13 +161,17 @@ def _batched_solver(traced_keys: tuple[str, ...], **static) -> Callable:
 # ---------------------------------------------------------------------------- arguments
 def _resolve_solver(solver: SolverLike, learning_rate):
     """`(kind, transformation, learning_rate)` from a solver name or an Optax transformation."""
-    if isinstance(solver, optax.GradientTransformation):
-        return "optax", solver, 0.0
-    if solver in ("exact", "als"):
-        return solver, None, 0.0
-    if solver in DEFAULT_LEARNING_RATE:
-        lr = DEFAULT_LEARNING_RATE[solver] if learning_rate is None else learning_rate
-        return "optax", solver, lr
+    if isinstance(solver, str):
+        if solver in ("exact", "als"):
+            return solver, None, 0.0
+        if solver in DEFAULT_LEARNING_RATE:
+            lr = DEFAULT_LEARNING_RATE[solver] if learning_rate is None else learning_rate
+            return "optax", solver, lr
+    else:
+        import optax
+
+        if isinstance(solver, optax.GradientTransformation):
+            return "optax", solver, 0.0
     raise ValueError(
         f"solver must be 'exact', 'als', 'adam', 'lbfgs' or an optax.GradientTransformation; "
         f"got {solver!r}"

@@ -16,9 +16,7 @@ from .._loss import plan_loss
 from .._plan import SharingPlan
 from .als import run_descent_loop
 
-__all__ = ["DEFAULT_LEARNING_RATE", "named_transformation", "solve_optax"]
-
-DEFAULT_LEARNING_RATE = {"adam": 1e-2, "lbfgs": 1.0}
+__all__ = ["named_transformation", "solve_optax"]
 
 
 def named_transformation(name: str, learning_rate) -> optax.GradientTransformationExtraArgs:

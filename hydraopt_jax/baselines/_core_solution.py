@@ -5,14 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from .._plan import original_params
+from .._solution import pytree_dataclass, static_field
 
 __all__ = ["CoreSolution"]
 
 
-@struct.dataclass
+@pytree_dataclass
 class CoreSolution:
     """Shared bases `U`, `V` and one small core per task: `dW_hat_t = U core_t V`.
 
@@ -37,10 +37,10 @@ class CoreSolution:
     weights: jax.Array
     steps: jax.Array
     result: jax.Array
-    method: str = struct.field(pytree_node=False)
-    diagonal: bool = struct.field(pytree_node=False)
-    task_ranks: tuple[int, ...] = struct.field(pytree_node=False)
-    task_ids: tuple[int, ...] = struct.field(pytree_node=False)
+    method: str = static_field()
+    diagonal: bool = static_field()
+    task_ranks: tuple[int, ...] = static_field()
+    task_ids: tuple[int, ...] = static_field()
 
     @property
     def rank(self) -> int:
