@@ -20,32 +20,35 @@ Both use synthetic adapters shaped like trained ones (`hydraopt_jax._synthetic`:
 shared init, B with application / language structure). Absolute seconds on a shared 2-core
 CPU are indicative only.
 
-Recorded run:
+Recorded run (`PYTHONPATH=. python benchmarks/scale.py`, both parts), at commit 5f295e2 on the
+idle 2-core development machine (load average < 2.5; the shared-a solves it times take the
+randomized path, which later commits did not change):
 
-    Run at commit 31fc28b (package snapshot on PYTHONPATH), 2 CPU cores shared with ~12 other
-    processes (load average ~11): absolute seconds are inflated several times.
-    (a): python benchmarks/scale.py --only a
     # OPENBLAS_NUM_THREADS=1; scale
     # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
 
     ## (a) 40 adapters, Llama-3.2-1B attention shapes, 16 layers, r = 32, shared-a, CLI
-    generated 40 PEFT dirs (1040 MB of float32 factors) in 48.1 s (not timed below)
-    hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall 181.1 s (its own 'seconds' 171.8 s); target < 60 s: MISSED
+    generated 40 PEFT dirs (1040 MB of float32 factors) in 9.0 s (not timed below)
+      child CPU time (user + sys) 23.3 s; load average 2.2 1.9 1.6
+    hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall 27.7 s (its own 'seconds' 25.8 s); target < 60 s: met
     storage ratio 0.400; per-task relative error mean 0.0974, max 0.0975
 
-    (b), reduced to 1 layer: python benchmarks/scale.py --only b --tasks-b 1000 --layers-b 1
-    NOTE: the 'runtime alone 2174 MB' figure of this run was wrong (ru_maxrss survives execve,
-    so the child reported the parent's peak; now measured with VmHWM): measured separately,
-    import jax + hydraopt_jax peaks at 200 MB, so peak minus runtime = (3363 - 200) / 500 = 6.3x
-    the group. The 3363 MB peak exceeds the parent's ~2174 MB, so it is the child's own.
-    ## (b) 1000 adapters at d = 4096, r = 16, q_proj on 1 layer(s), shared-a
-    generated 1000 PEFT dirs (500 MB of float32 factors) in 62.8 s (not timed below)
-    in a child process: open 0.9 s; load group 4.4 s; solve 51.2 s (incl. one compile) for 1 module(s)
-      time per module: solve 51.2 s, load 4.4 s; mean per-task relative error 0.0994
-      one shape group's factors (float32): 500 MB; peak RSS 3363 MB = 6.73x the group; the runtime alone (import jax + hydraopt_jax) 2174 MB; peak minus runtime = 2.38x the group
-    hydraopt merge --plan shared-a (CLI, end to end): wall 82.1 s = 82.1 s per module (incl. imports, compile, write)
-    extrapolated to 32 layers (load + solve per module, compile once): q_proj only 1780 s; 4 attention projections 4096x4096 (Llama-2-7B-like) 7119 s
-    (the extrapolation uses the solve time that includes the one compile: an upper bound)
+    ## (b) 1000 adapters at d = 4096, r = 16, q_proj on 2 layer(s), shared-a
+    generated 1000 PEFT dirs (1000 MB of float32 factors) in 15.5 s (not timed below)
+    in a child process: open 0.3 s; load group 1.5 s; solve 13.3 s (incl. one compile) for 2 module(s)
+      time per module: solve 6.7 s, load 0.8 s; mean per-task relative error 0.0993
+      one shape group's factors (float32): 1000 MB; peak RSS 2003 MB = 2.00x the group; the runtime alone (import jax + hydraopt_jax) 200 MB; peak minus runtime = 1.80x the group
+      child CPU time (user + sys) 14.7 s; load average 2.6 2.1 1.7
+    hydraopt merge --plan shared-a (CLI, end to end): wall 12.4 s = 6.2 s per module (incl. imports, compile, write)
+    extrapolated to 32 layers (load + solve per module, compile once): q_proj only 237 s; 4 attention projections 4096x4096 (Llama-2-7B-like) 949 s
+
+Against the targets: (a) 27.7 s end to end, under 60 s. (b) peak RSS 2003 MB for a 1000 MB
+shape group: 2.00x the group for the whole process, 1.80x above the 200 MB that importing JAX
+costs. Before the host-buffer work (commit a58b2d1) the same run peaked at 5363 MB (5.36x):
+the group was copied by `np.stack`, by `jnp.asarray`, and the solver held scaled copies of B,
+a broadcast of the shared A and a transposed copy of A. Now the loader's aligned buffer is
+used in place and the output (500 MB of per-task B) is the only other large array; XLA's
+own temporaries for this solve are 125 MB (`compiled.memory_analysis()`).
 """
 
 from __future__ import annotations
