@@ -256,6 +256,11 @@ def method_grid(sweep: bool = True) -> list[Method]:
         Method(f"hydraopt:plan@{_budget_tag(b)}", "planner", budget=b)
         for b in (PLANNER_BUDGETS if sweep else QUICK_PLANNER_BUDGETS)
     ]
+    if sweep:  # the planner with activation-aware losses (and merges), at the same budgets
+        grid += [
+            Method(f"hydraopt:plan+act@{_budget_tag(b)}", "planner", budget=b, activation=True)
+            for b in PLANNER_BUDGETS
+        ]
     if sweep:
         # k = r and k = 2r of shared-a, k = r of full-merge are the named rows above
         grid += [
@@ -408,11 +413,14 @@ def merge_method(
         from hydraopt_jax import merge_adapters
         from hydraopt_jax._planner import plan_budget
 
+        if method.activation and covs is None:
+            raise ValueError(f"{method.name} needs activation covariances")
+        act = covs if method.activation else None
         chosen = plan_budget(
             coll.factors(), method.budget, task_names=coll.tasks,
-            task_attributes=coll.attributes(),
+            task_attributes=coll.attributes(), activation_covs=act,
         )  # fmt: skip
-        solutions = merge_adapters(coll.factors(), chosen.plans)
+        solutions = merge_adapters(coll.factors(), chosen.plans, activation_covs=act)
     elif method.kind == "baseline":
         from hydraopt_jax.baselines import run_baseline
 
