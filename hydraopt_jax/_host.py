@@ -91,5 +91,6 @@ def unstack(x: jax.Array) -> list[jax.Array]:
     devices = x.devices()
     if len(devices) == 1 and next(iter(devices)).platform == "cpu":
         host = np.asarray(x)
-        return [jax.device_put(host[i]) for i in range(x.shape[0])]
+        device = next(iter(devices))
+        return [jax.device_put(host[i], device) for i in range(x.shape[0])]
     return [x[i] for i in range(x.shape[0])]

@@ -9,8 +9,8 @@ d = 2048 hung every time (gdb: both pool threads in `jax::ParallelBatchMap` ->
 `BlockingCounter::Wait`, nothing else running).
 
 `after(x, *deps)` makes the call that consumes `x` wait for `deps` with a real data
-dependency (`x + 0 * dep`: XLA does not fold `0 * y` for floats, since `y` may be NaN or
-inf). `jax.lax.optimization_barrier` is not enough: its outputs alias its inputs, and XLA's
+dependency (`x + 0 * isnan(dep)`: XLA does not fold a floating-point multiply by zero, and
+`isnan` keeps a NaN in `dep` from reaching `x`). `jax.lax.optimization_barrier` is not enough: its outputs alias its inputs, and XLA's
 CPU runtime orders kernels by the buffers they touch. Every pair of independent LAPACK calls
 in this package goes through `after`; use it on the *small* input of the second call (the
 add writes a copy of `x`).
@@ -22,8 +22,9 @@ import jax.numpy as jnp
 
 
 def after(x, *deps):
-    """`x`, computed only once every array in `deps` is (numerically unchanged)."""
+    """`x`, computed only once every array in `deps` is (numerically unchanged, and never
+    NaN because of a NaN in `deps`: the dependency goes through `isnan`, 0 or 1)."""
     zero = jnp.zeros((), x.dtype)
     for dep in deps:
-        zero = zero + jnp.zeros((), x.dtype) * jnp.ravel(dep)[0].astype(x.dtype)
+        zero = zero + jnp.zeros((), x.dtype) * jnp.isnan(jnp.ravel(dep)[0]).astype(x.dtype)
     return x + zero

@@ -60,7 +60,7 @@ def _initial_factors(A, B, weights, norms_sq, plan: SharingPlan, k: int, init, s
     sb_1 = als_update_b(sa_1, A, B, weights, plan)
     # the second relaxation's LAPACK calls wait for the first's (see `_lapack`)
     relaxed_b = SharingPlan(everyone, plan.b_group, k)
-    _, sb_2 = solve_exact(after(A, sb_1), after(B, sb_1), weights, relaxed_b, k, svd_method)
+    _, sb_2 = solve_exact(A, B, weights, relaxed_b, k, svd_method, deps=(sb_1,))
     sa_2 = als_update_a(sb_2, A, B, weights, plan)
     first_better = plan_loss(sa_1, sb_1, A, B, weights, norms_sq, plan) <= plan_loss(
         sa_2, sb_2, A, B, weights, norms_sq, plan
@@ -126,9 +126,9 @@ def _solve_impl(
     rel = relative_errors(residual, norms_sq)
     if cov is not None:
         # Ah L = Ah_w  <=>  L^T Ah^T = Ah_w^T
-        shared_a = jax.vmap(
+        shared_a = jax.vmap(  # after the residual's QRs (see `_lapack`)
             lambda a: jax.scipy.linalg.solve_triangular(chol.T, a.T, lower=False).T
-        )(shared_a)
+        )(after(shared_a, residual))
     finite = (
         jnp.all(jnp.isfinite(shared_a))
         & jnp.all(jnp.isfinite(shared_b))

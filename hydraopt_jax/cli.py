@@ -900,6 +900,7 @@ def _interrupted() -> int:
 
 
 CACHE_ENV = "HYDRAOPT_CACHE_DIR"
+CACHE_MAX_BYTES = 1 << 30  # least recently used entries are evicted beyond 1 GiB
 
 
 def compilation_cache_dir() -> str | None:
@@ -919,7 +920,8 @@ def _enable_compilation_cache() -> None:
     """JAX's persistent compilation cache for the `hydraopt` command: a fresh process loads
     the solvers it compiled before from disk (a 16-module full merge: see the cold-command
     rows of `benchmarks/speed.py`). Entries are keyed by program, shapes, jaxlib and device,
-    so a stale entry is never used; a folder that cannot be written only costs the speed-up.
+    so a stale entry is never used; a folder that cannot be written only costs the speed-up
+    (JAX warns about it on stderr). The cache is capped at `CACHE_MAX_BYTES`.
     """
     path = compilation_cache_dir()
     if path is None:
@@ -928,7 +930,7 @@ def _enable_compilation_cache() -> None:
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._lapack import after
 from .._loss import map_task_chunks
 from .._plan import SharingPlan
 from ._linalg import (
@@ -57,7 +58,7 @@ def _virtual_tasks(A, B, weights, plan: SharingPlan):
     return a_v, b_v, jnp.repeat(coef, r, axis=1), group_weight, a_of_b
 
 
-def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str):
+def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str, deps=()):
     """`Ah [K_A, k, d_in]`: per A-group, the top-k right singular subspace of the stacked
     `[R_j A_j]`, where `B_v_j diag(scale_j) = Q_j R_j` (`scale` carries `coef sqrt(W_j)`)."""
     num_virtual, r_v, d_in = a_v.shape
@@ -100,24 +101,25 @@ def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str):
                 # (y^T A)^T, not A^T y: XLA would materialise a transposed copy of A
                 return (y.reshape(m * r_v, -1).T @ a_2d).T
 
-            return top_eigvecs_randomized(gram_apply, d_in, k, a_v.dtype)
+            return top_eigvecs_randomized(gram_apply, d_in, k, a_v.dtype, deps)
 
         if idx.shape[0] == 1:  # one A-group: no vmap (XLA would relayout a_g for it)
             return one_group(a_g[0], b_g[0], s_g[0])[None]
         return jax.vmap(one_group)(a_g, b_g, s_g)
 
-    # qr(B S) = Q (R S): scaling columns scales the triangular factor's columns.
-    tri = jnp.linalg.qr(b_v, mode="r") * scale[:, None, :]  # [J, min(d_out, r_v), r_v]
+    # qr(B S) = Q (R S): scaling columns scales the triangular factor's columns. (`after` on
+    # the QR input fuses into the copy LAPACK makes of it anyway.)
+    tri = jnp.linalg.qr(after(b_v, *deps), mode="r") * scale[:, None, :]  # [J, s, r_v]
     stacked = jnp.einsum("jsr,jrd->jsd", tri, a_v)
     stacked = gather_padded(stacked, idx)  # [K_A, m, s, d_in]
     stacked = stacked.reshape(idx.shape[0], -1, d_in)
     return jax.vmap(lambda s: top_right_singular_vectors(s, k))(stacked)
 
 
-def _solve_shared_a_family(A, B, weights, plan: SharingPlan, k: int, svd_method: str):
+def _solve_shared_a_family(A, B, weights, plan: SharingPlan, k: int, svd_method: str, deps=()):
     a_v, b_v, coef, group_weight, a_of_b = _virtual_tasks(A, B, weights, plan)
     scale = coef * jnp.sqrt(group_weight)[:, None]
-    shared_a = _group_subspaces(a_v, b_v, scale, a_of_b, k, svd_method)
+    shared_a = _group_subspaces(a_v, b_v, scale, a_of_b, k, svd_method, deps)
     # Bh_j = M_j Ah^T = B_j diag(coef_j) (A_j Ah^T): the projection of each B-group's mean.
     if len(set(a_of_b)) == 1:  # one A-group: no [K_B, k, d_in] broadcast of Ah
         proj = jnp.einsum("jrd,kd->jrk", a_v, shared_a[a_of_b[0]])
@@ -132,18 +134,25 @@ def _swap_sides(plan: SharingPlan) -> SharingPlan:
     return SharingPlan(plan.b_group, plan.a_group, plan.rank)
 
 
-def solve_exact(A, B, weights, plan: SharingPlan, k: int, svd_method: str = "auto"):
+def solve_exact(A, B, weights, plan: SharingPlan, k: int, svd_method: str = "auto", deps=()):
     """`(shared_a [K_A, k, d_in], shared_b [K_B, d_out, k])` minimising the weighted loss.
 
+    `deps`: arrays whose LAPACK calls must finish before this solve's start (`_lapack.after`).
     Raises `ValueError` for plans without a closed form (both sides grouped, neither nesting
     in the other); use the `"als"` or an Optax solver for those.
     """
     if plan.b_nested_in_a:
-        return _solve_shared_a_family(A, B, weights, plan, k, svd_method)
+        return _solve_shared_a_family(A, B, weights, plan, k, svd_method, deps)
     if plan.a_nested_in_b:
         # Transposed problem: dW_t^T = A_t^T B_t^T, so B-groups play the role of A-groups.
         sa_t, sb_t = _solve_shared_a_family(
-            jnp.swapaxes(B, 1, 2), jnp.swapaxes(A, 1, 2), weights, _swap_sides(plan), k, svd_method
+            jnp.swapaxes(B, 1, 2),
+            jnp.swapaxes(A, 1, 2),
+            weights,
+            _swap_sides(plan),
+            k,
+            svd_method,
+            deps,
         )
         return jnp.swapaxes(sb_t, 1, 2), jnp.swapaxes(sa_t, 1, 2)
     raise ValueError(
