@@ -24,6 +24,8 @@ import jax.numpy as jnp
 def after(x, *deps):
     """`x`, computed only once every array in `deps` is (numerically unchanged, and never
     NaN because of a NaN in `deps`: the dependency goes through `isnan`, 0 or 1)."""
+    if not deps:
+        return x
     zero = jnp.zeros((), x.dtype)
     for dep in deps:
         zero = zero + jnp.zeros((), x.dtype) * jnp.isnan(jnp.ravel(dep)[0]).astype(x.dtype)
