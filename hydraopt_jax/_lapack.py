@@ -10,8 +10,9 @@ d = 2048 hung every time (gdb: both pool threads in `jax::ParallelBatchMap` ->
 
 `after(x, *deps)` makes the call that consumes `x` wait for `deps` with a real data
 dependency (`x + 0 * isnan(dep)`: XLA does not fold a floating-point multiply by zero, and
-`isnan` keeps a NaN in `dep` from reaching `x`). `jax.lax.optimization_barrier` is not enough: its outputs alias its inputs, and XLA's
-CPU runtime orders kernels by the buffers they touch. Every pair of independent LAPACK calls
+`isnan` keeps a NaN in `dep` from reaching `x`). `jax.lax.optimization_barrier` is not
+enough: its outputs alias its inputs, and XLA's CPU runtime orders kernels by the buffers
+they touch. Every pair of independent LAPACK calls
 in this package goes through `after`; use it on the *small* input of the second call (the
 add writes a copy of `x`).
 """

@@ -52,8 +52,32 @@ class RESULTS:
         return cls._messages.get(int(code), f"unknown result code {int(code)}")
 
 
+class StoredFactors:
+    """Storage accounting and batching shared by `Solution` and `baselines.CoreSolution`.
+
+    Subclasses provide `d_in`, `d_out`, `num_params` and the static `task_ranks`.
+    """
+
+    @property
+    def original_params(self) -> int:
+        """Parameters of the original adapters: `sum_t r_t (d_in + d_out)`."""
+        return original_params(self.task_ranks, self.d_in, self.d_out)
+
+    @property
+    def storage_ratio(self) -> float:
+        return self.num_params / self.original_params
+
+    def num_bytes(self, dtype=jnp.float32) -> int:
+        """Stored bytes in `dtype`."""
+        return self.num_params * np.dtype(dtype).itemsize
+
+    def index(self, i: int):
+        """Element `i` of a solution batched over a leading (module) axis."""
+        return jax.tree_util.tree_map(lambda x: x[i], self)
+
+
 @pytree_dataclass
-class Solution:
+class Solution(StoredFactors):
     """Shared and task-specific factors of one module, with their quality and cost.
 
     Task `t` (local index into `task_ids`) is reconstructed as
@@ -107,23 +131,6 @@ class Solution:
     def num_params(self) -> int:
         """Stored parameters: `K_A k d_in + K_B d_out k` (a group's factor counted once)."""
         return self.plan.num_params(self.d_in, self.d_out, self.rank)
-
-    @property
-    def original_params(self) -> int:
-        """Parameters of the original adapters: `sum_t r_t (d_in + d_out)`."""
-        return original_params(self.task_ranks, self.d_in, self.d_out)
-
-    @property
-    def storage_ratio(self) -> float:
-        return self.num_params / self.original_params
-
-    def num_bytes(self, dtype=jnp.float32) -> int:
-        """Stored bytes in `dtype`."""
-        return self.num_params * np.dtype(dtype).itemsize
-
-    def index(self, i: int) -> Solution:
-        """Element `i` of a Solution batched over a leading (module) axis."""
-        return jax.tree_util.tree_map(lambda x: x[i], self)
 
 
 def stack_solutions(solutions: Sequence[Solution]) -> Solution:

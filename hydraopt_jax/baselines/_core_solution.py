@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from .._plan import original_params
-from .._solution import pytree_dataclass, static_field
+from .._solution import StoredFactors, pytree_dataclass, static_field
 
 __all__ = ["CoreSolution"]
 
 
 @pytree_dataclass
-class CoreSolution:
+class CoreSolution(StoredFactors):
     """Shared bases `U`, `V` and one small core per task: `dW_hat_t = U core_t V`.
 
     The same reading surface as `Solution` (`task_factors`, `relative_error`, `num_params`,
@@ -68,19 +65,3 @@ class CoreSolution:
         k1, k2 = self.shared_u.shape[-1], self.shared_v.shape[-2]
         per_task = min(k1, k2) if self.diagonal else k1 * k2
         return self.d_out * k1 + k2 * self.d_in + self.num_tasks * per_task
-
-    @property
-    def original_params(self) -> int:
-        """Parameters of the original adapters: `sum_t r_t (d_in + d_out)`."""
-        return original_params(self.task_ranks, self.d_in, self.d_out)
-
-    @property
-    def storage_ratio(self) -> float:
-        return self.num_params / self.original_params
-
-    def num_bytes(self, dtype=jnp.float32) -> int:
-        return self.num_params * np.dtype(dtype).itemsize
-
-    def index(self, i: int) -> CoreSolution:
-        """Element `i` of a CoreSolution batched over a leading (module) axis."""
-        return jax.tree_util.tree_map(lambda x: x[i], self)
