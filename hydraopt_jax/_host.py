@@ -78,10 +78,12 @@ def stack_modules(arrays: Sequence, dtype, take=None) -> jax.Array:
         view = stacked_view(arrays)
         if view is not None:
             return jax.device_put(view)
-    first = np.asarray(arrays[0] if take is None else take(np.asarray(arrays[0])))
+    parts = (np.asarray(a) if take is None else take(np.asarray(a)) for a in arrays)
+    first = next(parts)
     out = aligned_zeros((len(arrays),) + first.shape, dtype)
-    for i, a in enumerate(arrays):
-        out[i] = first if i == 0 else (np.asarray(a) if take is None else take(np.asarray(a)))
+    out[0] = first
+    for i, part in enumerate(parts, start=1):
+        out[i] = part
     out.flags.writeable = False
     return jax.device_put(out)
 
