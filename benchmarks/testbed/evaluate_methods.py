@@ -399,23 +399,18 @@ def merge_method(
         orig = _original_params(coll)
         return Merged(loras, orig, orig, {t: 0.0 for t in coll.tasks}, 0.0)
 
+    if method.activation and covs is None:
+        raise ValueError(f"{method.name} needs activation covariances")
+    act = covs if method.activation else None
     if method.kind == "hydraopt":
         from hydraopt_jax import merge_adapters
 
-        if method.activation and covs is None:
-            raise ValueError(f"{method.name} needs activation covariances")
         plan = build_plan(method, coll)
-        solutions = merge_adapters(
-            coll.factors(), plan, method.solver,
-            activation_covs=covs if method.activation else None,
-        )  # fmt: skip
+        solutions = merge_adapters(coll.factors(), plan, method.solver, activation_covs=act)
     elif method.kind == "planner":
         from hydraopt_jax import merge_adapters
         from hydraopt_jax._planner import plan_budget
 
-        if method.activation and covs is None:
-            raise ValueError(f"{method.name} needs activation covariances")
-        act = covs if method.activation else None
         chosen = plan_budget(
             coll.factors(), method.budget, task_names=coll.tasks,
             task_attributes=coll.attributes(), activation_covs=act,
