@@ -97,51 +97,20 @@ from _common import (  # noqa: E402
     run_cmd,
     write_collection,
 )
+from _peft_model import build_peft_model  # noqa: E402
 
 PEFT_COLD_SCRIPT = r"""
-import sys, time, warnings
+import sys, warnings
 warnings.simplefilter("ignore")
-import torch
-from torch import nn
-from peft import PeftModel
-d, layers, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-dirs = sys.argv[4:]
-class Layer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = torch.nn.utils.skip_init(nn.Linear, d, d, bias=False)
-class Base(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([Layer() for _ in range(layers)])
+bench, d, layers, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+dirs = sys.argv[5:]
+sys.path.insert(0, bench)
+from _peft_model import build_peft_model
 names = [f"t{i}" for i in range(len(dirs))]
-model = PeftModel.from_pretrained(Base(), dirs[0], adapter_name=names[0])
-for name, path in zip(names[1:], dirs[1:]):
-    model.load_adapter(path, adapter_name=name)
+model = build_peft_model(dirs, names, d, layers)
 model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "merged", combination_type="svd")
 model.save_pretrained(out, selected_adapters=["merged"])
 """
-
-
-def build_peft_model(dirs, names, d: int, layers: int):
-    import torch
-    from peft import PeftModel
-    from torch import nn
-
-    class Layer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = torch.nn.utils.skip_init(nn.Linear, d, d, bias=False)
-
-    class Base(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList([Layer() for _ in range(layers)])
-
-    model = PeftModel.from_pretrained(Base(), str(dirs[0]), adapter_name=names[0])
-    for name, path in zip(names[1:], dirs[1:], strict=True):
-        model.load_adapter(str(path), adapter_name=name)
-    return model
 
 
 def peft_merged_factors(model, adapter: str, modules):
@@ -307,7 +276,8 @@ def main() -> None:
 
         def cold_peft():
             out = outs / f"p{next(counter)}"
-            run_cmd([sys.executable, "-c", PEFT_COLD_SCRIPT, str(d), str(layers), str(out),
+            run_cmd([sys.executable, "-c", PEFT_COLD_SCRIPT, str(Path(__file__).resolve().parent),
+                     str(d), str(layers), str(out),
                      *dir_args])  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
 
