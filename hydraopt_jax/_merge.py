@@ -15,8 +15,8 @@ from ._lapack import after
 from ._loss import (
     check_factor_shapes,
     plan_loss,
-    plan_residual_norms_sq,
     relative_errors,
+    reported_residuals,
     task_norms_sq,
     task_weights,
 )
@@ -78,9 +78,22 @@ def _whitening(cov, dtype):
 
 
 def _solve_impl(
-    A, B, traced: dict, *, plan: SharingPlan, kind, transformation, weights_mode, init, svd_method
+    A,
+    B,
+    traced: dict,
+    *,
+    plan: SharingPlan,
+    kind,
+    transformation,
+    weights_mode,
+    init,
+    svd_method,
+    module_axis=None,
 ):
     """One module, pure and traceable: returns the arrays of a `Solution`.
+
+    `module_axis`: the name of the `vmap` axis over modules, if any (`reported_residuals`
+    chooses its method once across it).
 
     `traced` holds the array arguments: `learning_rate`, `tol`, `max_steps`, and optionally
     `weights` [T], `cov` [d_in, d_in] and `init` (shared_a, shared_b).
@@ -121,7 +134,7 @@ def _solve_impl(
                 tx, shared_a, shared_b, A, B, weights, norms_sq, plan, max_steps, tol
             )
 
-    residual = plan_residual_norms_sq(A, B, shared_a, shared_b, plan)
+    residual = reported_residuals(A, B, shared_a, shared_b, plan, norms_sq, module_axis)
     loss = jnp.sum(weights * residual)
     rel = relative_errors(residual, norms_sq)
     if cov is not None:
@@ -146,6 +159,7 @@ def _solve_impl(
 _STATIC = ("plan", "kind", "transformation", "weights_mode", "init", "svd_method")
 _solve_jit = jax.jit(_solve_impl, static_argnames=_STATIC)
 
+_MODULE_AXIS = "modules"
 # Traced arguments that differ per module (mapped by vmap); the rest are shared.
 _PER_MODULE = ("cov", "init")
 
@@ -155,7 +169,8 @@ def _batched_solver(traced_keys: tuple[str, ...], **static) -> Callable:
     """One jitted solve vmapped over a leading module axis, per static configuration and
     set of traced arguments (jit's own cache then keys on shapes)."""
     in_axes = (0, 0, {key: 0 if key in _PER_MODULE else None for key in traced_keys})
-    return jax.jit(jax.vmap(functools.partial(_solve_impl, **static), in_axes=in_axes))
+    solve = functools.partial(_solve_impl, **static, module_axis=_MODULE_AXIS)
+    return jax.jit(jax.vmap(solve, in_axes=in_axes, axis_name=_MODULE_AXIS))
 
 
 # ---------------------------------------------------------------------------- arguments
