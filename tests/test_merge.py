@@ -19,6 +19,7 @@ from hydraopt_jax._loss import (
     plan_residual_norms_sq,
     task_norms_sq,
 )
+from hydraopt_jax._solvers._linalg import gram_factor
 
 # ----------------------------------------------------------------------------- references
 
@@ -114,6 +115,33 @@ def test_separate_is_exact_in_float32_too(rng):
     assert sol.shared_a.dtype == jnp.float32
     # the QR-based residual reports float32 round-off, not the Gram identity's sqrt(eps)
     assert np.max(sol.relative_error) < 1e-5
+
+
+def test_gram_factor_is_the_r_of_a_qr_up_to_row_signs_even_for_dependent_columns(rng):
+    x = rng.normal(size=(2, 30, 6)) * np.logspace(-3, 3, 6)
+    x[1, :, 3] = x[1, :, 1]  # a repeated column
+    x[1, :, 4] = 0.0  # a zero column
+    factor = np.asarray(gram_factor(jnp.asarray(x)))
+    assert np.allclose(np.tril(factor, -1), 0.0)
+    # F^T F = x^T x up to the relative n eps ridge on the diagonal
+    gram = np.einsum("...mi,...mj->...ij", x, x)
+    np.testing.assert_allclose(np.swapaxes(factor, 1, 2) @ factor, gram, rtol=1e-13, atol=1e-12)
+    r = np.linalg.qr(x[0], mode="r")
+    np.testing.assert_allclose(np.abs(factor[0]), np.abs(r), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("plan_name", ["shared_a", "full_merge", "b_groups_inside_a_groups"])
+def test_exact_in_float32_is_optimal_when_task_norms_span_six_decades(rng, plan_name):
+    """Relative weights give a task with ||B|| 1e-3 the same say as one with 1e3: the small
+    Gram factor must keep each task's relative accuracy (a ridge scaled to the largest task
+    would erase the small ones)."""
+    A, B = random_collection(rng, num_tasks=8, rank=4, d_in=40, d_out=48, drift=1.0)
+    B = B * np.logspace(-3, 3, 8)[:, None, None]
+    plan = NESTING_PLANS[plan_name](8, 3)
+    sol = hj.merge(A.astype(np.float32), B.astype(np.float32), plan)
+    w = relative_weights(A, B)
+    achieved = hj.dense_loss_reference(A, B, sol.shared_a, sol.shared_b, plan, w)
+    assert achieved / dense_optimum(A, B, plan, w) <= 1.0001
 
 
 @pytest.mark.parametrize("weighting", ["relative", "uniform"])

@@ -57,6 +57,26 @@ def top_right_singular_vectors(stacked: jax.Array, k: int) -> jax.Array:
     return _pad_rows(basis, k)
 
 
+def gram_factor(x: jax.Array, deps=()) -> jax.Array:
+    """Upper-triangular `F [..., n, n]` with `F^T F = x^T x` for `x [..., m, n]`: the `R` of a
+    thin QR of `x` up to row signs, from the Cholesky factor of the small Gram (a GEMM and an
+    `n x n` factorisation: ~4x faster than LAPACK's Householder QR at m = 2048, n = 256).
+
+    Each diagonal entry of the Gram is raised by `n eps` of itself (a relative perturbation of
+    every column's norm of `n eps / 2`, the size of QR's own backward error), so dependent or
+    repeated columns and zero columns still factor, and columns of any scale keep their relative
+    accuracy. Use it where only `F^T F` matters (right singular vectors of `F y`); the Gram
+    squares the conditioning, so not for residuals that must resolve cancellation.
+    `deps`: arrays whose LAPACK calls must finish first (`_lapack.after`).
+    """
+    n = x.shape[-1]
+    gram = jnp.einsum("...mi,...mj->...ij", x, x)
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    ridge = n * jnp.finfo(x.dtype).eps * diag + jnp.finfo(x.dtype).tiny
+    gram = gram + ridge[..., None] * jnp.eye(n, dtype=x.dtype)[(None,) * (x.ndim - 2)]
+    return jnp.swapaxes(jnp.linalg.cholesky(after(gram, *deps)), -1, -2)
+
+
 def top_eigvecs_randomized(
     gram_apply: Callable[[jax.Array], jax.Array], d: int, k: int, dtype, deps=()
 ) -> jax.Array:

@@ -8,8 +8,9 @@ Shared-A family (every B-group lies inside one A-group; `shared_a`, `full_merge`
    const` with `M_j = sum_t w_t B_t A_t / W_j`. `M_j` stays factored as
    `[w_t B_t / W_j]_t @ [A_t]_t` (a "virtual task" of rank `|j| r`).
 2. For an A-group `g` with virtual tasks `j` (now each with its own `Bh_j`) the optimum `Ah_g`
-   spans the top-`k` right singular vectors of the stacked `[sqrt(W_j) R_j A_j]_j`, with
-   `B_j = Q_j R_j` (thin QR), and `Bh_j = M_j Ah_g^T` (Eckart-Young; Ah has orthonormal rows).
+   spans the top-`k` right singular vectors of the stacked `[sqrt(W_j) F_j A_j]_j`, with
+   `F_j^T F_j = B_j^T B_j` (a triangular factor of the small Gram, as R of a QR of `B_j`), and
+   `Bh_j = M_j Ah_g^T` (Eckart-Young; Ah has orthonormal rows).
 
 The shared-B family is the same problem transposed. Nothing of size `d_out x d_in` is formed.
 """
@@ -20,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._lapack import after
 from .._loss import map_task_chunks
 from .._plan import SharingPlan
 from ._linalg import (
     OVERSAMPLE,
     gather_padded,
+    gram_factor,
     padded_members,
     top_eigvecs_randomized,
     top_right_singular_vectors,
@@ -107,9 +108,8 @@ def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str, deps=()):
             return one_group(a_g[0], b_g[0], s_g[0])[None]
         return jax.vmap(one_group)(a_g, b_g, s_g)
 
-    # qr(B S) = Q (R S): scaling columns scales the triangular factor's columns. (`after` on
-    # the QR input fuses into the copy LAPACK makes of it anyway.)
-    tri = jnp.linalg.qr(after(b_v, *deps), mode="r") * scale[:, None, :]  # [J, s, r_v]
+    # F^T F = B^T B gives (F S)^T (F S) = S B^T B S: scaling columns scales F's columns.
+    tri = gram_factor(b_v, deps) * scale[:, None, :]  # [J, r_v, r_v]
     stacked = jnp.einsum("jsr,jrd->jsd", tri, a_v)
     stacked = gather_padded(stacked, idx)  # [K_A, m, s, d_in]
     stacked = stacked.reshape(idx.shape[0], -1, d_in)
