@@ -26,44 +26,49 @@ Errors: every one-adapter output is compared with the exact mean update
 Only ratios measured side by side mean anything here (2 shared CPU cores).
 
 Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py --reps 3`), at commit
-32f752e on the 2-core development machine, otherwise idle:
+5b54f4e on the 2-core development machine, otherwise idle:
 
     # OPENBLAS_NUM_THREADS=1; speed: 16 adapters x 16 modules, d_in = d_out = 2048, r = k = 16; torch 2.13.0+cpu (2 threads)
     # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
 
     ## in process (median of 3; PEFT ties_svd: 1); ratio = time(PEFT svd) / time(method)
     method                            rank  median s  x vs PEFT svd  compile s  err vs mean
-    PEFT linear                         16     0.104          219.8          -    1.50e+01 
-    PEFT cat                           256     0.264           86.5          -    0.00e+00 
-    PEFT svd                            16    22.824            1.0          -    4.54e-02 
-    PEFT ties_svd                       16    89.436            0.3          -    1.78e+00 
-    hydraopt full-merge (exact)         16     0.491           46.5       1.09    4.54e-02 
-    hydraopt shared-a (exact)           16     0.432           52.8       0.59    9.59e-02*
-    hydraopt baseline linear            16     0.169          135.2       0.69    1.50e+01 
-    hydraopt baseline svd               16     0.819           27.9       0.18    4.54e-02 
-    hydraopt baseline ties              16     0.718           31.8       0.60    2.37e+00 
+    PEFT linear                         16     0.090          217.5          -    1.50e+01 
+    PEFT cat                           256     0.221           88.6          -    0.00e+00 
+    PEFT svd                            16    19.594            1.0          -    4.54e-02 
+    PEFT ties_svd                       16    93.498            0.2          -    1.78e+00 
+    hydraopt full-merge (exact)         16     0.266           73.6       1.12    4.54e-02 
+    hydraopt shared-a (exact)           16     0.343           57.1       0.76    9.59e-02*
+    hydraopt baseline linear            16     0.135          144.6       0.81    1.50e+01 
+    hydraopt baseline svd               16     0.788           24.9       0.17    4.54e-02 
+    hydraopt baseline ties              16     0.562           34.8       1.17    2.37e+00 
 
     ## cold commands (fresh process: imports, load, compile, solve, write; median of 3, PEFT: 1)
     command                             median s  x vs PEFT svd in process  x vs PEFT svd fresh process
-    PEFT svd (fresh process)               33.56                       0.7                          1.0
-    merge full-merge, empty cache           3.13                       7.3                         10.7
-    merge full-merge, warm cache            2.49                       9.2                         13.5
-    merge shared-a, empty cache             3.12                       7.3                         10.7
-    merge shared-a, warm cache              2.40                       9.5                         14.0
+    PEFT svd (fresh process)               33.25                       0.6                          1.0
+    merge full-merge, empty cache           3.39                       5.8                          9.8
+    merge full-merge, warm cache            2.06                       9.5                         16.2
+    merge shared-a, empty cache             3.13                       6.3                         10.6
+    merge shared-a, warm cache              2.44                       8.0                         13.6
 
     * shared-a keeps one adapter per task: its error is the mean per-task relative error.
 
 Against the targets (16 adapters x 16 modules at d = 2048, equal error 4.54e-2 against the
-exact mean for PEFT `svd` and our full merge): in process 46.5x (target 50x: missed; three
-idle runs at commits 052b196, b7058b7 and 32f752e, same solver, gave 49.5x, 40.9x and 46.5x:
-PEFT svd 17.7-22.8 s and our full merge 0.42-0.52 s vary by about 25% between runs here); as
-a cold command 13.5x with a warm compilation cache (every run after the first with these
-shapes) and 10.7x with an empty one (target 10x: met; 10.2x / 8.2x at b7058b7, before the
-review fixes and with a busier machine). An earlier record (commit 44ba5aa) showed 202x in
-process, but it was taken at load 8-14, which slowed PEFT's dense SVD 15x and ours far less:
-only ratios from one idle run compare. Where our time goes (full merge, warm, in process):
-exact solve 0.20 s, accurate per-task residuals 0.13 s (QR-based, reported in every
-Solution), host side 0.03 s; a cold command also spends about 1.2 s importing JAX.
+exact mean for PEFT `svd` and our full merge): in process 73.6x (target 50x: met; the run
+before it, same commit, gave 68.8x with PEFT svd at 17.4 s and our full merge at 0.252 s);
+as a cold command 16.2x with a warm compilation cache (every run after the first with these
+shapes; 13.9x in the other run) and 9.8x with an empty one (10.9x in the other run): the
+very first run with new shapes is at the target, every later one above it. Before commits
+d710b13 / 5b54f4e the in-process figure was 41-50x (0.42-0.52 s): the per-task residuals
+are now taken from the Gram identity when every residual is large (a merge without
+task-specific factors; QR otherwise, see `_loss.reported_residuals`), and each virtual task's
+triangular factor from a Cholesky of its small Gram instead of a Householder QR
+(`_solvers/_linalg.gram_factor`). Only ratios from one idle run compare: an earlier record
+(commit 44ba5aa, 202x) was taken at load 8-14, which slowed PEFT's dense SVD 15x and ours
+far less. Where our time goes now (full merge, warm, in process, ~0.21-0.27 s): the
+batched 256 x 256 eigh 50 ms, GEMMs of the Grams and products ~90 ms, relayout copies
+~25 ms, stacking the inputs ~20 ms; a cold command adds ~0.7 s importing JAX, ~0.45 s
+tracing and ~0.75 s compiling (the last two only without a warm cache).
 """
 
 from __future__ import annotations
