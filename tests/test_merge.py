@@ -320,6 +320,21 @@ def test_reported_errors_of_merges_are_accurate_whether_tasks_are_close_or_far(r
         np.testing.assert_allclose(reported, residual, rtol=rtol, err_msg=name)
 
 
+def test_residual_method_is_one_real_branch_across_the_module_vmap():
+    """The Gram-or-QR choice of `reported_residuals` is made once for all modules of a shape
+    group (a `case` in the program), not per module (a select would compute both)."""
+    from hydraopt_jax import _merge
+
+    plan = SharingPlan.full_merge(4, 2)
+    statics, traced = _merge._solver_arguments(
+        plan, "exact", None, "uniform", 10, 1e-6, "relaxed", "auto", jnp.float32
+    )
+    solve = _merge._batched_solver(tuple(sorted(traced)), **statics)
+    A = jax.ShapeDtypeStruct((3, 4, 3, 20), jnp.float32)
+    B = jax.ShapeDtypeStruct((3, 4, 16, 3), jnp.float32)
+    assert "stablehlo.case" in solve.lower(A, B, traced).as_text()
+
+
 # ----------------------------------------------------------------------------- activation-aware
 
 
