@@ -40,8 +40,12 @@ COV_RIDGE = 1e-6
 
 
 # ---------------------------------------------------------------------------- initialisation
-def _initial_factors(A, B, weights, norms_sq, plan: SharingPlan, k: int, init, svd_method):
-    """Starting point of the iterative solvers: `"relaxed"`, `"random"` or `(Ah, Bh)`."""
+def _initial_factors(
+    A, B, weights, norms_sq, plan: SharingPlan, k: int, init, svd_method, deps=(), axis_name=None
+):
+    """Starting point of the iterative solvers: `"relaxed"`, `"random"` or `(Ah, Bh)`.
+
+    `deps`, `axis_name`: as in `solve_exact`."""
     if isinstance(init, tuple):
         return jnp.asarray(init[0], A.dtype), jnp.asarray(init[1], A.dtype)
     if init == "random":
@@ -52,15 +56,16 @@ def _initial_factors(A, B, weights, norms_sq, plan: SharingPlan, k: int, init, s
     if init != "relaxed":
         raise ValueError(f"init must be 'relaxed', 'random' or (shared_a, shared_b); got {init!r}")
     if plan.has_closed_form:
-        return solve_exact(A, B, weights, plan, k, svd_method)
+        return solve_exact(A, B, weights, plan, k, svd_method, deps, axis_name)
     # Relax one side to task-specific (a closed form), then fit the real groups of the
     # other side by one least-squares half-step; keep whichever relaxation fits better.
     everyone = tuple(range(plan.num_tasks))
-    sa_1, _ = solve_exact(A, B, weights, SharingPlan(plan.a_group, everyone, k), k, svd_method)
+    relaxed_a = SharingPlan(plan.a_group, everyone, k)
+    sa_1, _ = solve_exact(A, B, weights, relaxed_a, k, svd_method, deps, axis_name)
     sb_1 = als_update_b(sa_1, A, B, weights, plan)
     # the second relaxation's LAPACK calls wait for the first's (see `_lapack`)
     relaxed_b = SharingPlan(everyone, plan.b_group, k)
-    _, sb_2 = solve_exact(A, B, weights, relaxed_b, k, svd_method, deps=(sb_1,))
+    _, sb_2 = solve_exact(A, B, weights, relaxed_b, k, svd_method, (sb_1,), axis_name)
     sa_2 = als_update_a(sb_2, A, B, weights, plan)
     first_better = plan_loss(sa_1, sb_1, A, B, weights, norms_sq, plan) <= plan_loss(
         sa_2, sb_2, A, B, weights, norms_sq, plan
@@ -92,23 +97,25 @@ def _solve_impl(
 ):
     """One module, pure and traceable: returns the arrays of a `Solution`.
 
-    `module_axis`: the name of the `vmap` axis over modules, if any (`reported_residuals`
-    chooses its method once across it).
+    `module_axis`: the name of the `vmap` axis over modules, if any: `reported_residuals` and
+    the exact solver's `gram_factor` choose their method once across it.
 
     `traced` holds the array arguments: `learning_rate`, `tol`, `max_steps`, and optionally
     `weights` [T], `cov` [d_in, d_in] and `init` (shared_a, shared_b).
     """
     k = plan.rank
     cov = traced.get("cov")
+    deps = ()
     if cov is not None:
         # ||(dW - dW_hat) L||_F with C = L L^T: solve on A L, map Ah back by L^{-1}.
         chol = _whitening(cov, A.dtype)
         A = A @ chol
+        deps = (chol,)  # the solve's LAPACK calls wait for this Cholesky (see `_lapack`)
     weights = task_weights(A, B, traced["weights"] if weights_mode == "array" else weights_mode)
     norms_sq = task_norms_sq(A, B)
 
     if kind == "exact":
-        shared_a, shared_b = solve_exact(A, B, weights, plan, k, svd_method)
+        shared_a, shared_b = solve_exact(A, B, weights, plan, k, svd_method, deps, module_axis)
         steps, converged = jnp.asarray(0, jnp.int32), jnp.asarray(True)
     else:
         if init == "given":
@@ -117,7 +124,7 @@ def _solve_impl(
                 shared_a = shared_a @ chol
         else:
             shared_a, shared_b = _initial_factors(
-                A, B, weights, norms_sq, plan, k, init, svd_method
+                A, B, weights, norms_sq, plan, k, init, svd_method, deps, module_axis
             )
         max_steps, tol = traced["max_steps"], traced["tol"]
         if kind == "als":

@@ -130,6 +130,24 @@ def test_gram_factor_is_the_r_of_a_qr_up_to_row_signs_even_for_dependent_columns
     np.testing.assert_allclose(np.abs(factor[0]), np.abs(r), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("plan_name", ["shared_a", "shared_b"])
+def test_exact_in_float32_survives_adapters_whose_factors_have_rank_one(rng, plan_name):
+    """B_t of rank 1 (dependent columns) at d_out = 2048: the Gram's float32 rounding exceeds
+    the Cholesky ridge and the factorisation fails; the solver must fall back, not return
+    NaN."""
+    T, r, d = 4, 3, 2048
+    A = rng.normal(size=(T, r, 24))
+    B = rng.normal(size=(T, d, 1)) @ rng.normal(size=(T, 1, r))
+    if plan_name == "shared_b":
+        A, B = np.swapaxes(B, 1, 2), np.swapaxes(A, 1, 2)
+    plan = NESTING_PLANS[plan_name](T, 2)
+    sol = hj.merge(A.astype(np.float32), B.astype(np.float32), plan)
+    assert int(sol.result) == int(RESULTS.successful)
+    w = relative_weights(A, B)
+    achieved = hj.dense_loss_reference(A, B, sol.shared_a, sol.shared_b, plan, w)
+    assert achieved / dense_optimum(A, B, plan, w) <= 1.001
+
+
 @pytest.mark.parametrize("plan_name", ["shared_a", "full_merge", "b_groups_inside_a_groups"])
 def test_exact_in_float32_is_optimal_when_task_norms_span_six_decades(rng, plan_name):
     """Relative weights give a task with ||B|| 1e-3 the same say as one with 1e3: the small

@@ -57,24 +57,37 @@ def top_right_singular_vectors(stacked: jax.Array, k: int) -> jax.Array:
     return _pad_rows(basis, k)
 
 
-def gram_factor(x: jax.Array, deps=()) -> jax.Array:
+def gram_factor(x: jax.Array, deps=(), axis_name: str | None = None) -> jax.Array:
     """Upper-triangular `F [..., n, n]` with `F^T F = x^T x` for `x [..., m, n]`: the `R` of a
-    thin QR of `x` up to row signs, from the Cholesky factor of the small Gram (a GEMM and an
-    `n x n` factorisation: ~4x faster than LAPACK's Householder QR at m = 2048, n = 256).
+    thin QR of `x` up to row signs (zero rows below `min(m, n)`), from the Cholesky factor of
+    the small Gram (a GEMM and an `n x n` factorisation: ~4x faster than LAPACK's Householder
+    QR at m = 2048, n = 256).
 
     Each diagonal entry of the Gram is raised by `n eps` of itself (a relative perturbation of
-    every column's norm of `n eps / 2`, the size of QR's own backward error), so dependent or
-    repeated columns and zero columns still factor, and columns of any scale keep their relative
-    accuracy. Use it where only `F^T F` matters (right singular vectors of `F y`); the Gram
-    squares the conditioning, so not for residuals that must resolve cancellation.
-    `deps`: arrays whose LAPACK calls must finish first (`_lapack.after`).
+    every column's norm of `n eps / 2`), so that columns of any scale keep their relative
+    accuracy and zero or repeated columns factor. Dependent columns can still leave a pivot
+    below the Gram's own rounding (float32, small `n`, large `m`): the Cholesky then fails
+    and the QR runs instead, chosen by one `lax.cond` for the whole batch (`axis_name`: a
+    `vmap` axis to decide across, so that the QR only runs when needed). Use it where only
+    `F^T F` matters (right singular vectors of `F y`), not for residuals that must resolve
+    cancellation. `deps`: arrays whose LAPACK calls must finish first (`_lapack.after`).
     """
-    n = x.shape[-1]
+    m, n = x.shape[-2:]
     gram = jnp.einsum("...mi,...mj->...ij", x, x)
     diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
     ridge = n * jnp.finfo(x.dtype).eps * diag + jnp.finfo(x.dtype).tiny
     gram = gram + ridge[..., None] * jnp.eye(n, dtype=x.dtype)[(None,) * (x.ndim - 2)]
-    return jnp.swapaxes(jnp.linalg.cholesky(after(gram, *deps)), -1, -2)
+    factor = jnp.swapaxes(jnp.linalg.cholesky(after(gram, *deps)), -1, -2)
+    failed = jnp.any(~jnp.isfinite(factor)).astype(jnp.int32)
+    if axis_name is not None:
+        failed = jax.lax.psum(failed, axis_name)
+
+    def by_qr():  # after the Cholesky: the branch waits for `failed`
+        r = jnp.linalg.qr(x, mode="r")  # [..., min(m, n), n]
+        pad = [(0, 0)] * (x.ndim - 2) + [(0, n - r.shape[-2]), (0, 0)]
+        return jnp.pad(r, pad)
+
+    return jax.lax.cond(failed > 0, by_qr, lambda: factor)
 
 
 def top_eigvecs_randomized(

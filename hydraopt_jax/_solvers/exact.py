@@ -59,7 +59,7 @@ def _virtual_tasks(A, B, weights, plan: SharingPlan):
     return a_v, b_v, jnp.repeat(coef, r, axis=1), group_weight, a_of_b
 
 
-def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str, deps=()):
+def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str, deps=(), axis_name=None):
     """`Ah [K_A, k, d_in]`: per A-group, the top-k right singular subspace of the stacked
     `[R_j A_j]`, where `B_v_j diag(scale_j) = Q_j R_j` (`scale` carries `coef sqrt(W_j)`)."""
     num_virtual, r_v, d_in = a_v.shape
@@ -109,17 +109,19 @@ def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str, deps=()):
         return jax.vmap(one_group)(a_g, b_g, s_g)
 
     # F^T F = B^T B gives (F S)^T (F S) = S B^T B S: scaling columns scales F's columns.
-    tri = gram_factor(b_v, deps) * scale[:, None, :]  # [J, r_v, r_v]
+    tri = gram_factor(b_v, deps, axis_name) * scale[:, None, :]  # [J, r_v, r_v]
     stacked = jnp.einsum("jsr,jrd->jsd", tri, a_v)
     stacked = gather_padded(stacked, idx)  # [K_A, m, s, d_in]
     stacked = stacked.reshape(idx.shape[0], -1, d_in)
     return jax.vmap(lambda s: top_right_singular_vectors(s, k))(stacked)
 
 
-def _solve_shared_a_family(A, B, weights, plan: SharingPlan, k: int, svd_method: str, deps=()):
+def _solve_shared_a_family(
+    A, B, weights, plan: SharingPlan, k: int, svd_method: str, deps=(), axis_name=None
+):
     a_v, b_v, coef, group_weight, a_of_b = _virtual_tasks(A, B, weights, plan)
     scale = coef * jnp.sqrt(group_weight)[:, None]
-    shared_a = _group_subspaces(a_v, b_v, scale, a_of_b, k, svd_method, deps)
+    shared_a = _group_subspaces(a_v, b_v, scale, a_of_b, k, svd_method, deps, axis_name)
     # Bh_j = M_j Ah^T = B_j diag(coef_j) (A_j Ah^T): the projection of each B-group's mean.
     if len(set(a_of_b)) == 1:  # one A-group: no [K_B, k, d_in] broadcast of Ah
         proj = jnp.einsum("jrd,kd->jrk", a_v, shared_a[a_of_b[0]])
@@ -134,15 +136,18 @@ def _swap_sides(plan: SharingPlan) -> SharingPlan:
     return SharingPlan(plan.b_group, plan.a_group, plan.rank)
 
 
-def solve_exact(A, B, weights, plan: SharingPlan, k: int, svd_method: str = "auto", deps=()):
+def solve_exact(
+    A, B, weights, plan: SharingPlan, k: int, svd_method: str = "auto", deps=(), axis_name=None
+):
     """`(shared_a [K_A, k, d_in], shared_b [K_B, d_out, k])` minimising the weighted loss.
 
-    `deps`: arrays whose LAPACK calls must finish before this solve's start (`_lapack.after`).
+    `deps`: arrays whose LAPACK calls must finish before this solve's start (`_lapack.after`);
+    `axis_name`: the `vmap` axis over modules, if any (see `_linalg.gram_factor`).
     Raises `ValueError` for plans without a closed form (both sides grouped, neither nesting
     in the other); use the `"als"` or an Optax solver for those.
     """
     if plan.b_nested_in_a:
-        return _solve_shared_a_family(A, B, weights, plan, k, svd_method, deps)
+        return _solve_shared_a_family(A, B, weights, plan, k, svd_method, deps, axis_name)
     if plan.a_nested_in_b:
         # Transposed problem: dW_t^T = A_t^T B_t^T, so B-groups play the role of A-groups.
         sa_t, sb_t = _solve_shared_a_family(
@@ -153,6 +158,7 @@ def solve_exact(A, B, weights, plan: SharingPlan, k: int, svd_method: str = "aut
             k,
             svd_method,
             deps,
+            axis_name,
         )
         return jnp.swapaxes(sb_t, 1, 2), jnp.swapaxes(sa_t, 1, 2)
     raise ValueError(
