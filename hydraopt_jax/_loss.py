@@ -208,7 +208,7 @@ def _against_groups(x: jax.Array, shared: jax.Array, group, spec: str) -> jax.Ar
         lambda xs, g: jnp.einsum(batched, xs, shared[g]),
         x,
         jnp.asarray(group),
-        row_elements=2 * x[0].size,
+        row_elements=x[0].size + shared[0].size,
     )
 
 
