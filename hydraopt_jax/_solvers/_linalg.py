@@ -15,7 +15,7 @@ from .._lapack import after
 OVERSAMPLE = 16
 POWER_STEPS = 6
 # Use randomized subspace iteration once the stacked matrix has at least this many rows
-# (and at least 4x the sketch width); below it a QR + small SVD is cheaper and exact.
+# (and at least 4x the sketch width); below it the direct small-Gram solve is cheaper and exact.
 RANDOMIZED_MIN_ROWS = 512
 
 _SKETCH_SEED = 0  # fixed: results are deterministic run to run
