@@ -33,7 +33,8 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(4096, 2048)).astype(np.float32)
 cov = x.T @ x / 4096
 few = dict(list(coll.items())[:4])
-sols = hj.merge_adapters(few, hj.SharingPlan.full_merge(16, rank=16), activation_covs={m: cov for m in few})
+plan = hj.SharingPlan.full_merge(16, rank=16)
+sols = hj.merge_adapters(few, plan, activation_covs={m: cov for m in few})
 assert all(float(s.loss) >= 0 for s in jax.block_until_ready(sols).values())
 print("ok")
 """
