@@ -21,6 +21,7 @@ from ._lapack import after
 from ._plan import SharingPlan
 
 __all__ = [
+    "all_finite",
     "dense_loss_reference",
     "factored_task_errors",
     "map_task_chunks",
@@ -49,6 +50,13 @@ def check_factor_shapes(A, B, where: str) -> None:
 # Elements of one chunk of tasks in `map_task_chunks` (float32: 16 MiB): bounds the workspace
 # of per-task products whatever the number of tasks.
 TASK_CHUNK_ELEMENTS = 1 << 22
+
+
+def all_finite(x: jax.Array) -> jax.Array:
+    """`jnp.all(jnp.isfinite(x))` as one fused reduction: `x * 0` is 0 where `x` is finite and
+    NaN elsewhere. (XLA's CPU backend materialises `isfinite(x)` as a bool array of `x`'s
+    size: 131 MB for the per-task B of 1000 adapters at d = 4096.)"""
+    return jnp.isfinite(jnp.sum(x * 0))
 
 
 def map_task_chunks(fn, *xs: jax.Array, row_elements: int) -> jax.Array:

@@ -13,6 +13,7 @@ import numpy as np
 from ._host import stack_modules, unstack
 from ._lapack import after
 from ._loss import (
+    all_finite,
     check_factor_shapes,
     plan_loss,
     relative_errors,
@@ -149,12 +150,7 @@ def _solve_impl(
         shared_a = jax.vmap(  # after the residual's QRs (see `_lapack`)
             lambda a: jax.scipy.linalg.solve_triangular(chol.T, a.T, lower=False).T
         )(after(shared_a, residual))
-    finite = (
-        jnp.all(jnp.isfinite(shared_a))
-        & jnp.all(jnp.isfinite(shared_b))
-        & jnp.isfinite(loss)
-        & jnp.all(jnp.isfinite(norms_sq))
-    )
+    finite = all_finite(shared_a) & all_finite(shared_b) & jnp.isfinite(loss) & all_finite(norms_sq)
     result = jnp.where(
         finite,
         jnp.where(converged, RESULTS.successful, RESULTS.max_steps_reached),

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._lapack import after
-from .._loss import check_factor_shapes, relative_errors, task_norms_sq, task_weights
+from .._loss import all_finite, check_factor_shapes, relative_errors, task_norms_sq, task_weights
 from .._plan import SharingPlan
 from .._solution import RESULTS, Solution
 
@@ -228,7 +228,7 @@ def report(A, B, left, middle, right):
     rel = relative_errors(residual, task_norms_sq(A, B))
     finite = jnp.isfinite(loss)
     for x in (left, right) if middle is None else (left, middle, right):
-        finite = finite & jnp.all(jnp.isfinite(x))
+        finite = finite & all_finite(x)
     result = jnp.where(finite, RESULTS.successful, RESULTS.nonfinite).astype(jnp.int32)
     return loss, rel, weights, result
 
