@@ -86,7 +86,7 @@ def test_a_module_too_big_for_the_budget_is_refused(tmp_path, loads, capsys):
 
 def test_solver_temporaries_stay_a_small_fraction_of_a_large_group():
     """1000 adapters at d = 4096 (a 1 GB group, compiled only): XLA's temporaries stay under a
-    tenth of the inputs. (A `jnp.all(jnp.isfinite(B_hat))` once cost a 131 MB bool copy.)"""
+    tenth of the inputs. (A `jnp.all(jnp.isfinite(B_hat))` once cost a 125 MiB bool copy.)"""
     import jax
     import jax.numpy as jnp
 
