@@ -258,9 +258,10 @@ def reported_residuals(
     norms_sq: jax.Array,
     axis_name: str | None = None,
 ) -> jax.Array:
-    """Per-task `||B_t A_t - Bh_t Ah_t||_F^2` accurate to ~1e-6 relative: at the Gram cost
-    (`plan_gram_errors`) when every task's residual is large (merges of dissimilar tasks), by
-    QR (`plan_residual_norms_sq`) when some task is reconstructed closely.
+    """Per-task `||B_t A_t - Bh_t Ah_t||_F^2`: at the Gram cost (`plan_gram_errors`, ~1e-6
+    relative in float32) when every task's residual is large (merges of dissimilar tasks), by
+    QR (`plan_residual_norms_sq`, round-off of `||dW_t||` only) when some task is
+    reconstructed closely.
 
     The Gram form is tried first only when no task has a factor of its own (every A- and
     B-group holds two tasks or more): such merges reconstruct each task loosely. Plans with

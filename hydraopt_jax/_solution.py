@@ -87,8 +87,9 @@ class Solution(StoredFactors):
 
     - `shared_a`: `[K_A, k, d_in]`; `shared_b`: `[K_B, d_out, k]`.
     - `loss`: the weighted objective `sum_t w_t ||dW_t - dW_hat_t||_F^2` (scalar).
-    - `relative_error`: `||dW_t - dW_hat_t||_F / ||dW_t||_F` per task, `[T]`; accurate to
-      ~1e-6 relative in float32 also when tiny (`_loss.reported_residuals`).
+    - `relative_error`: `||dW_t - dW_hat_t||_F / ||dW_t||_F` per task, `[T]`; free of the Gram
+      identity's cancellation: an exact reconstruction reports float32 round-off, ~1e-7
+      (`_loss.reported_residuals`).
     - `weights`: the task weights `w_t` used, `[T]`.
     - `steps`: iterations taken (0 for closed forms); `result`: a `RESULTS` code.
     - `plan`, `task_ranks`, `task_ids` (static): the plan, each task's original rank, and
