@@ -22,8 +22,8 @@ from ._plan import SharingPlan
 
 __all__ = [
     "all_finite",
+    "cond_across",
     "dense_loss_reference",
-    "factored_task_errors",
     "map_task_chunks",
     "plan_gram_errors",
     "plan_residual_norms_sq",
@@ -57,6 +57,16 @@ def all_finite(x: jax.Array) -> jax.Array:
     NaN elsewhere. (XLA's CPU backend materialises `isfinite(x)` as a bool array of `x`'s
     size: 125 MiB for the per-task B of 1000 adapters at d = 4096.)"""
     return jnp.isfinite(jnp.sum(x * 0))
+
+
+def cond_across(pred: jax.Array, axis_name: str | None, true_fn, false_fn) -> jax.Array:
+    """`lax.cond(pred, true_fn, false_fn)` decided once for a whole `vmap` batch: `pred` (a
+    scalar bool per batch element) is or-reduced over the axis `axis_name` when given, so the
+    branch stays a real branch instead of a select that computes both."""
+    flag = pred.astype(jnp.int32)
+    if axis_name is not None:
+        flag = jax.lax.psum(flag, axis_name)
+    return jax.lax.cond(flag > 0, true_fn, false_fn)
 
 
 def map_task_chunks(fn, *xs: jax.Array, row_elements: int) -> jax.Array:
@@ -125,35 +135,6 @@ def task_weights(A: jax.Array, B: jax.Array, weights="relative") -> jax.Array:
     if w.shape != (num_tasks,):
         raise ValueError(f"weights has shape {w.shape}, expected ({num_tasks},): one per task")
     return w
-
-
-def gather_task_factors(
-    shared_a: jax.Array, shared_b: jax.Array, plan: SharingPlan
-) -> tuple[jax.Array, jax.Array]:
-    """Each task's `(Ah [T, k, d_in], Bh [T, d_out, k])` by its group ids."""
-    return shared_a[np.asarray(plan.a_group)], shared_b[np.asarray(plan.b_group)]
-
-
-def factored_task_errors(
-    A: jax.Array, B: jax.Array, task_a: jax.Array, task_b: jax.Array, norms_sq: jax.Array
-) -> jax.Array:
-    """`||B_t A_t - Bh_t Ah_t||_F^2` per task by the Gram identity (differentiable, cheap).
-
-    `norms_sq` is `task_norms_sq(A, B)`, passed in because solvers compute it once. Loses
-    relative precision when the error is far below `||dW_t||^2` (cancellation); use
-    `residual_norms_sq` to *report* small errors.
-    """
-    cross = jnp.einsum(
-        "tkr,trk->t",
-        jnp.einsum("tok,tor->tkr", task_b, B),
-        jnp.einsum("trd,tkd->trk", A, task_a),
-    )
-    quad = jnp.einsum(
-        "tkl,tkl->t",
-        jnp.einsum("tok,tol->tkl", task_b, task_b),
-        jnp.einsum("tkd,tld->tkl", task_a, task_a),
-    )
-    return norms_sq - 2.0 * cross + quad
 
 
 def residual_norms_sq(
@@ -228,9 +209,12 @@ def plan_gram_errors(
     plan: SharingPlan,
     norms_sq: jax.Array,
 ) -> jax.Array:
-    """`factored_task_errors` of every task against its groups' shared factors: each shared
-    factor's Gram once per group, each task's cross terms `A_t Ah^T` and `B_t^T Bh` against its
-    group's factor (see `_against_groups`). Cheap, but cancels when the error is small."""
+    """`||B_t A_t - Bh_t Ah_t||_F^2` of every task against its groups' shared factors by the
+    Gram identity (module docstring; `norms_sq` is `task_norms_sq(A, B)`, which solvers compute
+    once): each shared factor's Gram once per group, each task's cross terms `A_t Ah^T` and
+    `B_t^T Bh` against its group's factor (see `_against_groups`). Cheap and differentiable,
+    but it cancels when the error is far below `||dW_t||^2`: use `residual_norms_sq` to
+    *report* small errors."""
     a_idx, b_idx = np.asarray(plan.a_group), np.asarray(plan.b_group)
     cross = jnp.einsum(
         "trk,trk->t",
@@ -272,11 +256,9 @@ def reported_residuals(
     if min(len(m) for side in "ab" for m in plan.groups(side)) < 2:
         return plan_residual_norms_sq(A, B, shared_a, shared_b, plan)
     gram = plan_gram_errors(A, B, shared_a, shared_b, plan, norms_sq)
-    close = jnp.any(gram < GRAM_REPORT_MIN_FRACTION * norms_sq).astype(jnp.int32)
-    if axis_name is not None:
-        close = jax.lax.psum(close, axis_name)
-    return jax.lax.cond(
-        close > 0,
+    return cond_across(
+        jnp.any(gram < GRAM_REPORT_MIN_FRACTION * norms_sq),
+        axis_name,
         lambda: plan_residual_norms_sq(A, B, shared_a, shared_b, plan),
         lambda: gram,
     )
@@ -319,6 +301,6 @@ def plan_loss(
     norms_sq: jax.Array,
     plan: SharingPlan,
 ) -> jax.Array:
-    """The objective `sum_t w_t ||B_t A_t - Bh_b(t) Ah_a(t)||_F^2`, factored (differentiable)."""
-    task_a, task_b = gather_task_factors(shared_a, shared_b, plan)
-    return jnp.sum(weights * factored_task_errors(A, B, task_a, task_b, norms_sq))
+    """The objective `sum_t w_t ||B_t A_t - Bh_b(t) Ah_a(t)||_F^2`, factored (differentiable;
+    `plan_gram_errors`, without a `[T, k, d]` broadcast of the shared factors)."""
+    return jnp.sum(weights * plan_gram_errors(A, B, shared_a, shared_b, plan, norms_sq))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._lapack import after
-from .._loss import all_finite
+from .._loss import all_finite, cond_across
 
 # Randomized subspace iteration: extra columns beyond k, and power steps. With these the
 # captured energy matches a full SVD to ~1e-7 relative on the collections we test.
@@ -79,16 +79,13 @@ def gram_factor(x: jax.Array, deps=(), axis_name: str | None = None) -> jax.Arra
     ridge = n * jnp.finfo(x.dtype).eps * diag + jnp.finfo(x.dtype).tiny
     gram = gram + ridge[..., None] * jnp.eye(n, dtype=x.dtype)[(None,) * (x.ndim - 2)]
     factor = jnp.swapaxes(jnp.linalg.cholesky(after(gram, *deps)), -1, -2)
-    failed = (~all_finite(factor)).astype(jnp.int32)
-    if axis_name is not None:
-        failed = jax.lax.psum(failed, axis_name)
 
-    def by_qr():  # after the Cholesky: the branch waits for `failed`
+    def by_qr():  # after the Cholesky: the branch waits for its result
         r = jnp.linalg.qr(x, mode="r")  # [..., min(m, n), n]
         pad = [(0, 0)] * (x.ndim - 2) + [(0, n - r.shape[-2]), (0, 0)]
         return jnp.pad(r, pad)
 
-    return jax.lax.cond(failed > 0, by_qr, lambda: factor)
+    return cond_across(~all_finite(factor), axis_name, by_qr, lambda: factor)
 
 
 def top_eigvecs_randomized(
