@@ -61,7 +61,8 @@ def _virtual_tasks(A, B, weights, plan: SharingPlan):
 
 def _group_subspaces(a_v, b_v, scale, a_of_b, k: int, svd_method: str, deps=(), axis_name=None):
     """`Ah [K_A, k, d_in]`: per A-group, the top-k right singular subspace of the stacked
-    `[R_j A_j]`, where `B_v_j diag(scale_j) = Q_j R_j` (`scale` carries `coef sqrt(W_j)`)."""
+    `[F_j A_j]`, where `F_j^T F_j = S_j B_v_j^T B_v_j S_j`, `S_j = diag(scale_j)` (`scale`
+    carries `coef sqrt(W_j)`)."""
     num_virtual, r_v, d_in = a_v.shape
     groups = [[] for _ in range(max(a_of_b) + 1)]
     for j, g in enumerate(a_of_b):

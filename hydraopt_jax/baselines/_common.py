@@ -158,6 +158,15 @@ def keep_at_least(x: jax.Array, count: jax.Array) -> jax.Array:
     return bits >= kth_largest_bits(bits, jnp.clip(count + 1, 1, bits.size))
 
 
+def _two_sided_qr(left: jax.Array, right: jax.Array):
+    """`(Q_l [d_out, m_l], R_l [m_l, n], Q_r [d_in, m_r], R_r [m_r, n])` with `left = Q_l R_l`
+    and `right^T = Q_r R_r`, so `left @ right = Q_l (R_l R_r^T) Q_r^T`; the second QR waits
+    for the first (`_lapack.after`)."""
+    q_l, r_l = jnp.linalg.qr(left)
+    q_r, r_r = jnp.linalg.qr(after(right.T, q_l, r_l))
+    return q_l, r_l, q_r, r_r
+
+
 def factored_svd(left: jax.Array, right: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Rank-`k` truncated SVD of `left @ right` without forming it.
 
@@ -167,8 +176,7 @@ def factored_svd(left: jax.Array, right: jax.Array, k: int) -> tuple[jax.Array, 
     **Returns:** `(b_hat [d_out, k], a_hat [k, d_in])` with `b_hat = U_k S_k`, `a_hat = V_k^T`
     (PEFT's `svd` split: singular values on B). Missing directions are zero-padded.
     """
-    q_l, r_l = jnp.linalg.qr(left)  # [d_out, m_l], [m_l, n]
-    q_r, r_r = jnp.linalg.qr(after(right.T, q_l, r_l))  # [d_in, m_r], [m_r, n]
+    q_l, r_l, q_r, r_r = _two_sided_qr(left, right)
     u, s, vt = jnp.linalg.svd(r_l @ r_r.T, full_matrices=False)
     m = s.shape[0]
     kk = min(k, m)
@@ -201,8 +209,7 @@ def shared_basis_residuals(A, B, left, middle, right) -> jax.Array:
     the first computed entry-wise (`m x n`), the others as traces of `r x r` Grams. Costs
     `O(T (m + n) r d)` against `O(T (r + m)^2 d)` for per-task QRs, which matters for `cat`.
     """
-    q_l, r_l = jnp.linalg.qr(left)
-    q_r, r_r = jnp.linalg.qr(after(right.T, q_l, r_l))
+    q_l, r_l, q_r, r_r = _two_sided_qr(left, right)
     c, e = _split_off(q_l, B)  # [T, m, r], [T, d_out, r]
     d, f = _split_off(q_r, jnp.swapaxes(A, 1, 2))  # [T, n, r], [T, d_in, r]
     if middle is None:  # one adapter for all tasks: left @ right
