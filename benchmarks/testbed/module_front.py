@@ -1,12 +1,17 @@
 """Per module: `pca`'s reconstruction loss against the best planner option at its storage.
 
-    python -m benchmarks.testbed.module_front small_lr_diff_seed [--ranks 2,4,8]
+    python -m benchmarks.testbed.module_front small_lr_diff_seed [--ranks 2,4,8] [--score 8]
 
 For every module of a committed collection and every `pca` rank, prints `pca`'s loss (sum
 over tasks of squared relative errors: the planner's objective with its default relative
 weights) and the lowest loss among the planner's candidate options (`plan_budget`'s
 per-module closed forms) that store at most as many parameters. It shows whether a
 shared-basis family would change the planner's choices (see the testbed README).
+
+`--score K` also scores (test accuracy ratio, as the testbed) `pca` at rank `K` against the
+*matched* HydraOpt selection: on every module the lowest-loss option at `pca`'s storage
+there, plain and activation-aware. It separates the allocation (the planner's choice across
+modules) from the structure (what one module's parameters can hold).
 """
 
 from __future__ import annotations
@@ -42,10 +47,53 @@ def compare(collection: str, ranks=(2, 4, 8)) -> list[dict]:
     return rows
 
 
+def matched_scores(collection: str, k: int) -> list[dict]:
+    """Score `pca` at rank `k` and, plain and activation-aware, the HydraOpt selection with
+    the lowest loss per module at `pca`'s storage on that module."""
+    from hydraopt_jax import SharingPlan, merge_adapters
+    from hydraopt_jax._planner import collection_options
+    from hydraopt_jax.baselines import run_baseline
+
+    from . import model as M
+
+    coll = EM.load_testbed_collection(collection)
+    base = M.load_base_model()
+    covs = EM.activation_covariances(base, coll)
+    pca = EM.merge_method(EM.Method("pca", "baseline", baseline="pca", rank_mult=k / coll.rank),
+                          coll)  # fmt: skip
+    results = [("baseline:pca", pca, "")]
+    for act in (None, covs):
+        groupings, options = collection_options(
+            coll.factors(), task_names=coll.tasks, task_attributes=coll.attributes(),
+            activation_covs=act,
+        )  # fmt: skip
+        plans, picked = {}, []
+        for m in coll.modules:
+            cap = int(run_baseline("pca", coll.A[m], coll.B[m], rank=k).num_params)
+            best = min((o for o in options[m][1] if o.num_params <= cap), key=lambda o: o.loss)
+            plans[m] = SharingPlan.from_labels(groupings[best.a_by], groupings[best.b_by],
+                                               best.rank)  # fmt: skip
+            picked.append(f"{best.name}@{best.rank}")
+        sols = merge_adapters(coll.factors(), plans, activation_covs=act)
+        merged = EM.Merged(EM._task_loras(coll, sols), sum(int(s.num_params) for s in
+                           sols.values()), EM._original_params(coll), {}, 0.0)  # fmt: skip
+        name = "hydraopt:matched" + ("+act" if act is not None else "")
+        results.append((name, merged, " ".join(picked)))
+    rows = []
+    for name, merged, picked in results:
+        acc = EM.evaluate_merged(base, merged)
+        score, worst, _ = EM.score_accuracies(acc, coll.own_accuracy)
+        rows.append(dict(method=name, storage=merged.storage_ratio, score=score,
+                         min_task_ratio=worst, options=picked))  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("collection")
     parser.add_argument("--ranks", default="2,4,8", help="pca ranks, comma-separated")
+    parser.add_argument("--score", type=int, default=None, metavar="K",
+                        help="also score pca at rank K against the matched HydraOpt selection")
     args = parser.parse_args(argv)
     rows = compare(args.collection, tuple(int(k) for k in args.ranks.split(",")))
     print(f"{'module':36s} {'k':>2s} {'storage':>8s} {'pca loss':>9s} {'best plan':>9s}  option")
@@ -57,6 +105,10 @@ def main(argv=None) -> int:
         lower = sum(r["best_loss"] < r["pca_loss"] for r in sub)
         print(f"k = {k}: a planner option at <= pca's storage has the lower loss on "
               f"{lower} of {len(sub)} modules")  # fmt: skip
+    if args.score is not None:
+        for r in matched_scores(args.collection, args.score):
+            print(f"{r['method']:24s} storage {r['storage']:.4f} score {r['score']:.4f} "
+                  f"min {r['min_task_ratio']:.4f}  {r['options']}")  # fmt: skip
     return 0
 
 
