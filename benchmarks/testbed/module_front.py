@@ -92,8 +92,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("collection")
     parser.add_argument("--ranks", default="2,4,8", help="pca ranks, comma-separated")
-    parser.add_argument("--score", type=int, default=None, metavar="K",
-                        help="also score pca at rank K against the matched HydraOpt selection")
+    parser.add_argument(
+        "--score",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also score pca at rank K against the matched HydraOpt selection",
+    )
     args = parser.parse_args(argv)
     rows = compare(args.collection, tuple(int(k) for k in args.ranks.split(",")))
     print(f"{'module':36s} {'k':>2s} {'storage':>8s} {'pca loss':>9s} {'best plan':>9s}  option")
