@@ -114,7 +114,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(bundle_io, "write_json", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(AdapterError, match=r"out: cannot be written \(disk full\)"):
         save_bundle(bundle, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

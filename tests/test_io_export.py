@@ -19,6 +19,7 @@ from test_io_helpers import (
 )
 
 from hydraopt_jax.io import AdapterError, export_peft, load_bundle, load_peft_adapter, save_bundle
+from hydraopt_jax.io.peft import EXPORT_MARKER
 
 
 def _expected(bundle, task):
@@ -76,7 +77,7 @@ def test_export_from_saved_bundle_in_bfloat16(tmp_path):
     _, _, bundle = hand_bundle(llama_adapters())
     save_bundle(bundle, tmp_path / "bundle")
     export_peft(tmp_path / "bundle", tmp_path / "peft", task="chat_de", dtype="bfloat16")
-    assert [p.name for p in (tmp_path / "peft").iterdir()] == ["chat_de"]
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [EXPORT_MARKER, "chat_de"]
     adapter = load_peft_adapter(tmp_path / "peft" / "chat_de")
     assert set(adapter.tensor_dtypes.values()) == {"BF16"}
     name = "model.layers.0.self_attn.q_proj"
@@ -98,5 +99,76 @@ def test_export_refuses_unknown_task_and_foreign_directory(tmp_path):
         export_peft(bundle, foreign)
     export_peft(bundle, tmp_path / "peft")
     export_peft(bundle, tmp_path / "peft", task="qa_fr")  # a previous export is replaced
-    assert [p.name for p in (tmp_path / "peft").iterdir()] == ["qa_fr"]
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == [EXPORT_MARKER, "qa_fr"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "peft"]
+
+
+def test_export_never_replaces_a_directory_of_user_adapters(tmp_path):
+    """A directory of adapter directories that no export wrote (no marker) is refused."""
+    import shutil
+
+    _, _, bundle = hand_bundle(llama_adapters())
+    mine = tmp_path / "mine"
+    shutil.copytree(llama_adapters()[0], mine / "chat_de")
+    with pytest.raises(AdapterError, match="refusing to overwrite"):
+        export_peft(bundle, mine, task="qa_fr")
+    assert sorted(p.name for p in mine.iterdir()) == ["chat_de"]
+    # an export plus a file the user added afterwards is no longer only an export either
+    export_peft(bundle, tmp_path / "peft")
+    (tmp_path / "peft" / "notes.txt").write_text("mine")
+    with pytest.raises(AdapterError, match="refusing to overwrite"):
+        export_peft(bundle, tmp_path / "peft")
+    assert (tmp_path / "peft" / "notes.txt").read_text() == "mine"
+
+
+def test_export_writes_a_task_named_twice_once(tmp_path):
+    _, _, bundle = hand_bundle(llama_adapters())
+    written = export_peft(bundle, tmp_path / "peft", task=["qa_fr", "qa_fr"])
+    assert written == [tmp_path / "peft" / "qa_fr"]
+
+
+def _edit_meta(bundle_dir, edit):
+    meta_file = bundle_dir / "hydraopt.json"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit, cause",
+    [
+        (lambda m: m.update(tasks=["../evil", *m["tasks"][1:]]), "invalid task name '../evil'"),
+        (lambda m: m.update(tasks=[m["tasks"][0]] * len(m["tasks"])), "duplicate task names"),
+        (lambda m: m.update(tasks="abc"), "tasks must be a list"),
+        (lambda m: m.update(tasks=[1, 2, 3]), "invalid task name 1"),
+        (lambda m: m.update(dtype="int8"), "unknown dtype 'int8'"),
+        (lambda m: m.update(task_configs={}), "one adapter config"),
+        (lambda m: m.update(task_configs=[]), "one adapter config"),
+        (lambda m: m.update(modules=[]), "modules must be an object"),
+        (lambda m: m.update(carried=[]), "carried must be an object"),
+        (lambda m: m.update(carried={"nobody": []}), "unknown task 'nobody'"),
+    ],
+)
+def test_malformed_bundle_metadata_is_refused_naming_the_file(tmp_path, edit, cause):
+    _, _, bundle = hand_bundle(llama_adapters())
+    save_bundle(bundle, tmp_path / "bundle")
+    _edit_meta(tmp_path / "bundle", edit)
+    with pytest.raises(AdapterError, match=cause) as err:
+        export_peft(tmp_path / "bundle", tmp_path / "peft")
+    assert err.value.path.endswith("hydraopt.json")
+    assert not (tmp_path / "peft").exists() and not (tmp_path / "evil").exists()
+
+
+def test_bundle_with_non_finite_factors_is_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _, _, bundle = hand_bundle(llama_adapters())
+    save_bundle(bundle, tmp_path / "bundle")
+    factors = tmp_path / "bundle" / "factors.safetensors"
+    tensors = load_file(str(factors))
+    key = next(k for k in tensors if k.endswith("shared_a"))
+    tensors[key][0, 0, 0] = np.nan
+    save_file(tensors, str(factors))
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        export_peft(tmp_path / "bundle", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -28,7 +28,9 @@ def test_readme_merge_export_load_example(tmp_path):
     subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, check=True, capture_output=True
     )
-    exported = sorted(p.name for p in pathlib.Path("/tmp/hydraopt-example/peft").iterdir())
+    exported = sorted(
+        p.name for p in pathlib.Path("/tmp/hydraopt-example/peft").iterdir() if p.is_dir()
+    )
     assert "copy_L0" in exported and len(exported) == 5
     code = _block_after("## From PEFT adapters to PEFT adapters", "python")
     code += "\nassert model.peft_config['default'].r == 8\n"

@@ -35,7 +35,10 @@ __all__ = [
     "AdapterError",
     "DTYPES",
     "atomic_dir",
+    "check_task_name",
     "kill_point",
+    "output_location",
+    "read_json",
     "read_safetensors_header",
     "to_dtype",
     "write_json",
@@ -66,6 +69,52 @@ class AdapterError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.message))
+
+
+def check_task_name(name, where) -> str:
+    """`name` if it can name a task (a directory of an export), else `AdapterError(where)`."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name in (".", "..")
+    ):
+        raise AdapterError(where, f"invalid task name {name!r}: it must be a non-empty file name")
+    return name
+
+
+def _missing_ancestors(out: Path) -> list[Path]:
+    """The directories above `out` that do not exist, shallowest first; `AdapterError` if
+    the nearest existing one is not a directory or no file can be created in it."""
+    missing = []
+    probe = out.absolute().parent
+    while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    if not probe.is_dir():
+        raise AdapterError(out, f"cannot be created: {probe} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".hydraopt-probe-", dir=probe))
+    except OSError as err:
+        raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def output_location(*outs) -> Iterator[None]:
+    """Check, before any work, that every path in `outs` can be written; if the body fails,
+    remove the parent directories it created for them (those still empty), so a failed
+    command leaves nothing behind."""
+    missing = [d for out in outs for d in _missing_ancestors(Path(out))]
+    try:
+        yield
+    except BaseException:
+        for d in sorted(set(missing), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
+        raise
 
 
 def to_dtype(name) -> np.dtype:
@@ -106,6 +155,16 @@ def write_safetensors(
         assert contiguous[key].flags["C_CONTIGUOUS"]
     save_file(contiguous, str(path), metadata=dict(metadata) if metadata else None)
     _fsync_file(path)
+
+
+def read_json(path):
+    """The parsed content of the JSON file `path`, or `AdapterError(path)` saying why not."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise AdapterError(path, "not valid JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterError(path, f"not valid JSON ({_one_line(err)})") from None
 
 
 def write_json(path, data) -> None:
@@ -225,9 +284,12 @@ def atomic_dir(
         if not out.is_dir() or not (not any(out.iterdir()) or replaceable(out)):
             raise AdapterError(out, f"exists and is not {what}; refusing to overwrite it")
     parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
+    except OSError as err:
+        raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
     try:
         yield tmp
         if hook is not None:
@@ -245,6 +307,9 @@ def atomic_dir(
         else:
             os.rename(tmp, out)
         _fsync_dir(parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,6 @@ written atomically; an existing output that is not a bundle is refused.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +34,9 @@ from .._plan import SharingPlan
 from ._files import (
     AdapterError,
     atomic_dir,
+    check_task_name,
     dtype_name,
+    read_json,
     read_safetensors,
     read_safetensors_header,
     to_dtype,
@@ -250,8 +251,8 @@ def is_bundle(path) -> bool:
     if not meta.is_file():
         return False
     try:
-        return "format_version" in json.loads(meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return "format_version" in read_json(meta)
+    except (AdapterError, TypeError):
         return False
 
 
@@ -287,10 +288,7 @@ def load_bundle(path) -> Bundle:
         raise AdapterError(path, "no such bundle directory")
     if not meta_file.is_file():
         raise AdapterError(meta_file, "missing; not a hydraopt bundle")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(meta_file, f"not valid JSON ({' '.join(str(err).split())})") from None
+    meta = read_json(meta_file)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise AdapterError(
@@ -300,56 +298,17 @@ def load_bundle(path) -> Bundle:
     header = read_safetensors_header(factors_file)
     tensors = read_safetensors(factors_file, list(header))
     try:
-        tasks = tuple(meta["tasks"])
-        modules = {}
-        for name, m in meta["modules"].items():
-            a = tensors.pop(f"modules/{name}/shared_a")
-            b = tensors.pop(f"modules/{name}/shared_b")
-            plan = SharingPlan.from_dict(m["plan"])
-            expect_a = (plan.num_a_groups, m["rank"], m["d_in"])
-            expect_b = (plan.num_b_groups, m["d_out"], m["rank"])
-            if a.shape != expect_a or b.shape != expect_b:
-                raise AdapterError(
-                    factors_file,
-                    f"module {name}: shared_a {list(a.shape)} / shared_b {list(b.shape)}, "
-                    f"expected {list(expect_a)} / {list(expect_b)} from {META_NAME}",
-                )
-            if plan.num_tasks != len(m["task_ids"]) or any(
-                not 0 <= t < len(tasks) for t in m["task_ids"]
-            ):
-                raise AdapterError(
-                    meta_file,
-                    f"module {name}: task_ids {m['task_ids']} do not fit the plan or the "
-                    f"{len(tasks)} tasks",
-                )
-            modules[name] = BundleModule(
-                name=name,
-                kind=m["kind"],
-                d_in=int(m["d_in"]),
-                d_out=int(m["d_out"]),
-                task_ids=tuple(m["task_ids"]),
-                task_ranks=tuple(m["task_ranks"]),
-                plan=plan,
-                shared_a=a,
-                shared_b=b,
-                relative_error=tuple(float("nan") if e is None else e for e in m["relative_error"]),
-                task_sq_norms=tuple(
-                    float("nan") if e is None else e for e in m.get("task_sq_norms", [])
-                ),
-                loss=float("nan") if m.get("loss") is None else m["loss"],
-                steps=m.get("steps", 0),
-                result=m.get("result", 0),
-            )
-        carried = {t: {} for t in tasks}
-        for task, keys in meta.get("carried", {}).items():
-            for key in keys:
-                carried[task][key] = tensors.pop(f"carried/{task}/{key}")
+        tasks, modules, task_configs, carried, dtype = _parse_meta(meta, tensors, meta_file)
+    except AdapterError:
+        raise
     except KeyError as err:
-        raise AdapterError(path, f"bundle is incomplete: missing {err}") from None
-    except (TypeError, ValueError) as err:
-        if isinstance(err, AdapterError):
-            raise
-        raise AdapterError(meta_file, f"malformed bundle ({' '.join(str(err).split())})") from None
+        raise AdapterError(meta_file, f"bundle is incomplete: missing {err}") from None
+    except (TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
+        cause = " ".join(str(err).split()) or type(err).__name__
+        raise AdapterError(meta_file, f"malformed bundle ({cause})") from None
+    for name, module in modules.items():
+        if not (np.all(np.isfinite(module.shared_a)) and np.all(np.isfinite(module.shared_b))):
+            raise AdapterError(factors_file, f"module {name}: the factors hold NaN or Inf")
     if tensors:
         raise AdapterError(
             factors_file, f"unexpected tensors {sorted(tensors)[:3]} not described by {META_NAME}"
@@ -357,10 +316,80 @@ def load_bundle(path) -> Bundle:
     return Bundle(
         tasks=tasks,
         modules=modules,
-        task_configs=meta.get("task_configs", {}),
+        task_configs=task_configs,
         carried=carried,
         base_model=meta.get("base_model"),
-        dtype=meta.get("dtype", "float32"),
+        dtype=dtype,
         meta={k: v for k, v in meta.items() if k not in _RESERVED},
         path=path,
     )
+
+
+def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
+    """`(tasks, modules, task_configs, carried, dtype)` from `hydraopt.json`, popping the
+    tensors it describes; raises `AdapterError` / `KeyError` / `TypeError` on bad content."""
+    factors_file = meta_file.parent / FACTORS_NAME
+    tasks = meta["tasks"]
+    if not isinstance(tasks, list):
+        raise TypeError(f"tasks must be a list of names, got {type(tasks).__name__}")
+    tasks = tuple(check_task_name(t, meta_file) for t in tasks)
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"duplicate task names in tasks {list(tasks)}")
+    dtype = dtype_name(to_dtype(meta.get("dtype", "float32")))
+    task_configs = meta.get("task_configs", {})
+    if not isinstance(task_configs, dict) or any(
+        not isinstance(task_configs.get(t), dict) for t in tasks
+    ):
+        raise ValueError("task_configs must hold one adapter config (an object) per task")
+    for key in ("modules", "carried"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise TypeError(f"{key} must be an object, got {type(meta[key]).__name__}")
+    modules = {}
+    for name, m in meta["modules"].items():
+        a = tensors.pop(f"modules/{name}/shared_a")
+        b = tensors.pop(f"modules/{name}/shared_b")
+        plan = SharingPlan.from_dict(m["plan"])
+        expect_a = (plan.num_a_groups, m["rank"], m["d_in"])
+        expect_b = (plan.num_b_groups, m["d_out"], m["rank"])
+        if a.shape != expect_a or b.shape != expect_b:
+            raise AdapterError(
+                factors_file,
+                f"module {name}: shared_a {list(a.shape)} / shared_b {list(b.shape)}, "
+                f"expected {list(expect_a)} / {list(expect_b)} from {META_NAME}",
+            )
+        task_ids = tuple(int(t) for t in m["task_ids"])
+        if plan.num_tasks != len(task_ids) or any(not 0 <= t < len(tasks) for t in task_ids):
+            raise AdapterError(
+                meta_file,
+                f"module {name}: task_ids {list(task_ids)} do not fit the plan or the "
+                f"{len(tasks)} tasks",
+            )
+        if m["kind"] not in ("linear", "embedding"):
+            raise ValueError(f"module {name}: unknown kind {m['kind']!r}")
+        modules[name] = BundleModule(
+            name=name,
+            kind=m["kind"],
+            d_in=int(m["d_in"]),
+            d_out=int(m["d_out"]),
+            task_ids=task_ids,
+            task_ranks=tuple(int(r) for r in m["task_ranks"]),
+            plan=plan,
+            shared_a=a,
+            shared_b=b,
+            relative_error=tuple(
+                float("nan") if e is None else float(e) for e in m["relative_error"]
+            ),
+            task_sq_norms=tuple(
+                float("nan") if e is None else float(e) for e in m.get("task_sq_norms", [])
+            ),
+            loss=float("nan") if m.get("loss") is None else float(m["loss"]),
+            steps=int(m.get("steps", 0)),
+            result=int(m.get("result", 0)),
+        )
+    carried = {t: {} for t in tasks}
+    for task, keys in meta.get("carried", {}).items():
+        if task not in carried:
+            raise ValueError(f"carried tensors of unknown task {task!r}")
+        for key in keys:
+            carried[task][str(key)] = tensors.pop(f"carried/{task}/{key}")
+    return tasks, modules, task_configs, carried, dtype

@@ -13,7 +13,6 @@ hj.io.save_solution("ckpt/all", {"model.layers.0.self_attn.q_proj": sol, ...})
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from .._plan import SharingPlan
 from .._solution import Solution
-from ._files import AdapterError, atomic_dir, write_json
+from ._files import AdapterError, atomic_dir, read_json, write_json
 
 __all__ = ["read_checkpoint_extra", "restore_solution", "save_solution"]
 
@@ -81,10 +80,7 @@ def save_solution(
 def _read_meta(path: Path) -> dict:
     if not _is_checkpoint(path):
         raise AdapterError(path, f"not a Solution checkpoint (expected {_META} and arrays/)")
-    try:
-        meta = json.loads((path / _META).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise AdapterError(path / _META, f"not valid JSON ({err})") from None
+    meta = read_json(path / _META)
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         version = meta.get("format_version") if isinstance(meta, dict) else None
         raise AdapterError(path / _META, f"format_version {version!r}")

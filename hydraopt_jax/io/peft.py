@@ -19,7 +19,6 @@ bias and any other tensor are refused with an `AdapterError` naming the file and
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,8 +30,10 @@ from .._host import aligned_zeros
 from ._files import (
     AdapterError,
     atomic_dir,
+    check_task_name,
     dtype_name,
     kill_point,
+    read_json,
     read_safetensors,
     read_safetensors_header,
     to_dtype,
@@ -386,10 +387,7 @@ def load_peft_adapter(path, name: str | None = None) -> PeftAdapter:
                 f"pickled adapters are not read (unsafe); save with safetensors ({WEIGHTS_NAME})",
             )
         raise AdapterError(weights_file, "missing; not a PEFT adapter directory")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(config_file, f"not valid JSON ({' '.join(str(err).split())})") from None
+    config = read_json(config_file)
     header = read_safetensors_header(weights_file)
     modules, carried = _parse(
         name or path.name, config, header, str(weights_file), str(config_file)
@@ -514,8 +512,7 @@ def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> Adapt
             )
     seen: dict[str, Path] = {}
     for name, d in zip(names, dirs, strict=False):
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise AdapterError(d, f"invalid task name {name!r}: it must be a non-empty file name")
+        check_task_name(name, d)
         if name in seen:
             raise AdapterError(
                 d,
@@ -608,8 +605,17 @@ def export_peft_tensors(bundle, task: str, dtype=None) -> dict[str, np.ndarray]:
     return tensors
 
 
+EXPORT_MARKER = ".hydraopt-export.json"
+"""Written at the root of every export: only a directory holding it (and nothing but the
+task directories it lists) is replaced by a later export, never a user's own adapters."""
+
+
 def _is_export_dir(path: Path) -> bool:
-    return all(p.is_dir() and (p / CONFIG_NAME).is_file() for p in path.iterdir())
+    try:
+        tasks = set(read_json(path / EXPORT_MARKER)["tasks"])
+    except (AdapterError, TypeError, KeyError):
+        return False
+    return all(p.name == EXPORT_MARKER or (p.is_dir() and p.name in tasks) for p in path.iterdir())
 
 
 def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=None) -> list[Path]:
@@ -618,7 +624,8 @@ def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=
     `lora_A = shared_a[a_group[t]]`, `lora_B = shared_b[b_group[t]]`, `r = lora_alpha = k`
     (scale 1), the task's own target modules; loadable by `peft.PeftModel.from_pretrained`
     with no code of ours. Written atomically (temporary sibling directory, then rename);
-    an existing `out_dir` is replaced only if it is empty or a previous export.
+    an existing `out_dir` is replaced only if it is empty or a previous export (it holds
+    the `.hydraopt-export.json` marker and only the task directories that lists).
 
     **Arguments:**
 
@@ -638,6 +645,7 @@ def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=
     tasks = (
         list(bundle.tasks) if task is None else ([task] if isinstance(task, str) else list(task))
     )
+    tasks = list(dict.fromkeys(tasks))  # a task named twice is written once
     for name in tasks:
         bundle.task_index(name)  # raises on unknown names before anything is written
     out_dir = Path(out_dir)
@@ -654,4 +662,5 @@ def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=
             write_safetensors(
                 sub / WEIGHTS_NAME, export_peft_tensors(bundle, name, dtype), {"format": "pt"}
             )
+        write_json(tmp / EXPORT_MARKER, {"format": "hydraopt-export", "tasks": tasks})
     return [out_dir / name for name in tasks]

@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ._files import AdapterError, kill_point
+from ._files import AdapterError, kill_point, read_json
 
 __all__ = ["CHECKPOINT_SUFFIX", "RunCheckpoint", "checkpoint_dir", "fingerprint"]
 
@@ -143,10 +143,16 @@ class RunCheckpoint:
             )
         manifest_file = path / MANIFEST
         try:
-            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+            manifest = read_json(manifest_file)
             if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict):
                 raise ValueError("no fingerprint")
-        except (OSError, UnicodeDecodeError, ValueError) as err:
+            if not isinstance(manifest.get("batches", {}), dict):
+                raise ValueError("batches is not an object")
+        except AdapterError as err:
+            raise AdapterError(
+                path, f"unreadable checkpoint ({MANIFEST}: {err.message}); delete it to start over"
+            ) from None
+        except ValueError as err:
             raise AdapterError(
                 path,
                 f"unreadable checkpoint ({MANIFEST}: {' '.join(str(err).split())}); delete it "
