@@ -21,6 +21,7 @@ outputs (the plan file, the plot) are written to a temporary name and renamed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -58,7 +59,7 @@ def _floats(text: str, flag: str, *, positive: bool = True) -> list[float]:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise _cli_error(flag, f"expected comma-separated numbers, got {text!r}") from None
-    if not values or (positive and any(not v > 0 for v in values)):
+    if not values or (positive and any(not 0 < v < math.inf for v in values)):
         raise _cli_error(flag, f"expected comma-separated positive numbers, got {text!r}")
     return values
 
@@ -86,26 +87,60 @@ def _attributes(names: Sequence[str], pattern: str | None, disabled: bool):
 
 def _atomic_write(path: Path, write) -> None:
     """`write(tmp_path)`, then rename onto `path`; nothing is left behind on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
-    )
-    os.close(fd)
+    from .io._files import AdapterError
+
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
+        )
+        os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise AdapterError(path, f"cannot be written ({err.strerror or err})") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _check_output(path: Path, flag: str, suffixes: tuple[str, ...] | None = None) -> None:
-    if path.exists() and not path.is_file():
-        raise _cli_error(path, f"exists and is not a file; refusing to overwrite it ({flag})")
-    if suffixes and path.suffix.lower() not in suffixes:
+PLAN_FILE_MARK = "written by `hydraopt plan`"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _replaceable(path: Path, suffix: str) -> bool:
+    """An existing output file we may replace: a plan file `hydraopt plan` wrote, a PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    if suffix == ".png":
+        return head.startswith(_PNG_MAGIC)
+    return PLAN_FILE_MARK.encode() in head
+
+
+def _check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse, before any work, an output file name with the wrong suffix, an existing file
+    this command did not write (a plan file, a PNG), or a location that cannot be written."""
+    from .cli import claim_output
+
+    suffix = path.suffix.lower()
+    if suffix not in suffixes:
         raise _cli_error(flag, f"{path}: expected a {' or '.join(suffixes)} file name")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise _cli_error(path, f"exists and is not a file; refusing to overwrite it ({flag})")
+        if not _replaceable(path, suffix):
+            what = "a PNG image" if suffix == ".png" else "a plan file written by hydraopt plan"
+            raise _cli_error(path, f"exists and is not {what}; refusing to overwrite it ({flag})")
+    claim_output(path)
 
 
 def _options(collection, names, attrs, multipliers, ranks, weighting):
@@ -191,7 +226,7 @@ def plan(
     text = chosen.to_yaml(
         task_names,
         header=[
-            "written by `hydraopt plan`; use with `hydraopt merge DIR... --config THIS_FILE`",
+            f"{PLAN_FILE_MARK}; use with `hydraopt merge DIR... --config THIS_FILE`",
             f"tasks: {', '.join(task_names)}",
         ],
     )

@@ -234,7 +234,9 @@ def plans_from_config(
     overrides = spec.get("modules")
     if overrides is None:
         return default
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+    if not isinstance(overrides, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in overrides.items()
+    ):
         raise CliError(where, "modules must map module-name patterns to plan mappings")
     resolved = {}
     for pattern, override in overrides.items():
@@ -265,6 +267,8 @@ def _read_plan_file(path: Path):
         raise CliError(path, "no such plan file")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CliError(path, "not valid YAML (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise CliError(path, f"not valid YAML ({' '.join(str(err).split())})") from None
 
@@ -409,6 +413,7 @@ def merge(
             raise CliError("--max-memory", str(err)) from None
     if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
         raise CliError(out, "exists and is not a hydraopt bundle; refusing to overwrite it")
+    claim_output(out)
     start = time.perf_counter()
     collection = _load(dirs, names)
     sharing, plan_source = _resolve_plan(
@@ -602,8 +607,10 @@ def _merge(group, sharing, solver, weighting, max_steps, init="relaxed"):
             group, sharing, solver, weights=weighting, max_steps=max_steps, init=init
         )
     except FloatingPointError as err:
-        # inputs were checked finite when read: this is the solver diverging
-        raise CliError(f"--solver {solver}", f"{err}; try --solver exact or als") from None
+        # inputs were checked finite (and far from float32 overflow) when read: this is
+        # the solver diverging
+        hint = "check the adapters' scales" if solver == "exact" else "try --solver exact or als"
+        raise CliError(f"--solver {solver}", f"{err}; {hint}") from None
 
 
 def _solve_unit(
@@ -712,6 +719,7 @@ def export(
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise CliError("--dtype", f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_NAMES)}")
     bundle = load_bundle(bundle_dir)
+    claim_output(to)
     tasks = None if task is None else [t.strip() for t in task.split(",")]
     for name in tasks or ():
         if name not in bundle.tasks:
@@ -933,10 +941,34 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
+_CLAIMED: list[Path] = []  # directories the running command may create for its outputs
+
+
+def claim_output(path: Path) -> None:
+    """Check, before any work, that the output `path` can be written (else one-line error,
+    exit 2); if the command then fails, `main` removes the parent directories created for it
+    that are still empty."""
+    from .io._files import check_output_path
+
+    _CLAIMED.extend(check_output_path(path))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 2 bad input, 1 internal error,
     130 interrupted). Run as the `hydraopt` command (`argv` None), it enables the persistent
-    compilation cache (`compilation_cache_dir`)."""
+    compilation cache (`compilation_cache_dir`). A failed command leaves no directory it
+    created behind (`claim_output`)."""
+    from .io._files import remove_empty_dirs
+
+    _CLAIMED.clear()
+    status = _main(argv)
+    if status != 0:
+        remove_empty_dirs(_CLAIMED)
+    _CLAIMED.clear()
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     if argv is None:
         _enable_compilation_cache()
     args = list(sys.argv[1:] if argv is None else argv)

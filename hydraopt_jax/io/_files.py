@@ -35,10 +35,11 @@ __all__ = [
     "AdapterError",
     "DTYPES",
     "atomic_dir",
+    "check_output_path",
     "check_task_name",
     "kill_point",
-    "output_location",
     "read_json",
+    "remove_empty_dirs",
     "read_safetensors_header",
     "to_dtype",
     "write_json",
@@ -85,9 +86,11 @@ def check_task_name(name, where) -> str:
     return name
 
 
-def _missing_ancestors(out: Path) -> list[Path]:
-    """The directories above `out` that do not exist, shallowest first; `AdapterError` if
-    the nearest existing one is not a directory or no file can be created in it."""
+def check_output_path(out) -> list[Path]:
+    """Check, before any work, that `out` can be created: `AdapterError(out)` if the nearest
+    existing directory above it is a file or refuses a new entry. Returns the directories
+    above `out` that do not exist yet, deepest first (see `remove_empty_dirs`)."""
+    out = Path(out)
     missing = []
     probe = out.absolute().parent
     while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
@@ -99,22 +102,15 @@ def _missing_ancestors(out: Path) -> list[Path]:
         os.rmdir(tempfile.mkdtemp(prefix=".hydraopt-probe-", dir=probe))
     except OSError as err:
         raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
-    return missing[::-1]
+    return missing
 
 
-@contextlib.contextmanager
-def output_location(*outs) -> Iterator[None]:
-    """Check, before any work, that every path in `outs` can be written; if the body fails,
-    remove the parent directories it created for them (those still empty), so a failed
-    command leaves nothing behind."""
-    missing = [d for out in outs for d in _missing_ancestors(Path(out))]
-    try:
-        yield
-    except BaseException:
-        for d in sorted(set(missing), key=lambda p: len(p.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                d.rmdir()  # only if empty
-        raise
+def remove_empty_dirs(dirs) -> None:
+    """Remove those of `dirs` that are (still) empty, deepest first: what a failed command
+    created on the way to its outputs."""
+    for d in sorted(set(map(Path, dirs)), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def to_dtype(name) -> np.dtype:

@@ -144,7 +144,7 @@ class Bundle:
     def add_solutions(self, group: Mapping, solutions: Mapping, kinds: Mapping[str, str]) -> None:
         """Add merged modules: `group` is the merge input, `solutions` its `Solution`s.
 
-        Raises `ValueError` if a solution holds NaN or Inf.
+        Raises `ValueError` if a solution holds NaN or Inf, or overflows the stored dtype.
         """
         dtype = to_dtype(self.dtype)
         for name, sol in solutions.items():
@@ -159,6 +159,14 @@ class Bundle:
                 a = np.asarray(a_all[t], np.float64)
                 b = np.asarray(b_all[t], np.float64)
                 sq_norms.append(float(np.sum((b.T @ b) * (a @ a.T))))  # ||B A||_F^2, factored
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored_a, stored_b = shared_a.astype(dtype), shared_b.astype(dtype)
+            if not (np.all(np.isfinite(stored_a)) and np.all(np.isfinite(stored_b))):
+                biggest = float(max(np.max(np.abs(shared_a)), np.max(np.abs(shared_b))))
+                raise ValueError(
+                    f"module {name}: a factor value ({biggest:.3g}) overflows {self.dtype}; "
+                    "store as bfloat16 or float32"
+                )
             self.modules[name] = BundleModule(
                 name=name,
                 kind=kinds[name],
@@ -167,8 +175,8 @@ class Bundle:
                 task_ids=task_ids,
                 task_ranks=tuple(int(ranks[t]) for t in task_ids),
                 plan=sol.plan,
-                shared_a=shared_a.astype(dtype),
-                shared_b=shared_b.astype(dtype),
+                shared_a=stored_a,
+                shared_b=stored_b,
                 relative_error=tuple(float(e) for e in np.asarray(sol.relative_error)),
                 task_sq_norms=tuple(sq_norms),
                 loss=float(np.asarray(sol.loss)),

@@ -81,8 +81,8 @@ def parse_size(text: str) -> int:
             f"not a memory size: {text!r}; expected e.g. 512MB, 2GiB or a number of bytes"
         )
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if not value >= 1:
-        raise ValueError(f"memory size must be positive, got {text!r}")
+    if not 1 <= value < 2**63:
+        raise ValueError(f"memory size must be between 1 byte and 8 EiB, got {text!r}")
     return int(value)
 
 

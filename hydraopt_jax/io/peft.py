@@ -150,8 +150,26 @@ class PeftAdapter:
             for key, value in ((spec.a_key, a), (spec.b_key, b)):
                 if not np.all(np.isfinite(value)):
                     raise AdapterError(self.weights_file, f"tensor {key} has NaN or Inf values")
-            out[spec.name] = (a, b * np.float32(spec.scale))
+            # ||s B A||_F^2 <= ||A||^2 ||s B||^2 must stay far inside float32 (the Grams and
+            # losses square the update); legitimate adapters are many decades below this.
+            sq_a = float(np.sum(np.square(a, dtype=np.float64)))
+            sq_b = float(np.sum(np.square(b, dtype=np.float64)))
+            if sq_a * sq_b * spec.scale**2 > _MAX_SQ_NORM:
+                raw_ok = sq_a * sq_b <= _MAX_SQ_NORM
+                raise AdapterError(
+                    self.path / CONFIG_NAME
+                    if raw_ok and self.path is not None
+                    else self.weights_file,
+                    f"module {spec.name}: update norm bound ||A|| ||s B|| = "
+                    f"{math.sqrt(sq_a * sq_b) * spec.scale:.3g} (scale s = lora_alpha / r = "
+                    f"{spec.scale:.3g}) is too large for float32 arithmetic",
+                )
+            scaled = b * np.float32(spec.scale)
+            out[spec.name] = (a, scaled)
         return out
+
+
+_MAX_SQ_NORM = 1e30  # bound on ||s B A||_F^2 (float32 max is 3.4e38)
 
 
 def _strip(key: str) -> str:
@@ -335,6 +353,12 @@ def _parse(
             )
         if r == 0:
             raise AdapterError(weights_file, f"module {module} has rank 0")
+        if 0 in a_shape or 0 in b_shape:
+            raise AdapterError(
+                weights_file,
+                f"module {module} has an empty dimension ({a_key} {list(a_shape)}, {b_key} "
+                f"{list(b_shape)})",
+            )
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[module] = ModuleSpec(
             name=module,
