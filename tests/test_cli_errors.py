@@ -195,6 +195,19 @@ CASES = {
         ["nope", "no such adapter directory"],
     ),
     "unknown command": lambda tp, dirs: (["frobnicate"], ["frobnicate"]),
+    "nan in a later group, nested out": lambda tp, dirs: (
+        lambda p: (
+            ["merge", p, *dirs[1:], "--out", tp / "n1" / "n2" / "out", "--solver", "als"]
+            + ["--steps", "3", "--checkpoint-every", "1"],
+            ["NaN", "q_proj"],
+        )
+    )(  # the q/o group is solved (and checkpointed) after the k/v group
+        _edit_tensors(
+            tp,
+            "nan_q",
+            _scaled("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", np.nan),
+        )
+    ),
     "out below a file": lambda tp, dirs: (
         ["merge", *dirs, "--out", dirs[0] / "adapter_config.json" / "out"],
         ["adapter_config.json is not a directory"],
