@@ -110,6 +110,33 @@ def _export_occupied():
     return ["export", bundle, "--to", "peft"]
 
 
+def _file(name, text):
+    Path(name).write_text(text)
+    return name
+
+
+def _plan_cmd(*flags, out="plan.yaml"):
+    return ["plan", "in/task0", "in/task1", "in/task2", "--budget", "0.5", "--out", out, *flags]
+
+
+def _file_in_bad(name, text):
+    path = _bad()
+    (path / name).write_text(text)
+    return path
+
+
+def _empty_q0(tensors):
+    tensors[f"{PREFIX}{Q0}.lora_A.weight"] = np.zeros((4, 0), np.float32)
+    tensors[f"{PREFIX}{Q0}.lora_B.weight"] = np.zeros((0, 4), np.float32)
+
+
+def _edited_bundle(**changes):
+    bundle = _bundle()
+    meta = Path(bundle) / "hydraopt.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), **changes}))
+    return bundle
+
+
 # Each case: () -> (argv, [substrings the one-line message must contain]).
 CASES = {
     # --- paths and files
@@ -125,6 +152,10 @@ CASES = {
     "invalid adapter_config.json": lambda: (
         _merge((_bad() / CONFIG).write_text('{"r": 4,') and "in/bad"),
         [f"in/bad/{CONFIG}", "not valid JSON"],
+    ),
+    "adapter_config.json nested too deeply": lambda: (
+        _merge(_file_in_bad(CONFIG, "[" * 100_000)),
+        [f"in/bad/{CONFIG}", "not valid JSON (nested too deeply)"],
     ),
     "adapter_config.json not an object": lambda: (
         _merge((_bad() / CONFIG).write_text("[4, 8]") and "in/bad"),
@@ -225,6 +256,29 @@ CASES = {
         ),
         [f"in/bad/{WEIGHTS}", f"{PREFIX}{Q0}.lora_B.weight", "NaN or Inf"],
     ),
+    "NaN after a checkpoint, new nested output": lambda: (
+        _merge(
+            _edit_tensors(_bad(), _set(f"{PREFIX}{Q0}.lora_B.weight", _poke(np.nan))),
+            *("--solver", "als", "--steps", "2", "--checkpoint-every", "1"),
+            out="new/nested/out",
+        ),
+        [f"in/bad/{WEIGHTS}", "NaN or Inf"],  # and no new/ left behind
+    ),
+    "update too large for float32": lambda: (
+        _merge(_edit_config(_bad(), lora_alpha=1e30)),
+        [f"in/bad/{CONFIG}", "lora_alpha / r", "too large for float32"],
+    ),
+    "factor with an empty dimension": lambda: (
+        _merge(_edit_tensors(_bad(), _empty_q0)),
+        [f"in/bad/{WEIGHTS}", Q0, "empty dimension"],
+    ),
+    "factors overflow --dtype float16": lambda: (
+        _merge(
+            _edit_tensors(_bad(), _set(f"{PREFIX}{Q0}.lora_B.weight", lambda b: b * 1e6)),
+            *("--dtype", "float16"),
+        ),
+        ["out", "overflows float16"],
+    ),
     "lora_A / lora_B rank mismatch": lambda: (
         _merge(_edit_tensors(_bad(), _set(f"{PREFIX}{Q0}.lora_B.weight", lambda b: b[:, :3]))),
         [f"in/bad/{WEIGHTS}", f"{PREFIX}{Q0}.lora_B.weight", "[24, 3]", "expected [24, 4]"],
@@ -283,6 +337,7 @@ CASES = {
     ),
     "bad dtype": lambda: (_ok("--dtype", "int8"), ["--dtype", "unknown dtype 'int8'"]),
     "bad --max-memory": lambda: (_ok("--max-memory", "lots"), ["--max-memory", "'lots'"]),
+    "--max-memory past 8 EiB": lambda: (_ok("--max-memory", "1e400"), ["--max-memory", "'1e400'"]),
     "module does not fit --max-memory": lambda: (
         _ok("--max-memory", "10kB"),
         [K0, "needs about", "--max-memory"],
@@ -294,6 +349,14 @@ CASES = {
         ["none.yaml", "no such plan file"],
     ),
     "plan file not YAML": lambda: (_plan("a_groups: [unclosed\n"), ["plan.yaml", "not valid YAML"]),
+    "plan file nested too deeply": lambda: (
+        _plan("[" * 100_000),
+        ["plan.yaml", "not valid YAML (nested too deeply)"],
+    ),
+    "plan module pattern not a string": lambda: (
+        _plan("modules: {5: {rank: 2}}\n"),
+        ["plan.yaml", "modules must map module-name patterns"],
+    ),
     "plan names unknown task": lambda: (
         _plan("b_group: {zz: 0}\n"),
         ["plan.yaml", "unknown task 'zz'"],
@@ -316,6 +379,14 @@ CASES = {
         ["out", "not a hydraopt bundle", "refusing to overwrite"],
     ),
     "output is a file": lambda: (_file_out(), ["out", "not a hydraopt bundle"]),
+    "output below a file": lambda: (
+        _merge("in/task0", out=f"in/task0/{CONFIG}/out"),
+        [f"in/task0/{CONFIG} is not a directory"],
+    ),
+    "output in an unwritable place": lambda: (
+        _merge("in/task0", out="/proc/hydraopt-out"),
+        ["/proc/hydraopt-out", "cannot be written"],
+    ),
     "checkpoint exists without --resume": lambda: (
         _stale_checkpoint(),
         ["out.hydraopt-ckpt", "pass --resume"],
@@ -327,6 +398,35 @@ CASES = {
     "export: output occupied": lambda: (
         _export_occupied(),
         ["peft", "not a hydraopt export", "refusing to overwrite"],
+    ),
+    "export: over a directory of adapters": lambda: (
+        ["export", _bundle(), "--to", "in"],
+        ["in", "not a hydraopt export", "refusing to overwrite"],
+    ),
+    "export: bundle task name leaves the output": lambda: (
+        ["export", _edited_bundle(tasks=["../task0", "task1", "task2"]), "--to", "peft"],
+        ["bundle/hydraopt.json", "invalid task name '../task0'"],
+    ),
+    "export: bundle dtype unknown": lambda: (
+        ["export", _edited_bundle(dtype="int8"), "--to", "peft"],
+        ["bundle/hydraopt.json", "unknown dtype 'int8'"],
+    ),
+    "export: bundle tasks not a list": lambda: (
+        ["export", _edited_bundle(tasks="task0"), "--to", "peft"],
+        ["bundle/hydraopt.json", "tasks must be a list"],
+    ),
+    "plan: output is a foreign file": lambda: (
+        _plan_cmd(out=_file("notes.yaml", "mine\n")),
+        ["notes.yaml", "not a plan file written by hydraopt plan", "refusing to overwrite"],
+    ),
+    "plan: infinite rank multiplier": lambda: (
+        _plan_cmd("--rank-multipliers", "1,inf"),
+        ["--rank-multipliers", "'1,inf'"],
+    ),
+    "plan: budget not positive": lambda: (_plan_cmd("--budget", "0"), ["--budget", "positive"]),
+    "sweep: plot over a foreign file": lambda: (
+        ["sweep", "in/task0", "in/task1", "--plot", _file("photo.png", "not a png")],
+        ["photo.png", "not a PNG image", "refusing to overwrite"],
     ),
     "export: unknown task": lambda: (
         ["export", _bundle(), "--to", "peft", "--task", "task9"],

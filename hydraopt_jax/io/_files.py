@@ -92,7 +92,7 @@ def check_output_path(out) -> list[Path]:
     above `out` that do not exist yet, deepest first (see `remove_empty_dirs`)."""
     out = Path(out)
     missing = []
-    probe = out.absolute().parent
+    probe = out.parent  # relative stays relative: the message names what the user typed
     while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
         missing.append(probe)
         probe = probe.parent
