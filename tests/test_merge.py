@@ -115,6 +115,25 @@ def test_separate_is_exact_in_float32_too(rng):
     assert np.max(sol.relative_error) < 1e-5
 
 
+@pytest.mark.parametrize("solver", ["exact", "als"])
+@pytest.mark.parametrize("plan_name", ["separate", "shared_a", "shared_b"])
+def test_lossless_plans_keep_directions_three_decades_below_the_largest(rng, plan_name, solver):
+    """Each update has singular values [1, 1e-3]: a lossless plan (every task kept, or a
+    shared factor of rank T r) must keep the weak direction, not round it away."""
+    num_tasks, r, d = 2, 2, 8
+    weak = np.diag([1.0, 1e-3])
+    A = np.stack([weak @ np.linalg.qr(rng.normal(size=(d, r)))[0].T for _ in range(num_tasks)])
+    B = np.stack([np.linalg.qr(rng.normal(size=(d, r)))[0] for _ in range(num_tasks)])
+    A, B = A.astype(np.float32), B.astype(np.float32)
+    plan = SharingPlan.named(plan_name, num_tasks, num_tasks * r if plan_name != "separate" else r)
+    sol = hj.merge(A, B, plan, solver)
+    assert np.max(np.asarray(sol.relative_error)) < 1e-5  # was 1e-3: the weak direction lost
+    dense = np.einsum("tor,trd->tod", B.astype(np.float64), A.astype(np.float64))
+    for t in range(num_tasks):
+        a_hat, b_hat = (np.asarray(x, np.float64) for x in sol.task_factors(t))
+        assert np.linalg.norm(b_hat @ a_hat - dense[t]) < 1e-5 * np.linalg.norm(dense[t])
+
+
 def test_gram_factor_is_the_r_of_a_qr_up_to_row_signs_even_for_dependent_columns(rng):
     x = rng.normal(size=(2, 30, 6)) * np.logspace(-3, 3, 6)
     x[1, :, 3] = x[1, :, 1]  # a repeated column

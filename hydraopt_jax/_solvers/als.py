@@ -51,29 +51,46 @@ def run_descent_loop(step_fn, loss_fn, carry, max_steps: int, tol):
     """`lax.while_loop` of `carry -> step_fn(carry)` until the relative decrease of
     `loss_fn(carry)` is in `[0, tol)`, the loss is not finite, or `max_steps` is reached.
 
-    Returns `(carry, loss, steps, converged)`.
+    Returns `(carry, loss, steps, converged)` with the lowest-loss `carry` seen (the start
+    included): an exact ALS half-step cannot raise the loss, but its pseudo-inverse drops
+    directions below float32's resolution of the Gram, and Adam may overshoot. A run whose
+    loss became non-finite returns that iterate (the caller reports the divergence).
     """
     loss0 = loss_fn(carry)
-    init = (carry, loss0, jnp.asarray(jnp.inf, loss0.dtype), jnp.asarray(0, jnp.int32))
+    init = (
+        carry,
+        loss0,
+        jnp.asarray(jnp.inf, loss0.dtype),
+        jnp.asarray(0, jnp.int32),
+        carry,
+        loss0,
+    )
 
     def rel_decrease(loss, prev):
         return (prev - loss) / jnp.maximum(jnp.abs(prev), jnp.finfo(loss.dtype).tiny)
 
     def cond(state):
-        _, loss, prev, step = state
+        _, loss, prev, step, _, _ = state
         dec = rel_decrease(loss, prev)
         converged = (dec >= 0) & (dec < tol)
         return (step < max_steps) & ~converged & jnp.isfinite(loss) & (loss > 0)
 
     def body(state):
-        carry, loss, _, step = state
+        carry, loss, _, step, best, best_loss = state
         carry = step_fn(carry)
-        return carry, loss_fn(carry), loss, step + 1
+        new_loss = loss_fn(carry)
+        better = new_loss < best_loss  # False for NaN: a diverged step is never kept
+        best = jax.tree_util.tree_map(lambda n, b: jnp.where(better, n, b), carry, best)
+        return carry, new_loss, loss, step + 1, best, jnp.where(better, new_loss, best_loss)
 
-    carry, loss, prev, steps = jax.lax.while_loop(cond, body, init)
+    carry, loss, prev, steps, best, best_loss = jax.lax.while_loop(cond, body, init)
     dec = rel_decrease(loss, prev)
     converged = ((dec >= 0) & (dec < tol)) | (loss <= 0) | (steps < max_steps)
-    return carry, loss, steps, converged
+    # a diverged run (non-finite loss) returns its non-finite iterate, so that `merge`
+    # reports the divergence instead of quietly handing back an earlier point
+    diverged = ~jnp.isfinite(loss)
+    best = jax.tree_util.tree_map(lambda c, b: jnp.where(diverged, c, b), carry, best)
+    return best, jnp.where(diverged, loss, best_loss), steps, converged
 
 
 def solve_als(shared_a, shared_b, A, B, weights, norms_sq, plan: SharingPlan, max_steps, tol):
