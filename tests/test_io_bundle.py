@@ -149,3 +149,32 @@ def test_add_solutions_refuses_nan():
     bad = solutions[name].replace(shared_a=jnp.full_like(solutions[name].shared_a, jnp.nan))
     with pytest.raises(ValueError, match="non-finite"):
         bundle.add_solutions(groups, {name: bad}, {name: "linear"})
+
+
+def test_reported_errors_are_those_of_the_stored_dtype(tmp_path):
+    """In bfloat16 the bundle reports the error of the rounded factors it stores."""
+    from hydraopt_jax import SharingPlan, merge_adapters
+    from hydraopt_jax.io import Bundle, load_collection
+
+    collection = load_collection(llama_adapters())
+    groups = {}
+    for _, group in collection.iter_groups():
+        groups.update(group)
+    solutions = merge_adapters(groups, SharingPlan.separate(collection.num_tasks))
+    kinds = {n: i.kind for n, i in collection.modules.items()}
+    reported = {}
+    for dtype in ("float32", "bfloat16"):
+        bundle = Bundle.empty(collection, dtype=dtype)
+        bundle.add_solutions(groups, solutions, kinds)
+        reported[dtype] = bundle
+    for name, module in reported["bfloat16"].modules.items():
+        a_all, b_all, _ = groups[name]
+        dense_err = []
+        for local, t in enumerate(module.task_ids):
+            a, b = np.asarray(a_all[t], np.float64), np.asarray(b_all[t], np.float64)
+            ah = module.shared_a[module.plan.a_group[local]].astype(np.float64)
+            bh = module.shared_b[module.plan.b_group[local]].astype(np.float64)
+            dense_err.append(np.linalg.norm(b @ a - bh @ ah) / np.linalg.norm(b @ a))
+        np.testing.assert_allclose(module.relative_error, dense_err, rtol=1e-3, atol=1e-7)
+        assert min(dense_err) > 1e-4  # bfloat16 rounding, not the float32 fit's ~1e-7
+        assert max(reported["float32"].modules[name].relative_error) < 1e-5

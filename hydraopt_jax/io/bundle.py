@@ -101,6 +101,21 @@ class BundleModule:
         }
 
 
+def _stored_errors_sq(stored_a, stored_b, plan, a_all, b_all, task_ids) -> np.ndarray:
+    """`||B_t A_t - Bh Ah||_F^2` per task for the factors as stored (rounded to the bundle's
+    dtype), in float64 and factored form (`r x k` Grams; relative resolution ~1e-8)."""
+    sa, sb = stored_a.astype(np.float64), stored_b.astype(np.float64)
+    out = []
+    for local, t in enumerate(task_ids):
+        a, b = np.asarray(a_all[t], np.float64), np.asarray(b_all[t], np.float64)
+        ah, bh = sa[plan.a_group[local]], sb[plan.b_group[local]]
+        norm = np.sum((b.T @ b) * (a @ a.T))
+        cross = np.sum((bh.T @ b) * (ah @ a.T))  # tr((Bh^T B)(A Ah^T))
+        hat = np.sum((bh.T @ bh) * (ah @ ah.T))
+        out.append(max(norm - 2.0 * cross + hat, 0.0))
+    return np.asarray(out)
+
+
 def _num(x):
     x = float(x)
     return x if math.isfinite(x) else None
@@ -167,6 +182,15 @@ class Bundle:
                     f"module {name}: a factor value ({biggest:.3g}) overflows {self.dtype}; "
                     "store as bfloat16 or float32"
                 )
+            relative_error = tuple(float(e) for e in np.asarray(sol.relative_error))
+            loss = float(np.asarray(sol.loss))
+            if stored_a.dtype != shared_a.dtype:  # report what is stored, not the float32 fit
+                errors_sq = _stored_errors_sq(stored_a, stored_b, sol.plan, a_all, b_all, task_ids)
+                relative_error = tuple(
+                    math.sqrt(e / n) if n > 0 else 0.0
+                    for e, n in zip(errors_sq, sq_norms, strict=True)
+                )
+                loss = float(np.dot(np.asarray(sol.weights, np.float64), errors_sq))
             self.modules[name] = BundleModule(
                 name=name,
                 kind=kinds[name],
@@ -177,9 +201,9 @@ class Bundle:
                 plan=sol.plan,
                 shared_a=stored_a,
                 shared_b=stored_b,
-                relative_error=tuple(float(e) for e in np.asarray(sol.relative_error)),
+                relative_error=relative_error,
                 task_sq_norms=tuple(sq_norms),
-                loss=float(np.asarray(sol.loss)),
+                loss=loss,
                 steps=int(np.asarray(sol.steps)),
                 result=int(np.asarray(sol.result)),
             )
