@@ -309,6 +309,15 @@ def merge(
     )
     if not isinstance(weights, str):
         traced["weights"] = jnp.asarray(weights, dtype)
+        if not _is_traced(traced["weights"]):
+            w = np.asarray(traced["weights"])
+            if not (np.all(np.isfinite(w)) and np.all(w >= 0)):
+                raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    if task_ranks is not None and any(int(k) < 1 for k in task_ranks):
+        raise ValueError(
+            f"task_ranks {list(task_ranks)}: every task given to merge must be present (rank "
+            ">= 1); leave absent tasks out, as merge_adapters does for ranks of 0"
+        )
     if activation_cov is not None:
         traced["cov"] = jnp.asarray(activation_cov, dtype)
     if statics["init"] == "given":

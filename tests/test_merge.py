@@ -242,6 +242,14 @@ def test_weights_array_and_uniform_enter_the_objective(rng):
     assert float(uniform.loss) / dense_optimum(A, B, plan, np.ones(4)) <= 1.0001
 
 
+def test_negative_weights_and_absent_tasks_are_refused_with_their_cause(rng):
+    A, B = random_collection(rng, num_tasks=3)
+    with pytest.raises(ValueError, match="weights must be finite and non-negative"):
+        hj.merge(A, B, SharingPlan.shared_a(3), weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match=r"task_ranks \[2, 0, 2\].*leave absent tasks out"):
+        hj.merge(A, B, SharingPlan.shared_a(3), task_ranks=[2, 0, 2])
+
+
 def test_a_zero_adapter_gets_zero_weight_and_finite_results(rng):
     A, B = random_collection(rng, num_tasks=4)
     B[2] = 0.0
