@@ -56,7 +56,7 @@ def test_export_killed_leaves_no_partial_output(tmp_path, capsys):
     assert not peft.exists()
     capsys.readouterr()
     assert main(["export", str(tmp_path / "bundle"), "--to", str(peft)]) == 0
-    assert listing(peft) == ["task0", "task1", "task2"]
+    assert listing(peft) == [".hydraopt-export.json", "task0", "task1", "task2"]
     assert listing(tmp_path) == ["bundle", "in", "peft"]
 
 
