@@ -4,7 +4,7 @@ vs error of every named plan, the planner and the classic merges).
 ```
 hydraopt plan DIR... --budget 0.3 --out PLAN.yaml [--names a,b,...] [--ranks 8,16]
               [--rank-multipliers 0.5,1,1.5,2,3,4] [--attributes REGEX] [--no-attributes]
-              [--weighting relative|uniform] [--json]
+              [--weighting relative|uniform] [--module-weighting equal|size] [--json]
 hydraopt merge DIR... --out OUT --config PLAN.yaml         # uses the plan
 hydraopt sweep DIR... --plot FILE.png [--rank-multipliers 0.5,1,2] [--budgets 0.2,0.3,0.5]
                [--baselines linear,ties,...] [--names ...] [--attributes REGEX] [--json]
@@ -33,7 +33,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from ._planner import DEFAULT_RANK_MULTIPLIERS
+from ._planner import DEFAULT_RANK_MULTIPLIERS, MODULE_WEIGHTINGS
 
 __all__ = ["plan", "sweep"]
 
@@ -143,7 +143,7 @@ def _check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
     claim_output(path)
 
 
-def _options(collection, names, attrs, multipliers, ranks, weighting):
+def _options(collection, names, attrs, multipliers, ranks, weighting, module_weighting="equal"):
     """`(groupings, {module: (stats, options)}, {module: (A, B, ranks)} loader)` per group."""
     from ._planner import collection_options
 
@@ -154,6 +154,7 @@ def _options(collection, names, attrs, multipliers, ranks, weighting):
         rank_multipliers=multipliers,
         ranks=ranks,
         weights=weighting,
+        module_weights=module_weighting,
     )
 
 
@@ -194,6 +195,13 @@ def plan(
     weighting: Annotated[
         str, typer.Option(help="relative (each task counts equally) or uniform.")
     ] = "relative",
+    module_weighting: Annotated[
+        str,
+        typer.Option(
+            help="equal (every module's relative loss counts the same) or size (in proportion "
+            "to the module's d_in + d_out)."
+        ),
+    ] = "equal",
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object.")
     ] = False,
@@ -210,6 +218,12 @@ def plan(
         raise _cli_error(
             "--weighting", f"unknown weighting {weighting!r}; expected {', '.join(WEIGHTINGS)}"
         )
+    if module_weighting not in MODULE_WEIGHTINGS:
+        raise _cli_error(
+            "--module-weighting",
+            f"unknown module weighting {module_weighting!r}; expected "
+            f"{', '.join(MODULE_WEIGHTINGS)}",
+        )
     _check_output(out, "--out", (".yaml", ".yml"))
     multipliers = _floats(rank_multipliers, "--rank-multipliers")
     extra = _ints(ranks, "--ranks") if ranks is not None else None
@@ -218,7 +232,9 @@ def plan(
     attrs = _attributes(task_names, attributes, no_attributes)
     from ._planner import choose
 
-    groupings, options = _options(collection, task_names, attrs, multipliers, extra, weighting)
+    groupings, options = _options(
+        collection, task_names, attrs, multipliers, extra, weighting, module_weighting
+    )
     try:
         chosen = choose(groupings, options, budget)
     except ValueError as err:

@@ -689,6 +689,34 @@ def _iter_modules(collection):
         yield name, a, b, ranks
 
 
+MODULE_WEIGHTINGS = ("equal", "size")
+
+
+def _resolve_module_weights(collection, module_weights):
+    """`{module: weight}` (or None) from `None`, `"equal"`, `"size"` or a mapping.
+
+    `"size"`: each module's loss times its size `d_in + d_out` over the mean size, so a
+    module counts in proportion to its share of the adapters' parameters (under `"equal"`
+    a small `k_proj` and a large `down_proj` weigh the same, and the allocation starves the
+    large modules, whose loss falls less per stored parameter).
+    """
+    if module_weights is None or isinstance(module_weights, Mapping):
+        return module_weights
+    if module_weights not in MODULE_WEIGHTINGS:
+        raise ValueError(
+            f"module_weights must be {' or '.join(map(repr, MODULE_WEIGHTINGS))} or a mapping, "
+            f"got {module_weights!r}"
+        )
+    if module_weights == "equal":
+        return None
+    if hasattr(collection, "iter_groups"):  # an AdapterCollection: shapes without loading
+        sizes = {m: info.d_in + info.d_out for m, info in collection.modules.items()}
+    else:
+        sizes = {m: np.shape(v[0])[-1] + np.shape(v[1])[-2] for m, v in collection.items()}
+    mean = float(np.mean(list(sizes.values())))
+    return {m: size / mean for m, size in sizes.items()}
+
+
 def collection_options(
     collection,
     *,
@@ -699,11 +727,12 @@ def collection_options(
     ranks: Sequence[int] | None = None,
     weights="relative",
     activation_covs: Mapping[str, Any] | None = None,
-    module_weights: Mapping[str, float] | None = None,
+    module_weights: Mapping[str, float] | str | None = None,
 ):
     """`(groupings, {module: (ModuleStats, [PlanOption])})` for a whole collection."""
     if hasattr(collection, "names") and task_names is None:
         task_names = list(collection.names)
+    module_weights = _resolve_module_weights(collection, module_weights)
     options: dict[str, tuple[ModuleStats, list[PlanOption]]] = {}
     groupings = None
     for name, a, b, ranks_m in _iter_modules(collection):
@@ -794,7 +823,7 @@ def plan_budget(
     ranks: Sequence[int] | None = None,
     weights="relative",
     activation_covs: Mapping[str, Any] | None = None,
-    module_weights: Mapping[str, float] | None = None,
+    module_weights: Mapping[str, float] | str | None = None,
 ) -> BudgetPlan:
     """Choose per module the shared side, task groups and rank under one storage budget.
 
@@ -814,8 +843,9 @@ def plan_budget(
       within a module).
     - `activation_covs`: optional `{module: E[x x^T]}`; losses are then measured on the
       layer's outputs (as `merge(..., activation_cov=...)`).
-    - `module_weights`: optional `{module: weight}` multiplying each module's loss (default 1:
-      every module counts equally).
+    - `module_weights`: `"equal"` (default: every module's relative loss counts the same),
+      `"size"` (each module's loss times its `d_in + d_out` over the mean: a module counts
+      in proportion to its share of the adapters' parameters), or `{module: weight}`.
 
     **Returns:** a `BudgetPlan`; `.plans` feeds `merge_adapters`, `.to_yaml(names)` writes a
     plan file for `hydraopt merge --config`.

@@ -203,6 +203,28 @@ def test_similar_a_shared_dissimilar_a_gets_more(options):
         assert dissimilar.num_params > similar.num_params
 
 
+def test_size_module_weighting_is_each_modules_share_of_the_parameters(collection):
+    """`module_weights="size"` = the mapping `(d_in + d_out) / mean`; it moves storage to
+    the larger modules (here the 32 -> 32 ones over the 32 -> 12 `k_proj`)."""
+    sizes = {m: a.shape[2] + b.shape[1] for m, (a, b) in collection.items()}
+    mapping = {m: s / np.mean(list(sizes.values())) for m, s in sizes.items()}
+    by_name = plan_budget(collection, 0.2, task_attributes=ATTRS, module_weights="size")
+    by_map = plan_budget(collection, 0.2, task_attributes=ATTRS, module_weights=mapping)
+    equal = plan_budget(collection, 0.2, task_attributes=ATTRS)
+    assert by_name.plans == by_map.plans and by_name.loss == pytest.approx(by_map.loss)
+    assert plan_budget(collection, 0.2, task_attributes=ATTRS, module_weights="equal").plans == (
+        equal.plans
+    )
+
+    def small_share(bp):
+        params = {m: c.option.num_params for m, c in bp.modules.items()}
+        return sum(v for m, v in params.items() if "k_proj" in m) / sum(params.values())
+
+    assert by_name.plans != equal.plans and small_share(by_name) < small_share(equal)
+    with pytest.raises(ValueError, match="module_weights must be 'equal' or 'size'"):
+        plan_budget(collection, 0.3, module_weights="bytes")
+
+
 def test_never_worse_than_uniform_plans(options):
     groupings, opts = options
     original = sum(st.original_params for st, _ in opts.values())
@@ -272,6 +294,13 @@ def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
         np.testing.assert_allclose(
             merged["tasks"][name], summary["tasks"][name], rtol=1e-3, atol=1e-5
         )
+    # size-weighted modules: the same budget, a valid plan file
+    rc, stdout, err = _run(
+        capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", out, "--json",
+        "--module-weighting", "size",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(stdout)["storage_ratio"] <= 0.3
     # human-readable output too
     rc, stdout, err = _run(capsys, "plan", *adapter_dirs, "--budget", "0.5", "--out", out)
     assert rc == 0, err
@@ -285,6 +314,7 @@ def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
         (["--budget", "0"], "--budget"),
         (["--budget", "0.3", "--rank-multipliers", "x"], "--rank-multipliers"),
         (["--budget", "0.3", "--attributes", "(?P<a>[a-z]+)-(?P<b>.*)"], "--attributes"),
+        (["--budget", "0.3", "--module-weighting", "bytes"], "--module-weighting"),
     ]
     for extra, where in cases:
         rc, stdout, err = _run(capsys, "plan", *adapter_dirs, "--out", out, *extra)

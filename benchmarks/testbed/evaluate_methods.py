@@ -216,6 +216,7 @@ class Method:
     activation: bool = False
     baseline: str | None = None
     budget: float | None = None  # kind "planner": storage budget of `plan_budget`
+    module_weighting: str = "equal"  # kind "planner": `plan_budget(module_weights=...)`
 
     def rank(self, r: int) -> int | None:
         return None if self.rank_mult is None else max(1, int(round(self.rank_mult * r)))
@@ -261,6 +262,12 @@ def method_grid(sweep: bool = True) -> list[Method]:
             Method(f"hydraopt:plan+act@{_budget_tag(b)}", "planner", budget=b, activation=True)
             for b in PLANNER_BUDGETS
         ]
+        # the planner with each module's loss weighted by its size (d_in + d_out)
+        grid += [
+            Method(f"hydraopt:plan+size@{_budget_tag(b)}", "planner", budget=b,
+                   module_weighting="size")
+            for b in PLANNER_BUDGETS
+        ]  # fmt: skip
     if sweep:
         # k = r and k = 2r of shared-a, k = r of full-merge are the named rows above
         grid += [
@@ -414,6 +421,7 @@ def merge_method(
         chosen = plan_budget(
             coll.factors(), method.budget, task_names=coll.tasks,
             task_attributes=coll.attributes(), activation_covs=act,
+            module_weights=method.module_weighting,
         )  # fmt: skip
         solutions = merge_adapters(coll.factors(), chosen.plans, activation_covs=act)
     elif method.kind == "baseline":
