@@ -26,3 +26,21 @@ def test_solution_round_trip_is_exact(tmp_path):
 def test_restore_refuses_non_checkpoint(tmp_path):
     with pytest.raises(AdapterError, match="not a Solution checkpoint"):
         restore_solution(tmp_path)
+
+
+def test_restore_refuses_arrays_that_do_not_match_their_digest(tmp_path):
+    """Valid Orbax data that is not what was saved (here: another checkpoint's arrays) is
+    refused, so `--resume` never continues from damaged factors."""
+    import shutil
+
+    collection = load_collection(llama_adapters())
+    name = "model.layers.0.self_attn.k_proj"
+    first = hand_solutions(collection, "shared_b", seed=3)[1][name]
+    second = hand_solutions(collection, "shared_b", seed=4)[1][name]
+    save_solution(tmp_path / "first", first)
+    save_solution(tmp_path / "second", second)
+    shutil.rmtree(tmp_path / "first" / "arrays")
+    shutil.copytree(tmp_path / "second" / "arrays", tmp_path / "first" / "arrays")
+    with pytest.raises(AdapterError, match="do not match their digest"):
+        restore_solution(tmp_path / "first")
+    assert _tree_equal(restore_solution(tmp_path / "second"), second)

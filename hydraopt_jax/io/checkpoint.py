@@ -1,7 +1,8 @@
 """Save and restore `Solution` pytrees with Orbax (`orbax.checkpoint`).
 
 A checkpoint directory holds `arrays/` (an Orbax `StandardCheckpointer` checkpoint of the
-Solution's arrays) and `solution.json` (its static fields: plan, task ranks, task ids).
+Solution's arrays) and `solution.json` (its static fields: plan, task ranks, task ids, and
+a SHA-256 of the arrays, checked on restore).
 It is written atomically like every other output of `hydraopt_jax.io`.
 
 ```python
@@ -13,6 +14,7 @@ hj.io.save_solution("ckpt/all", {"model.layers.0.self_attn.q_proj": sol, ...})
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -35,6 +37,18 @@ def _static(sol: Solution) -> dict:
         "task_ranks": [int(r) for r in sol.task_ranks],
         "task_ids": [int(t) for t in sol.task_ids],
     }
+
+
+def _digest(tree: dict) -> str:
+    """SHA-256 of every array's dtype, shape and bytes, in a fixed order: `restore_solution`
+    checks it, so damaged array files are refused instead of resumed from."""
+    h = hashlib.sha256()
+    for item in sorted(tree):
+        for field in _ARRAYS:
+            x = np.ascontiguousarray(np.asarray(tree[item][field]))
+            h.update(f"{item}/{field}:{x.dtype.str}:{x.shape};".encode())
+            h.update(x.tobytes())
+    return h.hexdigest()
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -67,6 +81,7 @@ def save_solution(
         "names": list(items),
         "static": [_static(sol) for sol in items.values()],
         "extra": dict(extra or {}),
+        "sha256": _digest(tree),
     }
     path = Path(path)
     with atomic_dir(path, replaceable=_is_checkpoint, what="a hydraopt Solution checkpoint") as tmp:
@@ -105,6 +120,11 @@ def restore_solution(path) -> Solution | dict[str, Solution]:
         raise AdapterError(
             path / "arrays", f"cannot restore the Orbax checkpoint ({' '.join(str(err).split())})"
         ) from None
+    expected = meta.get("sha256")
+    if expected is not None and _digest(tree) != expected:
+        raise AdapterError(
+            path / "arrays", "damaged checkpoint: its arrays do not match their digest"
+        )
     out = {}
     for i, (name, static) in enumerate(zip(meta["names"], meta["static"], strict=True)):
         arrays = tree[f"item{i}"]
