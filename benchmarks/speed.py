@@ -26,40 +26,41 @@ Errors: every one-adapter output is compared with the exact mean update
 Only ratios measured side by side mean anything here (2 shared CPU cores).
 
 Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py --reps 3`), at commit
-989561d on the 2-core development machine, otherwise idle:
+39bdbdd on the 2-core development machine, otherwise idle:
 
     # OPENBLAS_NUM_THREADS=1; speed: 16 adapters x 16 modules, d_in = d_out = 2048, r = k = 16; torch 2.13.0+cpu (2 threads)
     # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
 
     ## in process (median of 3; PEFT ties_svd: 1); ratio = time(PEFT svd) / time(method)
     method                            rank  median s  x vs PEFT svd  compile s  err vs mean
-    PEFT linear                         16     0.099          198.9          -    1.50e+01 
-    PEFT cat                           256     0.271           72.9          -    0.00e+00 
-    PEFT svd                            16    19.771            1.0          -    4.54e-02 
-    PEFT ties_svd                       16   100.538            0.2          -    1.78e+00 
-    hydraopt full-merge (exact)         16     0.271           73.0       1.49    4.54e-02 
-    hydraopt shared-a (exact)           16     0.359           55.1       0.95    9.59e-02*
-    hydraopt baseline linear            16     0.128          154.5       0.80    1.50e+01 
-    hydraopt baseline svd               16     0.817           24.2       0.14    4.54e-02 
-    hydraopt baseline ties              16     0.622           31.8       0.95    2.37e+00 
+    PEFT linear                         16     0.080          276.0          -    1.50e+01 
+    PEFT cat                           256     0.281           78.6          -    0.00e+00 
+    PEFT svd                            16    22.086            1.0          -    4.54e-02 
+    PEFT ties_svd                       16    81.259            0.3          -    1.78e+00 
+    hydraopt full-merge (exact)         16     0.269           82.0       1.34    4.54e-02 
+    hydraopt shared-a (exact)           16     0.358           61.8       0.88    9.59e-02*
+    hydraopt baseline linear            16     0.146          151.1       0.82    1.50e+01 
+    hydraopt baseline svd               16     0.820           26.9       0.27    4.54e-02 
+    hydraopt baseline ties              16     0.603           36.6       0.97    2.37e+00 
 
     ## cold commands (fresh process: imports, load, compile, solve, write; median of 3, PEFT: 1)
     command                             median s  x vs PEFT svd in process  x vs PEFT svd fresh process
-    PEFT svd (fresh process)               37.28                       0.5                          1.0
-    merge full-merge, empty cache           3.34                       5.9                         11.2
-    merge full-merge, warm cache            2.46                       8.0                         15.2
-    merge shared-a, empty cache             3.48                       5.7                         10.7
-    merge shared-a, warm cache              2.49                       7.9                         15.0
+    PEFT svd (fresh process)               30.23                       0.7                          1.0
+    merge full-merge, empty cache           2.87                       7.7                         10.5
+    merge full-merge, warm cache            1.88                      11.8                         16.1
+    merge shared-a, empty cache             2.96                       7.5                         10.2
+    merge shared-a, warm cache              2.47                       9.0                         12.3
 
     * shared-a keeps one adapter per task: its error is the mean per-task relative error.
 
 Against the targets (16 adapters x 16 modules at d = 2048, equal error 4.54e-2 against the
-exact mean for PEFT `svd` and our full merge): in process 73.0x (target 50x: met; two runs
-at commit 5b54f4e, before the Cholesky fallback of `gram_factor`, gave 68.8x and 73.6x with
-PEFT svd at 17.4-19.6 s and our full merge at 0.25-0.27 s); as a cold command 15.2x with a
-warm compilation cache (every run after the first with these shapes; 13.9x and 16.2x in the
-earlier runs) and 11.2x with an empty one (10.9x and 9.8x earlier): the very first run with
-new shapes is at the 10x target, every later one above it. Before commits d710b13 / 5b54f4e
+exact mean for PEFT `svd` and our full merge): in process 82.0x (target 50x: met; a run just
+before at the same code gave 74.6x, earlier runs at 989561d / 5b54f4e 73.0x, 68.8x and
+73.6x, with PEFT svd at 17.4-22.1 s and our full merge at 0.25-0.27 s); as a cold command
+16.1x with a warm compilation cache (every run after the first with these shapes; 12.7x in
+the run before, 13.9-16.2x earlier) and 10.5x with an empty one (8.8x in the run before,
+9.8-11.2x earlier): the very first run with new shapes is around the 10x target (8.8-11.2x
+over five runs), every later one above it (12.7-16.2x). Before commits d710b13 / 5b54f4e
 the in-process figure was 41-50x (0.42-0.52 s): the per-task residuals are now taken from
 the Gram identity when every residual is large (a merge without task-specific factors; QR
 otherwise, see `_loss.reported_residuals`), and each virtual task's triangular factor from a
