@@ -268,6 +268,15 @@ CASES = {
         _merge(_edit_config(_bad(), lora_alpha=1e30)),
         [f"in/bad/{CONFIG}", "lora_alpha / r", "too large for float32"],
     ),
+    "update too small for float32": lambda: (
+        _merge(
+            _edit_tensors(
+                _bad(),
+                lambda t: t.update({k: v * np.float32(1e-12) for k, v in t.items() if K0 in k}),
+            )
+        ),
+        [f"in/bad/{WEIGHTS}", K0, "too small for float32"],
+    ),
     "factor with an empty dimension": lambda: (
         _merge(_edit_tensors(_bad(), _empty_q0)),
         [f"in/bad/{WEIGHTS}", Q0, "empty dimension"],

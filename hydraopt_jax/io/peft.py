@@ -154,7 +154,15 @@ class PeftAdapter:
             # losses square the update); legitimate adapters are many decades below this.
             sq_a = float(np.sum(np.square(a, dtype=np.float64)))
             sq_b = float(np.sum(np.square(b, dtype=np.float64)))
-            if sq_a * sq_b * spec.scale**2 > _MAX_SQ_NORM:
+            bound = sq_a * sq_b * spec.scale**2
+            if 0.0 < bound < _MIN_SQ_NORM:
+                raise AdapterError(
+                    self.weights_file,
+                    f"module {spec.name}: update norm bound ||A|| ||s B|| = {math.sqrt(bound):.3g}"
+                    " is too small for float32 arithmetic (its squared norm would underflow); "
+                    "rescale the adapter or leave the module out",
+                )
+            if bound > _MAX_SQ_NORM:
                 raw_ok = sq_a * sq_b <= _MAX_SQ_NORM
                 raise AdapterError(
                     self.path / CONFIG_NAME
@@ -170,6 +178,7 @@ class PeftAdapter:
 
 
 _MAX_SQ_NORM = 1e30  # bound on ||s B A||_F^2 (float32 max is 3.4e38)
+_MIN_SQ_NORM = 1e-30  # and below (float32's smallest normal is 1.2e-38); exactly 0 is fine
 
 
 def _strip(key: str) -> str:
