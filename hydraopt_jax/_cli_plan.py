@@ -128,7 +128,8 @@ def _replaceable(path: Path, suffix: str) -> bool:
 
 def _check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
     """Refuse, before any work, an output file name with the wrong suffix, an existing file
-    this command did not write (a plan file, a PNG), or a location that cannot be written."""
+    that is not of the kind written here (a plan file `hydraopt plan` wrote; any PNG image),
+    or a location that cannot be written."""
     from .cli import claim_output
 
     suffix = path.suffix.lower()

@@ -961,10 +961,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .io._files import remove_empty_dirs
 
     _CLAIMED.clear()
-    status = _main(argv)
-    if status != 0:
-        remove_empty_dirs(_CLAIMED)
-    _CLAIMED.clear()
+    status = 1  # if _main raises (HYDRAOPT_DEBUG=1 re-raises internal errors)
+    try:
+        status = _main(argv)
+    finally:
+        if status != 0:
+            remove_empty_dirs(_CLAIMED)
+        _CLAIMED.clear()
     return status
 
 

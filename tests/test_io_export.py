@@ -147,6 +147,15 @@ def _edit_meta(bundle_dir, edit):
         (lambda m: m.update(modules=[]), "modules must be an object"),
         (lambda m: m.update(carried=[]), "carried must be an object"),
         (lambda m: m.update(carried={"nobody": []}), "unknown task 'nobody'"),
+        (lambda m: m.update(carried={m["tasks"][0]: "abc"}), "must be a list of tensor names"),
+        (
+            lambda m: m.update(tasks=[EXPORT_MARKER, *m["tasks"][1:]]),
+            "names starting with .hydraopt are reserved",
+        ),
+        (
+            lambda m: next(iter(m["modules"].values())).update(task_ranks=[1]),
+            "task_ranks has 1 entries",
+        ),
     ],
 )
 def test_malformed_bundle_metadata_is_refused_naming_the_file(tmp_path, edit, cause):
@@ -172,3 +181,13 @@ def test_bundle_with_non_finite_factors_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="NaN or Inf"):
         export_peft(tmp_path / "bundle", tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_tensor_missing_from_the_factors_file_is_blamed_on_it(tmp_path):
+    _, _, bundle = hand_bundle(llama_adapters())
+    save_bundle(bundle, tmp_path / "bundle")
+    task = bundle.tasks[0]
+    _edit_meta(tmp_path / "bundle", lambda m: m["carried"].update({task: ["lm_head.weight"]}))
+    with pytest.raises(AdapterError, match=f"missing tensor carried/{task}/lm_head.weight") as err:
+        load_bundle(tmp_path / "bundle")
+    assert err.value.path.endswith("factors.safetensors")

@@ -83,6 +83,10 @@ def check_task_name(name, where) -> str:
         or name in (".", "..")
     ):
         raise AdapterError(where, f"invalid task name {name!r}: it must be a non-empty file name")
+    if name.startswith(".hydraopt"):
+        raise AdapterError(
+            where, f"invalid task name {name!r}: names starting with .hydraopt are reserved"
+        )
     return name
 
 
@@ -93,12 +97,12 @@ def check_output_path(out) -> list[Path]:
     out = Path(out)
     missing = []
     probe = out.parent  # relative stays relative: the message names what the user typed
-    while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    if not probe.is_dir():
-        raise AdapterError(out, f"cannot be created: {probe} is not a directory")
-    try:
+    try:  # exists() / is_dir() raise on EACCES
+        while not (probe.exists() or probe.is_symlink()) and probe != probe.parent:
+            missing.append(probe)
+            probe = probe.parent
+        if not probe.is_dir():
+            raise AdapterError(out, f"cannot be created: {probe} is not a directory")
         os.rmdir(tempfile.mkdtemp(prefix=".hydraopt-probe-", dir=probe))
     except OSError as err:
         raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None

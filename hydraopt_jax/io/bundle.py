@@ -101,7 +101,7 @@ class BundleModule:
         }
 
 
-def _stored_errors_sq(stored_a, stored_b, plan, a_all, b_all, task_ids) -> np.ndarray:
+def _stored_errors_sq(stored_a, stored_b, plan, a_all, b_all, task_ids, sq_norms) -> np.ndarray:
     """`||B_t A_t - Bh Ah||_F^2` per task for the factors as stored (rounded to the bundle's
     dtype), in float64 and factored form (`r x k` Grams; relative resolution ~1e-8)."""
     sa, sb = stored_a.astype(np.float64), stored_b.astype(np.float64)
@@ -109,7 +109,7 @@ def _stored_errors_sq(stored_a, stored_b, plan, a_all, b_all, task_ids) -> np.nd
     for local, t in enumerate(task_ids):
         a, b = np.asarray(a_all[t], np.float64), np.asarray(b_all[t], np.float64)
         ah, bh = sa[plan.a_group[local]], sb[plan.b_group[local]]
-        norm = np.sum((b.T @ b) * (a @ a.T))
+        norm = sq_norms[local]  # ||B_t A_t||_F^2
         cross = np.sum((bh.T @ b) * (ah @ a.T))  # tr((Bh^T B)(A Ah^T))
         hat = np.sum((bh.T @ bh) * (ah @ ah.T))
         out.append(max(norm - 2.0 * cross + hat, 0.0))
@@ -185,7 +185,9 @@ class Bundle:
             relative_error = tuple(float(e) for e in np.asarray(sol.relative_error))
             loss = float(np.asarray(sol.loss))
             if stored_a.dtype != shared_a.dtype:  # report what is stored, not the float32 fit
-                errors_sq = _stored_errors_sq(stored_a, stored_b, sol.plan, a_all, b_all, task_ids)
+                errors_sq = _stored_errors_sq(
+                    stored_a, stored_b, sol.plan, a_all, b_all, task_ids, sq_norms
+                )
                 relative_error = tuple(
                     math.sqrt(e / n) if n > 0 else 0.0
                     for e, n in zip(errors_sq, sq_norms, strict=True)
@@ -377,9 +379,15 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
         if not isinstance(meta.get(key, {}), dict):
             raise TypeError(f"{key} must be an object, got {type(meta[key]).__name__}")
     modules = {}
+
+    def pop(key):
+        if key not in tensors:
+            raise AdapterError(factors_file, f"missing tensor {key} that {META_NAME} describes")
+        return tensors.pop(key)
+
     for name, m in meta["modules"].items():
-        a = tensors.pop(f"modules/{name}/shared_a")
-        b = tensors.pop(f"modules/{name}/shared_b")
+        a = pop(f"modules/{name}/shared_a")
+        b = pop(f"modules/{name}/shared_b")
         plan = SharingPlan.from_dict(m["plan"])
         expect_a = (plan.num_a_groups, m["rank"], m["d_in"])
         expect_b = (plan.num_b_groups, m["d_out"], m["rank"])
@@ -396,6 +404,11 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
                 f"module {name}: task_ids {list(task_ids)} do not fit the plan or the "
                 f"{len(tasks)} tasks",
             )
+        for field in ("task_ranks", "relative_error", "task_sq_norms"):
+            if field in m and len(m[field]) != len(task_ids):
+                raise ValueError(
+                    f"module {name}: {field} has {len(m[field])} entries for {len(task_ids)} tasks"
+                )
         if m["kind"] not in ("linear", "embedding"):
             raise ValueError(f"module {name}: unknown kind {m['kind']!r}")
         modules[name] = BundleModule(
@@ -422,6 +435,8 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
     for task, keys in meta.get("carried", {}).items():
         if task not in carried:
             raise ValueError(f"carried tensors of unknown task {task!r}")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"carried[{task!r}] must be a list of tensor names")
         for key in keys:
-            carried[task][str(key)] = tensors.pop(f"carried/{task}/{key}")
+            carried[task][key] = pop(f"carried/{task}/{key}")
     return tasks, modules, task_configs, carried, dtype

@@ -151,9 +151,9 @@ class PeftAdapter:
                 if not np.all(np.isfinite(value)):
                     raise AdapterError(self.weights_file, f"tensor {key} has NaN or Inf values")
             # ||s B A||_F^2 <= ||A||^2 ||s B||^2 must stay far inside float32 (the Grams and
-            # losses square the update); legitimate adapters are many decades below this.
-            sq_a = float(np.sum(np.square(a, dtype=np.float64)))
-            sq_b = float(np.sum(np.square(b, dtype=np.float64)))
+            # losses square the update); legitimate adapters are many decades away from both
+            # ends. float32 dot products (no copy); float64 only where they under/overflow.
+            sq_a, sq_b = _sq_norm(a), _sq_norm(b)
             bound = sq_a * sq_b * spec.scale**2
             if 0.0 < bound < _MIN_SQ_NORM:
                 raise AdapterError(
@@ -169,8 +169,9 @@ class PeftAdapter:
                     if raw_ok and self.path is not None
                     else self.weights_file,
                     f"module {spec.name}: update norm bound ||A|| ||s B|| = "
-                    f"{math.sqrt(sq_a * sq_b) * spec.scale:.3g} (scale s = lora_alpha / r = "
-                    f"{spec.scale:.3g}) is too large for float32 arithmetic",
+                    f"{math.sqrt(sq_a * sq_b) * spec.scale:.3g} (scale s = {spec.scale:.3g}: "
+                    "lora_alpha / r, or / sqrt(r) with rsLoRA) is too large for float32 "
+                    "arithmetic",
                 )
             scaled = b * np.float32(spec.scale)
             out[spec.name] = (a, scaled)
@@ -179,6 +180,17 @@ class PeftAdapter:
 
 _MAX_SQ_NORM = 1e30  # bound on ||s B A||_F^2 (float32 max is 3.4e38)
 _MIN_SQ_NORM = 1e-30  # and below (float32's smallest normal is 1.2e-38); exactly 0 is fine
+
+
+def _sq_norm(x: np.ndarray) -> float:
+    """`||x||_F^2` of a float32 array: a float32 dot product (no copy), redone in float64
+    when it overflows, or underflows to 0 while `x` is not all zeros."""
+    flat = x.reshape(-1)
+    sq = float(np.dot(flat, flat))
+    if math.isinf(sq) or (sq == 0.0 and flat.any()):
+        wide = flat.astype(np.float64)
+        sq = float(np.dot(wide, wide))
+    return sq
 
 
 def _strip(key: str) -> str:
@@ -648,7 +660,9 @@ def _is_export_dir(path: Path) -> bool:
         tasks = set(read_json(path / EXPORT_MARKER)["tasks"])
     except (AdapterError, TypeError, KeyError):
         return False
-    return all(p.name == EXPORT_MARKER or (p.is_dir() and p.name in tasks) for p in path.iterdir())
+    return (path / EXPORT_MARKER).is_file() and all(
+        p.name == EXPORT_MARKER or (p.is_dir() and p.name in tasks) for p in path.iterdir()
+    )
 
 
 def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=None) -> list[Path]:
