@@ -26,41 +26,41 @@ Errors: every one-adapter output is compared with the exact mean update
 Only ratios measured side by side mean anything here (2 shared CPU cores).
 
 Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py --reps 3`), at commit
-39bdbdd on the 2-core development machine, otherwise idle:
+6722389 on the 2-core development machine, otherwise idle:
 
     # OPENBLAS_NUM_THREADS=1; speed: 16 adapters x 16 modules, d_in = d_out = 2048, r = k = 16; torch 2.13.0+cpu (2 threads)
     # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
 
     ## in process (median of 3; PEFT ties_svd: 1); ratio = time(PEFT svd) / time(method)
     method                            rank  median s  x vs PEFT svd  compile s  err vs mean
-    PEFT linear                         16     0.080          276.0          -    1.50e+01 
-    PEFT cat                           256     0.281           78.6          -    0.00e+00 
-    PEFT svd                            16    22.086            1.0          -    4.54e-02 
-    PEFT ties_svd                       16    81.259            0.3          -    1.78e+00 
-    hydraopt full-merge (exact)         16     0.269           82.0       1.34    4.54e-02 
-    hydraopt shared-a (exact)           16     0.358           61.8       0.88    9.59e-02*
-    hydraopt baseline linear            16     0.146          151.1       0.82    1.50e+01 
-    hydraopt baseline svd               16     0.820           26.9       0.27    4.54e-02 
-    hydraopt baseline ties              16     0.603           36.6       0.97    2.37e+00 
+    PEFT linear                         16     0.069          263.4          -    1.50e+01 
+    PEFT cat                           256     0.197           91.4          -    0.00e+00 
+    PEFT svd                            16    18.049            1.0          -    4.54e-02 
+    PEFT ties_svd                       16    75.635            0.2          -    1.78e+00 
+    hydraopt full-merge (exact)         16     0.231           78.2       1.00    4.54e-02 
+    hydraopt shared-a (exact)           16     0.306           59.0       0.64    9.59e-02*
+    hydraopt baseline linear            16     0.113          159.1       0.51    1.50e+01 
+    hydraopt baseline svd               16     0.713           25.3       0.08    4.54e-02 
+    hydraopt baseline ties              16     0.580           31.1       0.47    2.37e+00 
 
     ## cold commands (fresh process: imports, load, compile, solve, write; median of 3, PEFT: 1)
     command                             median s  x vs PEFT svd in process  x vs PEFT svd fresh process
-    PEFT svd (fresh process)               30.23                       0.7                          1.0
-    merge full-merge, empty cache           2.87                       7.7                         10.5
-    merge full-merge, warm cache            1.88                      11.8                         16.1
-    merge shared-a, empty cache             2.96                       7.5                         10.2
-    merge shared-a, warm cache              2.47                       9.0                         12.3
+    PEFT svd (fresh process)               28.56                       0.6                          1.0
+    merge full-merge, empty cache           2.68                       6.7                         10.6
+    merge full-merge, warm cache            1.94                       9.3                         14.7
+    merge shared-a, empty cache             3.03                       6.0                          9.4
+    merge shared-a, warm cache              2.44                       7.4                         11.7
 
     * shared-a keeps one adapter per task: its error is the mean per-task relative error.
 
 Against the targets (16 adapters x 16 modules at d = 2048, equal error 4.54e-2 against the
-exact mean for PEFT `svd` and our full merge): in process 82.0x (target 50x: met; a run just
-before at the same code gave 74.6x, earlier runs at 989561d / 5b54f4e 73.0x, 68.8x and
-73.6x, with PEFT svd at 17.4-22.1 s and our full merge at 0.25-0.27 s); as a cold command
-16.1x with a warm compilation cache (every run after the first with these shapes; 12.7x in
-the run before, 13.9-16.2x earlier) and 10.5x with an empty one (8.8x in the run before,
+exact mean for PEFT `svd` and our full merge): in process 78.2x (target 50x: met; two runs
+earlier this session, at 39bdbdd, gave 74.6x and 82.0x; runs at 989561d / 5b54f4e 73.0x,
+68.8x and 73.6x; PEFT svd at 17.4-22.1 s, our full merge at 0.23-0.27 s); as a cold command
+14.7x with a warm compilation cache (every run after the first with these shapes; 12.7x and
+16.1x at 39bdbdd, 13.9-16.2x earlier) and 10.6x with an empty one (8.8x and 10.5x at 39bdbdd,
 9.8-11.2x earlier): the very first run with new shapes is around the 10x target (8.8-11.2x
-over five runs), every later one above it (12.7-16.2x). Before commits d710b13 / 5b54f4e
+over six runs), every later one above it (12.7-16.2x). Before commits d710b13 / 5b54f4e
 the in-process figure was 41-50x (0.42-0.52 s): the per-task residuals are now taken from
 the Gram identity when every residual is large (a merge without task-specific factors; QR
 otherwise, see `_loss.reported_residuals`), and each virtual task's triangular factor from a
