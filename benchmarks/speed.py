@@ -55,10 +55,10 @@ Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py --reps
 
 Against the targets (16 adapters x 16 modules at d = 2048, equal error 4.54e-2 against the
 exact mean for PEFT `svd` and our full merge): in process 78.2x (target 50x: met; two runs
-earlier this session, at 39bdbdd, gave 74.6x and 82.0x; runs at 989561d / 5b54f4e 73.0x,
+earlier this session, at 61dfa9f and 39bdbdd, gave 74.6x and 82.0x; runs at 989561d / 5b54f4e 73.0x,
 68.8x and 73.6x; PEFT svd at 17.4-22.1 s, our full merge at 0.23-0.27 s); as a cold command
 14.7x with a warm compilation cache (every run after the first with these shapes; 12.7x and
-16.1x at 39bdbdd, 13.9-16.2x earlier) and 10.6x with an empty one (8.8x and 10.5x at 39bdbdd,
+16.1x in those two runs, 13.9-16.2x earlier) and 10.6x with an empty one (8.8x and 10.5x,
 9.8-11.2x earlier): the very first run with new shapes is around the 10x target (8.8-11.2x
 over six runs), every later one above it (12.7-16.2x). Before commits d710b13 / 5b54f4e
 the in-process figure was 41-50x (0.42-0.52 s): the per-task residuals are now taken from
