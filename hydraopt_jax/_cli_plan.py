@@ -87,7 +87,7 @@ def _attributes(names: Sequence[str], pattern: str | None, disabled: bool):
 
 def _atomic_write(path: Path, write) -> None:
     """`write(tmp_path)`, then rename onto `path`; nothing is left behind on failure."""
-    from .io._files import AdapterError
+    from .io._files import write_error
 
     tmp = None
     try:
@@ -103,7 +103,7 @@ def _atomic_write(path: Path, write) -> None:
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise AdapterError(path, f"cannot be written ({err.strerror or err})") from None
+        raise write_error(path, err) from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

@@ -40,6 +40,7 @@ __all__ = [
     "kill_point",
     "read_json",
     "remove_empty_dirs",
+    "write_error",
     "read_safetensors_header",
     "to_dtype",
     "write_json",
@@ -105,8 +106,13 @@ def check_output_path(out) -> list[Path]:
             raise AdapterError(out, f"cannot be created: {probe} is not a directory")
         os.rmdir(tempfile.mkdtemp(prefix=".hydraopt-probe-", dir=probe))
     except OSError as err:
-        raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
+        raise write_error(out, err) from None
     return missing
+
+
+def write_error(path, err: OSError) -> AdapterError:
+    """The one-line error for an `OSError` met while creating or writing the output `path`."""
+    return AdapterError(path, f"cannot be written ({err.strerror or _one_line(err)})")
 
 
 def remove_empty_dirs(dirs) -> None:
@@ -289,7 +295,7 @@ def atomic_dir(
         remove_stale_siblings(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=parent))
     except OSError as err:
-        raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
+        raise write_error(out, err) from None
     try:
         yield tmp
         if hook is not None:
@@ -309,7 +315,7 @@ def atomic_dir(
         _fsync_dir(parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise AdapterError(out, f"cannot be written ({err.strerror or _one_line(err)})") from None
+        raise write_error(out, err) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,12 +24,16 @@ written atomically; an existing output that is not a bundle is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from .._loss import plan_residual_norms_sq
 from .._plan import SharingPlan
 from ._files import (
     AdapterError,
@@ -101,19 +105,15 @@ class BundleModule:
         }
 
 
-def _stored_errors_sq(stored_a, stored_b, plan, a_all, b_all, task_ids, sq_norms) -> np.ndarray:
+@functools.partial(jax.jit, static_argnames="plan")
+def _stored_errors_sq(A, B, stored_a, stored_b, plan: SharingPlan) -> jax.Array:
     """`||B_t A_t - Bh Ah||_F^2` per task for the factors as stored (rounded to the bundle's
-    dtype), in float64 and factored form (`r x k` Grams; relative resolution ~1e-8)."""
-    sa, sb = stored_a.astype(np.float64), stored_b.astype(np.float64)
-    out = []
-    for local, t in enumerate(task_ids):
-        a, b = np.asarray(a_all[t], np.float64), np.asarray(b_all[t], np.float64)
-        ah, bh = sa[plan.a_group[local]], sb[plan.b_group[local]]
-        norm = sq_norms[local]  # ||B_t A_t||_F^2
-        cross = np.sum((bh.T @ b) * (ah @ a.T))  # tr((Bh^T B)(A Ah^T))
-        hat = np.sum((bh.T @ bh) * (ah @ ah.T))
-        out.append(max(norm - 2.0 * cross + hat, 0.0))
-    return np.asarray(out)
+    dtype, widened back to float32 exactly): the core's QR residuals, accurate to round-off
+    of `||dW_t||`."""
+    f32 = jnp.float32
+    return plan_residual_norms_sq(
+        A.astype(f32), B.astype(f32), stored_a.astype(f32), stored_b.astype(f32), plan
+    )
 
 
 def _num(x):
@@ -185,8 +185,10 @@ class Bundle:
             relative_error = tuple(float(e) for e in np.asarray(sol.relative_error))
             loss = float(np.asarray(sol.loss))
             if stored_a.dtype != shared_a.dtype:  # report what is stored, not the float32 fit
-                errors_sq = _stored_errors_sq(
-                    stored_a, stored_b, sol.plan, a_all, b_all, task_ids, sq_norms
+                ids = np.asarray(task_ids)
+                errors_sq = np.asarray(
+                    _stored_errors_sq(a_all[ids], b_all[ids], stored_a, stored_b, sol.plan),
+                    np.float64,
                 )
                 relative_error = tuple(
                     math.sqrt(e / n) if n > 0 else 0.0

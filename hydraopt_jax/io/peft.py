@@ -660,9 +660,8 @@ def _is_export_dir(path: Path) -> bool:
         tasks = set(read_json(path / EXPORT_MARKER)["tasks"])
     except (AdapterError, TypeError, KeyError):
         return False
-    return (path / EXPORT_MARKER).is_file() and all(
-        p.name == EXPORT_MARKER or (p.is_dir() and p.name in tasks) for p in path.iterdir()
-    )
+    # (reading a marker that is a directory fails above: it must be a file)
+    return all(p.name == EXPORT_MARKER or (p.is_dir() and p.name in tasks) for p in path.iterdir())
 
 
 def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=None) -> list[Path]:
