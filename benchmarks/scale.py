@@ -20,30 +20,31 @@ Both use synthetic adapters shaped like trained ones (`hydraopt_jax._synthetic`:
 shared init, B with application / language structure). Absolute seconds on a shared 2-core
 CPU are indicative only.
 
-Recorded run (`PYTHONPATH=. python benchmarks/scale.py`, both parts), at commit 2fd1ba7 on the
+Recorded run (`PYTHONPATH=. python benchmarks/scale.py`, both parts), at commit 28e7dfe on the
 idle 2-core development machine (load average < 1.5):
 
     # OPENBLAS_NUM_THREADS=1; scale
     # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
 
     ## (a) 40 adapters, Llama-3.2-1B attention shapes, 16 layers, r = 32, shared-a, CLI
-    generated 40 PEFT dirs (1040 MB of float32 factors) in 9.3 s (not timed below)
-      child CPU time (user + sys) 26.2 s; load average 1.3 1.4 1.4
-    hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall 20.7 s (its own 'seconds' 19.1 s); target < 60 s: met
+    generated 40 PEFT dirs (1040 MB of float32 factors) in 10.1 s (not timed below)
+      child CPU time (user + sys) 23.3 s; load average 1.2 1.2 1.2
+    hydraopt merge --plan shared-a (64 modules, 4 shape groups): wall 22.6 s (its own 'seconds' 20.4 s); target < 60 s: met
     storage ratio 0.400; per-task relative error mean 0.0974, max 0.0975
 
     ## (b) 1000 adapters at d = 4096, r = 16, q_proj on 2 layer(s), shared-a
-    generated 1000 PEFT dirs (1000 MB of float32 factors) in 13.5 s (not timed below)
-    in a child process: open 0.2 s; load group 1.5 s; solve 7.2 s (incl. one compile) for 2 module(s)
-      time per module: solve 3.6 s, load 0.8 s; mean per-task relative error 0.0993
-      one shape group's factors (float32): 1000 MB; peak RSS 1908 MB = 1.91x the group; the runtime alone (import jax + hydraopt_jax) 188 MB; peak minus runtime = 1.72x the group
-      child CPU time (user + sys) 15.5 s; load average 1.3 1.4 1.4
-    hydraopt merge --plan shared-a (CLI, end to end): wall 13.0 s = 6.5 s per module (incl. imports, compile, write)
-    extrapolated to 32 layers (load + solve per module, compile once): q_proj only 140 s; 4 attention projections 4096x4096 (Llama-2-7B-like) 560 s
+    generated 1000 PEFT dirs (1000 MB of float32 factors) in 12.4 s (not timed below)
+    in a child process: open 0.2 s; load group 1.8 s; solve 8.2 s (incl. one compile) for 2 module(s)
+      time per module: solve 4.1 s, load 0.9 s; mean per-task relative error 0.0993
+      one shape group's factors (float32): 1000 MB; peak RSS 1913 MB = 1.91x the group; the runtime alone (import jax + hydraopt_jax) 189 MB; peak minus runtime = 1.72x the group
+      child CPU time (user + sys) 15.4 s; load average 1.2 1.2 1.2
+    hydraopt merge --plan shared-a (CLI, end to end): wall 13.6 s = 6.8 s per module (incl. imports, compile, write)
+    extrapolated to 32 layers (load + solve per module, compile once): q_proj only 159 s; 4 attention projections 4096x4096 (Llama-2-7B-like) 636 s
 
-Against the targets: (a) 20.7 s end to end, under 60 s (27.7 s at commit 5f295e2). (b) peak
-RSS 1908 MB for a 1000 MB shape group: 1.91x the group for the whole process, 1.72x above the
-188 MB that importing JAX costs. Before the host-buffer work (commit a58b2d1) the same run
+Against the targets: (a) 22.6 s end to end, under 60 s (20.7 s at 2fd1ba7, 27.7 s at 5f295e2).
+(b) peak RSS 1913 MB for a 1000 MB shape group: 1.91x the group for the whole process, 1.72x
+above the 189 MB that importing JAX costs (1908 MB at 2fd1ba7); solve 4.1 s per module (3.6 s
+at 2fd1ba7). Before the host-buffer work (commit a58b2d1) the same run
 peaked at 5363 MB (5.36x): the group was copied by `np.stack`, by `jnp.asarray`, and the
 solver held scaled copies of B, a broadcast of the shared A and a transposed copy of A; at
 5f295e2 it was 2003 MB (2.00x), of which 125 MB was a bool copy of the output that XLA's CPU
