@@ -21,12 +21,16 @@ from ._lapack import after
 from ._plan import SharingPlan
 
 __all__ = [
+    "COV_RIDGE",
     "all_finite",
     "cond_across",
     "dense_loss_reference",
     "map_task_chunks",
     "plan_gram_errors",
+    "plan_loss",
+    "plan_objective",
     "plan_residual_norms_sq",
+    "regularized_covariance",
     "reported_residuals",
     "residual_norms_sq",
     "task_norms_sq",
@@ -304,3 +308,29 @@ def plan_loss(
     """The objective `sum_t w_t ||B_t A_t - Bh_b(t) Ah_a(t)||_F^2`, factored (differentiable;
     `plan_gram_errors`, without a `[T, k, d]` broadcast of the shared factors)."""
     return jnp.sum(weights * plan_gram_errors(A, B, shared_a, shared_b, plan, norms_sq))
+
+
+def plan_objective(A, B, weights, norms_sq, plan: SharingPlan):
+    """`(shared_a, shared_b) -> loss / sum_t w_t ||dW_t||^2`: the plan's objective in units
+    of its value at zero, so that one learning rate suits any adapter norm."""
+    total = jnp.sum(weights * norms_sq)
+    total = jnp.where(total > 0, total, 1.0)
+
+    def loss_fn(params):
+        return plan_loss(params[0], params[1], A, B, weights, norms_sq, plan) / total
+
+    return loss_fn
+
+
+# Whitening ridge of activation covariances, relative to their mean eigenvalue.
+COV_RIDGE = 1e-6
+
+
+def regularized_covariance(cov, xp=np):
+    """`(C + C^T) / 2 + (COV_RIDGE tr(C) / d + tiny) I`: the input covariance every
+    activation-aware computation uses (`merge`'s whitening Cholesky, the planner's Grams).
+    `xp`: `numpy` (float64 planner) or `jax.numpy`."""
+    d = cov.shape[-1]
+    sym = 0.5 * (cov + cov.T)
+    ridge = COV_RIDGE * xp.trace(sym) / d + np.finfo(np.float32).tiny
+    return sym + ridge * xp.eye(d, dtype=sym.dtype)

@@ -12,6 +12,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.helpers import grid  # noqa: E402
+
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -21,10 +23,13 @@ def rng():
     return np.random.default_rng(0)
 
 
-def random_collection(rng, num_tasks=5, rank=3, d_in=20, d_out=16, drift=0.3, dtype=np.float64):
-    """A, B with similar A factors (one shared init plus drift) and task norms spread over
-    an order of magnitude: the situation HydraOpt is built for."""
-    a0 = rng.normal(size=(1, rank, d_in))
-    A = a0 + drift * rng.normal(size=(num_tasks, rank, d_in))
-    B = rng.normal(size=(num_tasks, d_out, rank)) * rng.uniform(0.3, 3.0, size=(num_tasks, 1, 1))
-    return A.astype(dtype), B.astype(dtype)
+# The planner tests' application x language collection (tests/helpers/grid.py), as arrays
+# and as PEFT adapter directories.
+@pytest.fixture(scope="module")
+def collection():
+    return grid.make_collection()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory, collection):
+    return grid.write_peft_dirs(tmp_path_factory.mktemp("adapters"), collection)

@@ -7,7 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_io_helpers import (
+
+from hydraopt_jax.io import AdapterError, load_bundle, load_collection
+from hydraopt_jax.planner.planfile import plan_from_config, plans_from_config
+from tests.helpers.files import bundle_arrays, run_cli, run_main, write_collection
+from tests.helpers.peft_models import (
     LLAMA_TASKS,
     as_update,
     llama_adapters,
@@ -16,15 +20,6 @@ from test_io_helpers import (
     rel_err,
     tiny_llama,
 )
-
-from hydraopt_jax.cli import CliError, main, plan_from_config, plans_from_config
-from hydraopt_jax.io import load_bundle, load_collection
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,7 @@ def _exported(root):
 
 def test_merge_separate_then_export_reproduces_every_adapter(tmp_path, capsys, originals):
     dirs = llama_adapters()
-    rc, out, err = _run(
+    rc, out, err = run_main(
         capsys, "merge", *dirs, "--out", tmp_path / "bundle", "--plan", "separate", "--json"
     )
     assert rc == 0, err
@@ -62,7 +57,7 @@ def test_merge_separate_then_export_reproduces_every_adapter(tmp_path, capsys, o
     assert summary["solver"] == "exact" and summary["plan"]["name"] == "separate"
     assert set(summary["tasks"]) == set(LLAMA_TASKS) and max(summary["tasks"].values()) < 1e-5
     assert err == ""  # stderr is not a terminal: no progress bar
-    rc, out, err = _run(capsys, "export", tmp_path / "bundle", "--to", tmp_path / "peft")
+    rc, out, err = run_main(capsys, "export", tmp_path / "bundle", "--to", tmp_path / "peft")
     assert rc == 0, err
     exported = _exported(tmp_path / "peft")
     for task, modules in originals.items():
@@ -95,14 +90,14 @@ def _shared_a_optimum(group_entry):
 
 def test_merge_shared_a_exports_the_engine_reconstruction_at_the_optimum(tmp_path, capsys):
     dirs = llama_adapters()
-    rc, out, err = _run(
+    rc, out, err = run_main(
         capsys, "merge", *dirs, "--out", tmp_path / "bundle", "--plan", "shared-a", "--json"
     )
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["storage_ratio"] < 1 and summary["plan"]["a_group"] == [0, 0, 0]
     bundle = load_bundle(tmp_path / "bundle")
-    rc, _, err = _run(capsys, "export", tmp_path / "bundle", "--to", tmp_path / "peft")
+    rc, _, err = run_main(capsys, "export", tmp_path / "bundle", "--to", tmp_path / "peft")
     assert rc == 0, err
     exported = _exported(tmp_path / "peft")
     collection = load_collection(dirs)
@@ -129,7 +124,7 @@ def test_merge_with_a_yaml_plan(tmp_path, capsys):
     # the shared-a plan again, as a file (the test above compiled it: this run is fast)
     plan = tmp_path / "plan.yaml"
     plan.write_text('a_groups:\n  all: "*"\nb: per-task\n')
-    rc, out, err = _run(
+    rc, out, err = run_main(
         capsys,
         "merge",
         *llama_adapters(),
@@ -152,7 +147,7 @@ def test_merge_with_a_yaml_plan(tmp_path, capsys):
 def test_merge_with_per_module_plans(tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text('a: shared\nmodules:\n  "*.v_proj": {a: per-task}\n')
-    rc, out, err = _run(
+    rc, out, err = run_main(
         capsys, "merge", *llama_adapters(), "--out", tmp_path / "b", "--plan", plan, "--json"
     )
     assert rc == 0, err
@@ -177,9 +172,9 @@ def test_per_module_plan_files():
     assert plans["l1.v"].a_group == (0, 1, 2) and plans["l1.v"].b_group == (0, 0, 0)
     assert plans["l0.mlp.up"].rank == 2 and plans["l0.mlp.up"].a_group == (0, 0, 0)
     assert plans_from_config({"a": "shared"}, tasks, modules).a_group == (0, 0, 0)
-    with pytest.raises(CliError, match="matches no adapted module"):
+    with pytest.raises(AdapterError, match="matches no adapted module"):
         plans_from_config({"modules": {"*.k": {"a": "shared"}}}, tasks, modules)
-    with pytest.raises(CliError, match=r"modules.\*.v: unknown key 'c'"):
+    with pytest.raises(AdapterError, match=r"modules.\*.v: unknown key 'c'"):
         plans_from_config({"modules": {"*.v": {"c": 1}}}, tasks, modules)
 
 
@@ -199,7 +194,7 @@ def test_plan_files():
 
 
 def test_inspect_reports_overlaps_and_plan_storage(capsys):
-    rc, out, err = _run(capsys, "inspect", *llama_adapters(), "--json")
+    rc, out, err = run_main(capsys, "inspect", *llama_adapters(), "--json")
     assert rc == 0, err
     report = json.loads(out)
     assert report["tasks"] == list(LLAMA_TASKS)
@@ -209,17 +204,48 @@ def test_inspect_reports_overlaps_and_plan_storage(capsys):
     assert rows["model.layers.0.mlp.up_proj"]["a_overlap"] is None  # one task: no pair
     plans = report["plans"]
     assert plans["full_merge"]["storage_ratio"] < plans["shared_a"]["storage_ratio"]
-    rc, out, err = _run(capsys, "inspect", *llama_adapters())
+    rc, out, err = run_main(capsys, "inspect", *llama_adapters())
     assert rc == 0 and "q_proj" in out and "shared-a" in out
 
 
 def test_subspace_overlap_reference():
-    from hydraopt_jax.cli import subspace_overlap
+    from hydraopt_jax import subspace_overlap
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 3))
-    assert subspace_overlap(x, x @ rng.normal(size=(3, 3)), 3, 3) == pytest.approx(1.0)
-    assert subspace_overlap(x, x[:, :1], 3, 1) == pytest.approx(1.0)  # contained
+    assert subspace_overlap(x, x @ rng.normal(size=(3, 3))) == pytest.approx(1.0)
+    assert subspace_overlap(x, x[:, :1]) == pytest.approx(1.0)  # contained
     e = np.eye(20)
-    assert subspace_overlap(e[:, :2], e[:, 2:5], 2, 3) == pytest.approx(0.0)
-    assert np.isnan(subspace_overlap(np.zeros((20, 2)), x, 2, 3))
+    assert subspace_overlap(e[:, :2], e[:, 2:5]) == pytest.approx(0.0)
+    assert np.isnan(subspace_overlap(np.zeros((20, 2)), x))
+
+
+MODULES = {"model.layers.0.q_proj": (16, 16), "model.layers.1.q_proj": (16, 16)}
+
+
+def test_command_compilation_cache_is_filled_once_and_changes_nothing(tmp_path):
+    dirs = write_collection(tmp_path / "in", modules=MODULES)
+    cache = tmp_path / "cache"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        proc = run_cli("merge", *dirs, "--out", out, env={"HYDRAOPT_CACHE_DIR": str(cache)})
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(bundle_arrays(out))
+        if run == 0:
+            entries = sorted(p.name for p in cache.iterdir())
+            assert entries, "the first run compiles and fills the cache"
+    assert sorted(p.name for p in cache.iterdir()) == entries  # the second run only reads
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        np.testing.assert_array_equal(outputs[0][key], outputs[1][key])
+
+
+def test_empty_cache_dir_setting_disables_the_cache(tmp_path, monkeypatch):
+    from hydraopt_jax.cli import compilation_cache_dir
+
+    monkeypatch.setenv("HYDRAOPT_CACHE_DIR", "")
+    assert compilation_cache_dir() is None
+    monkeypatch.delenv("HYDRAOPT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compilation_cache_dir() == str(tmp_path / "hydraopt" / "jax")

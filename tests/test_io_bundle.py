@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from test_io_helpers import gpt2_adapter, hand_bundle, llama_adapters
 
 from hydraopt_jax.io import AdapterError, is_bundle, load_bundle, save_bundle, write_safetensors
 from hydraopt_jax.io._files import read_safetensors
+from tests.helpers.peft_models import gpt2_adapter, hand_bundle, llama_adapters
 
 
 def test_transposed_views_are_written_in_logical_order(tmp_path):
@@ -56,7 +56,7 @@ def test_bundle_round_trip_is_exact(tmp_path, dtype):
     assert np.array_equal(carried, bundle.carried["qa_fr"]["base_model.model.lm_head.weight"])
     assert back.to_json() == bundle.to_json()
     meta = json.loads((tmp_path / "out" / "hydraopt.json").read_text())
-    assert meta["format_version"] == 1 and meta["solver"] == "hand"
+    assert meta["format_version"] == 2 and meta["solver"] == "hand"
     m = meta["modules"]["model.layers.0.self_attn.k_proj"]
     assert (m["kind"], m["d_in"], m["d_out"], m["task_ids"], m["task_ranks"]) == (
         "linear",
@@ -178,3 +178,31 @@ def test_reported_errors_are_those_of_the_stored_dtype(tmp_path):
         np.testing.assert_allclose(module.relative_error, dense_err, rtol=1e-3, atol=1e-7)
         assert min(dense_err) > 1e-4  # bfloat16 rounding, not the float32 fit's ~1e-7
         assert max(reported["float32"].modules[name].relative_error) < 1e-5
+
+
+def test_version_1_bundles_still_load(tmp_path):
+    """A bundle written before cores and nested ranks existed (format 1: no `core` key, no
+    `cores` tensors) loads, exports and reports exactly as the same bundle in format 2."""
+    from hydraopt_jax.io import export_peft
+
+    _, _, bundle = hand_bundle(llama_adapters())
+    save_bundle(bundle, tmp_path / "v2")
+    meta = json.loads((tmp_path / "v2" / "hydraopt.json").read_text())
+    meta["format_version"] = 1
+    for module in meta["modules"].values():
+        del module["core"]
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "hydraopt.json").write_text(json.dumps(meta))
+    (tmp_path / "v1" / "factors.safetensors").write_bytes(
+        (tmp_path / "v2" / "factors.safetensors").read_bytes()
+    )
+    old, new = load_bundle(tmp_path / "v1"), load_bundle(tmp_path / "v2")
+    assert old.task_relative_errors() == new.task_relative_errors()
+    for name, module in new.modules.items():
+        assert np.array_equal(old.modules[name].shared_a, module.shared_a)
+        assert old.modules[name].core is None and old.modules[name].cores is None
+    export_peft(old, tmp_path / "peft_v1")
+    export_peft(new, tmp_path / "peft_v2")
+    for task in new.tasks:
+        a = (tmp_path / "peft_v1" / task / "adapter_model.safetensors").read_bytes()
+        assert a == (tmp_path / "peft_v2" / task / "adapter_model.safetensors").read_bytes()

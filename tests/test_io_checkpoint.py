@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from test_io_helpers import hand_solutions, llama_adapters
 
 from hydraopt_jax.io import AdapterError, load_collection, restore_solution, save_solution
-from hydraopt_jax.io.checkpoint import _tree_equal
+from hydraopt_jax.io.checkpoint import solutions_equal
+from tests.helpers.peft_models import hand_solutions, llama_adapters
 
 
 def test_solution_round_trip_is_exact(tmp_path):
@@ -14,12 +14,12 @@ def test_solution_round_trip_is_exact(tmp_path):
     name = "model.layers.0.self_attn.k_proj"
     save_solution(tmp_path / "one", solutions[name])
     back = restore_solution(tmp_path / "one")
-    assert _tree_equal(back, solutions[name])
+    assert solutions_equal(back, solutions[name])
     save_solution(tmp_path / "all", solutions)
     save_solution(tmp_path / "all", solutions)  # replacing a checkpoint is fine
     back = restore_solution(tmp_path / "all")
     assert list(back) == list(solutions)
-    assert all(_tree_equal(back[n], solutions[n]) for n in solutions)
+    assert all(solutions_equal(back[n], solutions[n]) for n in solutions)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all", "one"]
 
 
@@ -43,4 +43,4 @@ def test_restore_refuses_arrays_that_do_not_match_their_digest(tmp_path):
     shutil.copytree(tmp_path / "second" / "arrays", tmp_path / "first" / "arrays")
     with pytest.raises(AdapterError, match="do not match their digest"):
         restore_solution(tmp_path / "first")
-    assert _tree_equal(restore_solution(tmp_path / "second"), second)
+    assert solutions_equal(restore_solution(tmp_path / "second"), second)

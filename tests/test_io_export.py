@@ -6,7 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from test_io_helpers import (
+
+from hydraopt_jax.io import (
+    EXPORT_MARKER,
+    AdapterError,
+    export_peft,
+    load_bundle,
+    load_peft_adapter,
+    save_bundle,
+)
+from tests.helpers.peft_models import (
     LLAMA_TASKS,
     as_update,
     gpt2_adapter,
@@ -17,9 +26,6 @@ from test_io_helpers import (
     tiny_gpt2,
     tiny_llama,
 )
-
-from hydraopt_jax.io import AdapterError, export_peft, load_bundle, load_peft_adapter, save_bundle
-from hydraopt_jax.io.peft import EXPORT_MARKER
 
 
 def _expected(bundle, task):

@@ -7,7 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-from test_io_helpers import (
+
+from hydraopt_jax.io import AdapterError, get_pattern_key, load_collection, load_peft_adapter
+from hydraopt_jax.io._files import read_safetensors, write_safetensors
+from tests.helpers.peft_models import (
     LLAMA_TASKS,
     as_update,
     gpt2_adapter,
@@ -18,9 +21,6 @@ from test_io_helpers import (
     tiny_gpt2,
     tiny_llama,
 )
-
-from hydraopt_jax.io import AdapterError, get_pattern_key, load_collection, load_peft_adapter
-from hydraopt_jax.io._files import read_safetensors, write_safetensors
 
 
 def _check_against_peft(adapter_dir, base):

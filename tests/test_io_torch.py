@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_io_helpers import Quiet, hand_bundle, llama_adapters, tiny_llama
+
+from tests.helpers.peft_models import Quiet, hand_bundle, llama_adapters, tiny_llama
 
 torch = pytest.importorskip("torch")
 

@@ -4,98 +4,33 @@ end to end on small PEFT adapter directories written here."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import pytest
 import yaml
 
 import hydraopt_jax as hj
-from hydraopt_jax._planner import (
-    _groupings,
+from hydraopt_jax.planner import (
     allocate,
     choose,
     collection_options,
     module_options,
     module_stats,
     plan_budget,
+    plans_from_config,
     task_attributes_from_names,
 )
-from hydraopt_jax.cli import main, plans_from_config
-
-APPS, LANGS, RANK = ("chat", "qa"), ("fr", "de", "it"), 4
-NAMES = [f"{a}_{b}" for a in APPS for b in LANGS]
-ATTRS = [{"app": a, "lang": b} for a in APPS for b in LANGS]
-
-
-def make_collection(seed=0, rank=RANK, ranks=None):
-    """Two 'similar-A' modules (A near one shared init) and two 'dissimilar-A' modules
-    (independent A per task), with B structured by application."""
-    rng = np.random.default_rng(seed)
-    t = len(NAMES)
-    app = np.repeat(np.arange(len(APPS)), len(LANGS))
-    out = {}
-    for layer in range(2):
-        for kind, (d_in, d_out), drift in (
-            ("q_proj", (32, 32), 0.02),  # similar A
-            ("k_proj", (32, 12), 0.02),  # similar A, d_out < d_in
-            ("v_proj", (32, 32), None),  # dissimilar A
-        ):
-            a0 = rng.normal(size=(1, rank, d_in))
-            if drift is None:
-                a = rng.normal(size=(t, rank, d_in))
-            else:
-                a = a0 + drift * rng.normal(size=(t, rank, d_in))
-            b = rng.normal(size=(len(APPS), d_out, rank))[app] + 0.7 * rng.normal(
-                size=(t, d_out, rank)
-            )
-            out[f"model.layers.{layer}.self_attn.{kind}"] = (a, b)
-    if ranks is not None:
-        for name, (a, b) in out.items():
-            a, b = a.copy(), b.copy()
-            for i, r in enumerate(ranks):
-                a[i, r:] = 0
-                b[i, :, r:] = 0
-            out[name] = (a, b, tuple(ranks))
-    return out
-
-
-def write_peft_dirs(root, collection, names=NAMES):
-    """One PEFT LoRA adapter directory per task (lora_alpha = r: scale 1)."""
-    from hydraopt_jax.io import write_safetensors
-
-    dirs = []
-    for t, name in enumerate(names):
-        d = root / name
-        d.mkdir(parents=True)
-        tensors = {}
-        for module, (a, b, *_) in collection.items():
-            tensors[f"base_model.model.{module}.lora_A.weight"] = a[t].astype(np.float32)
-            tensors[f"base_model.model.{module}.lora_B.weight"] = b[t].astype(np.float32)
-        write_safetensors(d / "adapter_model.safetensors", tensors)
-        config = {
-            "peft_type": "LORA",
-            "r": RANK,
-            "lora_alpha": RANK,
-            "target_modules": ["q_proj", "k_proj", "v_proj"],
-            "base_model_name_or_path": "tiny",
-        }
-        (d / "adapter_config.json").write_text(json.dumps(config))
-        dirs.append(d)
-    return dirs
-
-
-@pytest.fixture(scope="module")
-def collection():
-    return make_collection()
+from hydraopt_jax.planner._attributes import groupings
+from tests.helpers.grid import (
+    ATTRS,
+    NAMES,
+    make_collection,
+)
 
 
 @pytest.fixture(scope="module")
 def options(collection):
     return collection_options(collection, task_names=NAMES, task_attributes=ATTRS)
-
-
-# --------------------------------------------------------------------------- losses
 
 
 def test_attributes_from_names():
@@ -119,7 +54,7 @@ def test_option_losses_and_errors_match_merge(with_cov):
         x = rng.normal(size=(64, a.shape[2]))
         cov = x.T @ x / 64
     stats = module_stats("m", a, b, ranks, activation_cov=cov)
-    opts = module_options(stats, _groupings(len(NAMES), ATTRS))
+    opts = module_options(stats, groupings(len(NAMES), ATTRS))
     assert {o.name for o in opts} >= {"shared-a", "shared-b", "full-merge", "separate"}
     picks = [
         o
@@ -146,9 +81,6 @@ def test_option_losses_and_errors_match_merge(with_cov):
         assert o.num_params == sol.num_params
 
 
-# --------------------------------------------------------------------------- knapsack
-
-
 def test_allocate_matches_brute_force():
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -168,9 +100,6 @@ def test_allocate_matches_brute_force():
 def test_allocate_refuses_impossible_budget():
     with pytest.raises(ValueError, match="cheapest"):
         allocate([[10, 20]], [[1.0, 0.0]], 5)
-
-
-# --------------------------------------------------------------------------- planner
 
 
 @pytest.mark.parametrize("budget", [0.12, 0.2, 0.3, 0.5, 0.8])
@@ -257,102 +186,3 @@ def test_yaml_round_trips(options):
     spec = yaml.safe_load(bp.to_yaml(NAMES))
     plans = plans_from_config(spec, NAMES, list(bp.modules))
     assert plans == bp.plans
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory, collection):
-    return write_peft_dirs(tmp_path_factory.mktemp("adapters"), collection)
-
-
-def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
-    out = tmp_path / "plans" / "plan.yaml"
-    rc, stdout, err = _run(capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", out, "--json")
-    assert rc == 0, err
-    summary = json.loads(stdout)
-    assert summary["storage_ratio"] <= 0.3 and out.is_file()
-    assert set(summary["tasks"]) == set(NAMES)
-    assert {"part0", "part1"} <= set(summary["groupings"])
-    assert not [p for p in out.parent.iterdir() if p != out]  # no temporaries left
-    rc, stdout, err = _run(
-        capsys, "merge", *adapter_dirs, "--config", out, "--out", tmp_path / "b", "--json"
-    )
-    assert rc == 0, err
-    merged = json.loads(stdout)
-    assert merged["plan"]["name"] == "per-module"
-    assert merged["num_params"] == summary["num_params"]
-    assert merged["original_params"] == summary["original_params"]
-    for name in NAMES:
-        np.testing.assert_allclose(
-            merged["tasks"][name], summary["tasks"][name], rtol=1e-3, atol=1e-5
-        )
-    # size-weighted modules: the same budget, a valid plan file
-    rc, stdout, err = _run(
-        capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", out, "--json",
-        "--module-weighting", "size",
-    )  # fmt: skip
-    assert rc == 0, err
-    assert json.loads(stdout)["storage_ratio"] <= 0.3
-    # human-readable output too
-    rc, stdout, err = _run(capsys, "plan", *adapter_dirs, "--budget", "0.5", "--out", out)
-    assert rc == 0, err
-    assert "storage ratio" in stdout and "predicted mean relative error" in stdout
-
-
-def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
-    out = tmp_path / "plan.yaml"
-    cases = [
-        (["--budget", "0.0001"], "--budget"),
-        (["--budget", "0"], "--budget"),
-        (["--budget", "0.3", "--rank-multipliers", "x"], "--rank-multipliers"),
-        (["--budget", "0.3", "--attributes", "(?P<a>[a-z]+)-(?P<b>.*)"], "--attributes"),
-        (["--budget", "0.3", "--module-weighting", "bytes"], "--module-weighting"),
-    ]
-    for extra, where in cases:
-        rc, stdout, err = _run(capsys, "plan", *adapter_dirs, "--out", out, *extra)
-        assert rc == 2, (extra, err)
-        assert err.count("\n") == 1 and where in err, err
-        assert not out.exists() and not list(tmp_path.iterdir())
-    rc, _, err = _run(capsys, "plan", tmp_path / "missing", "--budget", "0.3", "--out", out)
-    assert rc == 2 and "missing" in err and err.count("\n") == 1
-    (tmp_path / "dir.yaml").mkdir()
-    rc, _, err = _run(
-        capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", tmp_path / "dir.yaml"
-    )
-    assert rc == 2 and "dir.yaml" in err
-    assert not out.exists()
-
-
-def test_cli_sweep(tmp_path, capsys, adapter_dirs):
-    png = tmp_path / "sweep.png"
-    rc, stdout, err = _run(
-        capsys,
-        "sweep",
-        *adapter_dirs,
-        "--plot",
-        png,
-        "--baselines",
-        "linear,svd",
-        "--budgets",
-        "0.2,0.4",
-        "--json",
-    )
-    assert rc == 0, err
-    result = json.loads(stdout)
-    methods = {r["method"]: r for r in result["rows"]}
-    assert {"hydraopt:shared-a k=1r", "hydraopt:full-merge k=1r", "linear", "svd"} <= set(methods)
-    assert {"planner budget=0.2", "planner budget=0.4"} <= set(methods)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
-    fm, sep = methods["hydraopt:full-merge k=1r"], methods["hydraopt:separate k=1r"]
-    assert fm["storage_ratio"] == methods["svd"]["storage_ratio"]
-    assert sep["storage_ratio"] == 1.0 and sep["max_relative_error"] < 1e-5
-    assert methods["planner budget=0.4"]["storage_ratio"] <= 0.4

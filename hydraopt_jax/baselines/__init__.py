@@ -1,8 +1,9 @@
 """Classic merges, same inputs as `merge` (`A [T, r, d_in]`, `B [T, d_out, r]`, scale folded).
 
-One-adapter merges return a `Solution` on `SharingPlan.full_merge(T, rank=k)`; the methods
-with a small per-task core (`joint`, `pca`) return a `CoreSolution`. Both expose
-`task_factors(t)`, `relative_error`, `num_params` and `storage_ratio`. Their `loss` is always
+Every baseline returns a `Solution` on `SharingPlan.full_merge(T, rank=k)`; the methods with
+a small per-task core (`joint`, `pca`) carry it in `cores` (`core="full"` or `"diagonal"`),
+so `task_factors(t)`, `relative_error`, `num_params`, `storage_ratio`, bundles and checkpoints
+treat them like any other solution. Their `loss` is always
 `sum_t relative_error_t^2` (relative weights, stored in `weights`), whatever the method's own
 merge coefficients, so losses compare across methods and with `merge`'s default.
 
@@ -23,14 +24,13 @@ from ._arithmetic import dare_ties as dare_ties
 from ._arithmetic import linear as linear
 from ._arithmetic import magnitude_prune as magnitude_prune
 from ._arithmetic import ties as ties
-from ._core_solution import CoreSolution as CoreSolution
 from ._joint import joint as joint
 from ._joint import pca as pca
 from ._svd import knots as knots
 from ._svd import svd as svd
 
 
-def joint_diag(A, B, **kwargs) -> CoreSolution:
+def joint_diag(A, B, **kwargs):
     """`joint` with diagonal cores (`k` numbers per task)."""
     return joint(A, B, diagonal=True, **kwargs)
 
@@ -64,7 +64,7 @@ def run_baseline(name: str, A, B, *, rank=None, weights=None, **params):
     - `params`: the method's own keywords (`density`, `key`, `scales`, `majority_sign_method`,
       `merge`, `diagonal`, `max_steps`, `tol`, `task_ranks`, `task_ids`).
 
-    **Returns:** a `Solution` or a `CoreSolution`.
+    **Returns:** a `Solution`.
     """
     key = name.replace("-", "_")
     if key not in BASELINES:

@@ -23,6 +23,8 @@ __all__ = [
     "merge_coefficients",
     "one_adapter_solution",
     "prune_counts",
+    "resolve_rank",
+    "shared_solution",
     "raw_factors",
     "topk_mask",
 ]
@@ -70,6 +72,14 @@ def raw_factors(name: str, B: jax.Array, scales, dtype) -> tuple[jax.Array, jax.
         raise ValueError(f"{name}: scales has shape {s.shape}, expected ({num_tasks},)")
     safe = jnp.where(s != 0, s, 1.0)
     return jnp.where((s != 0)[:, None, None], B / safe[:, None, None], 0.0), s
+
+
+def resolve_rank(name: str, rank, r: int) -> int:
+    """The merged rank `k` of a method with one to choose: `rank`, or `r` by default."""
+    k = r if rank is None else rank
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise ValueError(f"{name}: rank must be an integer >= 1; got {rank!r}")
+    return int(k)
 
 
 def resolve_task_ranks(task_ranks, num_tasks: int, r: int) -> tuple[int, ...]:
@@ -202,7 +212,7 @@ def shared_basis_residuals(A, B, left, middle, right) -> jax.Array:
     """`||B_t A_t - left @ middle_t @ right||_F^2` per task, factored and cancellation-free.
 
     `left [d_out, m]` and `right [n, d_in]` are shared by all tasks, `middle [T, m, n]` is not
-    (`None` for one merged adapter `left @ right`; the cores for `CoreSolution`). With
+    (`None` for one merged adapter `left @ right`; the per-task cores of `pca` / `joint`). With
     `left = Q_l R_l`, `right^T = Q_r R_r` and `B_t = Q_l C_t + E_t`, `A_t^T = Q_r D_t + F_t`
     (`E_t`, `F_t` orthogonal to the bases) the residual splits into four orthogonal parts:
     `||C_t D_t^T - R_l middle_t R_r^T||^2 + ||C_t F_t^T||^2 + ||E_t D_t^T||^2 + ||E_t F_t^T||^2`,
@@ -224,7 +234,8 @@ def shared_basis_residuals(A, B, left, middle, right) -> jax.Array:
 
 
 def report(A, B, left, middle, right):
-    """`(loss, relative_error, weights, result)` of `dW_hat_t = left @ middle_t @ right`.
+    """`(loss, relative_error, task_sq_norms, weights, result)` of
+    `dW_hat_t = left @ middle_t @ right`.
 
     `loss` uses the relative weights `1/||dW_t||^2`, so it equals `sum_t relative_error_t^2`
     and is comparable with `merge`'s default loss.
@@ -232,12 +243,13 @@ def report(A, B, left, middle, right):
     weights = task_weights(A, B, "relative")
     residual = shared_basis_residuals(A, B, left, middle, right)
     loss = jnp.sum(weights * residual)
-    rel = relative_errors(residual, task_norms_sq(A, B))
+    norms_sq = task_norms_sq(A, B)
+    rel = relative_errors(residual, norms_sq)
     finite = jnp.isfinite(loss)
     for x in (left, right) if middle is None else (left, middle, right):
         finite = finite & all_finite(x)
     result = jnp.where(finite, RESULTS.successful, RESULTS.nonfinite).astype(jnp.int32)
-    return loss, rel, weights, result
+    return loss, rel, norms_sq, weights, result
 
 
 # Two jitted stages, the method and its report: the report is the same for every method, so
@@ -248,6 +260,42 @@ def run_impl(A, B, arrays, *, impl: Callable, statics: tuple):
 
 
 report_jit = jax.jit(report)
+
+
+def shared_solution(
+    A: jax.Array,
+    B: jax.Array,
+    shared_a: jax.Array,
+    shared_b: jax.Array,
+    cores: jax.Array | None = None,
+    *,
+    core: str | None = None,
+    steps=0,
+    converged=True,
+    task_ranks=None,
+    task_ids=None,
+) -> Solution:
+    """A `Solution` on `SharingPlan.full_merge(T, rank=k)` from one shared `shared_b
+    [d_out, k]` and `shared_a [k, d_in]`, with per-task `cores [T, k, k]` when given (of
+    kind `core`: `"full"` or `"diagonal"`), and its per-task errors."""
+    loss, rel, norms_sq, weights, result = report_jit(A, B, shared_b, cores, shared_a)
+    result = jnp.where((result == 0) & ~jnp.asarray(converged), 1, result).astype(jnp.int32)
+    num_tasks, r = A.shape[0], A.shape[1]
+    return Solution(
+        shared_a=shared_a[None],
+        shared_b=shared_b[None],
+        cores=cores,
+        loss=loss,
+        relative_error=rel,
+        task_sq_norms=norms_sq,
+        weights=weights,
+        steps=jnp.asarray(steps, jnp.int32),
+        result=result,
+        plan=SharingPlan.full_merge(num_tasks, rank=int(shared_a.shape[0])),
+        task_ranks=resolve_task_ranks(task_ranks, num_tasks, r),
+        task_ids=resolve_task_ids(task_ids, num_tasks),
+        core=core,
+    )
 
 
 def one_adapter_solution(
@@ -265,17 +313,4 @@ def one_adapter_solution(
     shared_a, shared_b = run_impl(
         A, B, tuple(arrays), impl=impl, statics=tuple(sorted(statics.items()))
     )
-    loss, rel, weights, result = report_jit(A, B, shared_b, None, shared_a)
-    num_tasks, r = A.shape[0], A.shape[1]
-    return Solution(
-        shared_a=shared_a[None],
-        shared_b=shared_b[None],
-        loss=loss,
-        relative_error=rel,
-        weights=weights,
-        steps=jnp.asarray(0, jnp.int32),
-        result=result,
-        plan=SharingPlan.full_merge(num_tasks, rank=int(shared_a.shape[0])),
-        task_ranks=resolve_task_ranks(task_ranks, num_tasks, r),
-        task_ids=resolve_task_ids(task_ids, num_tasks),
-    )
+    return shared_solution(A, B, shared_a, shared_b, task_ranks=task_ranks, task_ids=task_ids)

@@ -14,20 +14,13 @@ import jax.numpy as jnp
 
 from .._lapack import after
 from .._loss import task_weights
-from ._common import check_inputs, report_jit, resolve_task_ids, resolve_task_ranks, run_impl
-from ._core_solution import CoreSolution
+from .._solution import Solution
+from ._common import check_inputs, resolve_rank, run_impl, shared_solution
 
 __all__ = ["joint", "pca"]
 
 DEFAULT_MAX_STEPS = 100
 DEFAULT_TOL = 1e-7
-
-
-def _resolve_rank(name: str, rank, r: int) -> int:
-    k = r if rank is None else rank
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"{name}: rank must be an integer >= 1; got {rank!r}")
-    return int(k)
 
 
 def _pad_columns(x: jax.Array, k: int) -> jax.Array:
@@ -156,32 +149,19 @@ def _pca_impl(A, B, *, rank: int):
     return shared_u, shared_v, cores, jnp.asarray(0, jnp.int32), jnp.asarray(True)
 
 
-def _core_solution(impl, A, B, arrays, statics, *, method, diagonal, task_ranks, task_ids):
+def _core_solution(impl, A, B, arrays, statics, *, diagonal, task_ranks, task_ids) -> Solution:
     out = run_impl(A, B, tuple(arrays), impl=impl, statics=tuple(sorted(statics.items())))
     shared_u, shared_v, cores, steps, converged = out
-    loss, rel, weights, result = report_jit(A, B, shared_u, cores, shared_v)
-    result = jnp.where((result == 0) & ~converged, 1, result).astype(jnp.int32)
-    num_tasks, r = A.shape[0], A.shape[1]
-    return CoreSolution(
-        shared_u=shared_u,
-        shared_v=shared_v,
-        cores=cores,
-        loss=loss,
-        relative_error=rel,
-        weights=weights,
-        steps=steps,
-        result=result,
-        method=method,
-        diagonal=diagonal,
-        task_ranks=resolve_task_ranks(task_ranks, num_tasks, r),
-        task_ids=resolve_task_ids(task_ids, num_tasks),
-    )
+    return shared_solution(
+        A, B, shared_v, shared_u, cores, core="diagonal" if diagonal else "full",
+        steps=steps, converged=converged, task_ranks=task_ranks, task_ids=task_ids,
+    )  # fmt: skip
 
 
 def joint(
     A, B, *, rank=None, weights=None, diagonal=False, max_steps=DEFAULT_MAX_STEPS, tol=DEFAULT_TOL,
     task_ranks=None, task_ids=None,
-) -> CoreSolution:  # fmt: skip
+) -> Solution:  # fmt: skip
     """Compress-then-Serve joint factorisation (Gabrielsson et al. 2024), factored.
 
     `min sum_t w_t ||dW_t - U Sigma_t V||_F^2` over orthonormal `U [d_out, k]`, `V [k, d_in]`
@@ -200,10 +180,11 @@ def joint(
     - `diagonal`: diagonal cores (`k` numbers per task) instead of full `k x k` ones.
     - `max_steps`, `tol`: the alternation's bounds.
 
-    **Returns:** a `CoreSolution` (`result` is 1 when `max_steps` stopped it).
+    **Returns:** a `Solution` with one shared `U` (`shared_b`), `V` (`shared_a`) and per-task
+    `cores` (`core="full"` or `"diagonal"`); `result` is 1 when `max_steps` stopped it.
     """
     A, B = check_inputs("joint", A, B)
-    k = _resolve_rank("joint", rank, A.shape[1])
+    k = resolve_rank("joint", rank, A.shape[1])
     if int(max_steps) < 0:
         raise ValueError(f"joint: max_steps must be >= 0; got {max_steps}")
     w = task_weights(A, B, "uniform" if weights is None else weights)
@@ -211,12 +192,11 @@ def joint(
     arrays = (w, jnp.asarray(tol, A.dtype), jnp.asarray(int(max_steps), jnp.int32))
     return _core_solution(
         _joint_impl, A, B, arrays, statics,
-        method="joint_diag" if diagonal else "joint", diagonal=bool(diagonal),
-        task_ranks=task_ranks, task_ids=task_ids,
+        diagonal=bool(diagonal), task_ranks=task_ranks, task_ids=task_ids,
     )  # fmt: skip
 
 
-def pca(A, B, *, rank=None, weights=None, task_ranks=None, task_ids=None) -> CoreSolution:
+def pca(A, B, *, rank=None, weights=None, task_ranks=None, task_ids=None) -> Solution:
     """Per-factor PCA (lorashare-style): one basis for all A's, one for all B's.
 
     `P_A [k, d_in]`: top-`k` right singular vectors of the stacked `[A_1; ...; A_T]`;
@@ -230,13 +210,13 @@ def pca(A, B, *, rank=None, weights=None, task_ranks=None, task_ids=None) -> Cor
     - `rank`: `k`, default `r`.
     - `weights`: not used by the method; must be `None`.
 
-    **Returns:** a `CoreSolution` with full `k x k` cores.
+    **Returns:** a `Solution` with full `k x k` `cores` (`core="full"`).
     """
     if weights is not None:
         raise ValueError("pca: the per-factor PCA takes no task weights; got weights=")
     A, B = check_inputs("pca", A, B)
-    k = _resolve_rank("pca", rank, A.shape[1])
+    k = resolve_rank("pca", rank, A.shape[1])
     return _core_solution(
-        _pca_impl, A, B, (), dict(rank=k), method="pca", diagonal=False,
+        _pca_impl, A, B, (), dict(rank=k), diagonal=False,
         task_ranks=task_ranks, task_ids=task_ids,
     )  # fmt: skip

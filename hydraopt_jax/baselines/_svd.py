@@ -13,19 +13,13 @@ from ._common import (
     keep_at_least,
     merge_coefficients,
     one_adapter_solution,
+    resolve_rank,
 )
 
 __all__ = ["knots", "svd"]
 
 KNOTS_MERGES = ("ties", "linear")
 KNOTS_DEFAULT_DENSITY = 0.2
-
-
-def _resolve_rank(name: str, rank, r: int) -> int:
-    k = r if rank is None else rank
-    if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"{name}: rank must be an integer >= 1; got {rank!r}")
-    return int(k)
 
 
 # ---------------------------------------------------------------------------- svd
@@ -52,7 +46,7 @@ def svd(A, B, *, rank=None, weights=None, task_ranks=None, task_ids=None) -> Sol
     **Returns:** a `Solution` on `SharingPlan.full_merge(T, rank=k)`.
     """
     A, B = check_inputs("svd", A, B)
-    k = _resolve_rank("svd", rank, A.shape[1])
+    k = resolve_rank("svd", rank, A.shape[1])
     coef = merge_coefficients("svd", weights, A.shape[0], "mean", A.dtype)
     return one_adapter_solution(
         _svd_impl, A, B, (coef,), dict(rank=k), task_ranks=task_ranks, task_ids=task_ids
@@ -147,7 +141,7 @@ def knots(
     A, B = check_inputs("knots", A, B)
     if merge not in KNOTS_MERGES:
         raise ValueError(f"knots: merge must be one of {KNOTS_MERGES}; got {merge!r}")
-    k = _resolve_rank("knots", rank, A.shape[1])
+    k = resolve_rank("knots", rank, A.shape[1])
     default = "one" if merge == "ties" else "mean"
     coef = merge_coefficients("knots", weights, A.shape[0], default, A.dtype)
     density = 1.0 if merge == "linear" else check_density("knots", density, allow_zero=True)

@@ -39,6 +39,7 @@ __all__ = [
     "check_task_name",
     "kill_point",
     "read_json",
+    "read_yaml",
     "remove_empty_dirs",
     "write_error",
     "read_safetensors_header",
@@ -171,6 +172,21 @@ def read_json(path):
         raise AdapterError(path, "not valid JSON (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise AdapterError(path, f"not valid JSON ({_one_line(err)})") from None
+
+
+def read_yaml(path, what: str = "plan file"):
+    """A YAML file parsed safely; `AdapterError(path)` if missing, unreadable or invalid."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(path, f"no such {what}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise AdapterError(path, "not valid YAML (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise AdapterError(path, f"not valid YAML ({_one_line(err)})") from None
 
 
 def write_json(path, data) -> None:

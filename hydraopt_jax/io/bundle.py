@@ -1,24 +1,28 @@
 """The HydraOpt bundle: `OUT/hydraopt.json` + `OUT/factors.safetensors`.
 
-`hydraopt.json` (format version 1) holds
+`hydraopt.json` (format version 2) holds
 
 ```
-{"format_version": 1, "tasks": [names], "base_model": str | null, "dtype": "float32",
+{"format_version": 2, "tasks": [names], "base_model": str | null, "dtype": "float32",
  "solver": ..., "plan": <how the plan was chosen>, "num_params", "original_params",
  "storage_ratio",
  "modules": {module: {"kind": "linear" | "embedding", "d_in", "d_out", "rank": k,
              "task_ids": [global task index], "task_ranks": [r_t], "plan": {"a_group",
-             "b_group", "rank"} (over the module's tasks), "relative_error": [...],
+             "b_group", "rank"[, "task_rank"]} (over the module's tasks),
+             "core": null | "nested" | "full" | "diagonal", "relative_error": [...],
              "task_sq_norms": [||dW_t||_F^2], "loss", "steps", "result",
              "num_params", "original_params"}},
  "task_configs": {task: original adapter_config.json},
  "carried": {task: [tensor keys kept verbatim]}}
 ```
 
-and `factors.safetensors` the tensors `modules/<module>/shared_a` `[K_A, k, d_in]`,
-`modules/<module>/shared_b` `[K_B, d_out, k]` (a task-specific factor is a group of one)
-and `carried/<task>/<key>` (`modules_to_save` etc., original dtype). The directory is
-written atomically; an existing output that is not a bundle is refused.
+and `factors.safetensors` the tensors `modules/<module>/shared_a` `[K_A, k_a, d_in]`,
+`modules/<module>/shared_b` `[K_B, d_out, k_b]` (a task-specific factor is a group of one),
+`modules/<module>/cores` `[T_m, k_b, k_a]` when the module has cores (nested ranks, or a
+shared-basis baseline; see `hydraopt_jax.Solution`) and `carried/<task>/<key>`
+(`modules_to_save` etc., original dtype). Version 1 bundles (no cores, no `core` key) are
+read as well. The directory is written atomically; an existing output that is not a bundle
+is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ import numpy as np
 
 from .._loss import plan_residual_norms_sq
 from .._plan import SharingPlan
+from .._solution import (
+    CORE_KINDS,
+    factor_pair,
+    factor_shapes,
+    plain_factors,
+    stored_params,
+    task_relative_errors,
+)
 from ._files import (
     AdapterError,
     atomic_dir,
@@ -48,9 +60,18 @@ from ._files import (
     write_safetensors,
 )
 
-__all__ = ["Bundle", "BundleModule", "FORMAT_VERSION", "is_bundle", "load_bundle", "save_bundle"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Bundle",
+    "BundleModule",
+    "check_bundle_output",
+    "is_bundle",
+    "load_bundle",
+    "save_bundle",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 META_NAME = "hydraopt.json"
 FACTORS_NAME = "factors.safetensors"
 
@@ -66,21 +87,34 @@ class BundleModule:
     task_ids: tuple[int, ...]
     task_ranks: tuple[int, ...]
     plan: SharingPlan
-    shared_a: np.ndarray  # [K_A, k, d_in] in the bundle dtype
-    shared_b: np.ndarray  # [K_B, d_out, k]
+    shared_a: np.ndarray  # [K_A, k_a, d_in] in the bundle dtype
+    shared_b: np.ndarray  # [K_B, d_out, k_b]
     relative_error: tuple[float, ...]
     task_sq_norms: tuple[float, ...]
     loss: float = float("nan")
     steps: int = 0
     result: int = 0
+    cores: np.ndarray | None = None  # [T_m, k_b, k_a]
+    core: str | None = None
 
     @property
     def rank(self) -> int:
-        return int(self.shared_a.shape[1])
+        """The shared rank `k`."""
+        return int(self.plan.rank)
 
     @property
     def num_params(self) -> int:
-        return int(self.shared_a.size + self.shared_b.size)
+        return stored_params(self.plan, self.core, self.d_in, self.d_out)
+
+    def task_factors(self, local: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(A_hat [j, d_in], B_hat [d_out, j])` of the module's task `local` in float32."""
+        f32 = np.float32
+        cores = None if self.cores is None else np.asarray(self.cores, f32)
+        a, b = factor_pair(
+            np.asarray(self.shared_a, f32), np.asarray(self.shared_b, f32), cores,
+            self.plan, self.core, local,
+        )  # fmt: skip
+        return np.ascontiguousarray(a), np.ascontiguousarray(b)
 
     @property
     def original_params(self) -> int:
@@ -95,6 +129,7 @@ class BundleModule:
             "task_ids": list(self.task_ids),
             "task_ranks": list(self.task_ranks),
             "plan": self.plan.to_dict(),
+            "core": self.core,
             "relative_error": [_num(e) for e in self.relative_error],
             "task_sq_norms": [_num(e) for e in self.task_sq_norms],
             "loss": _num(self.loss),
@@ -105,15 +140,15 @@ class BundleModule:
         }
 
 
-@functools.partial(jax.jit, static_argnames="plan")
-def _stored_errors_sq(A, B, stored_a, stored_b, plan: SharingPlan) -> jax.Array:
-    """`||B_t A_t - Bh Ah||_F^2` per task for the factors as stored (rounded to the bundle's
-    dtype, widened back to float32 exactly): the core's QR residuals, accurate to round-off
-    of `||dW_t||`."""
+@functools.partial(jax.jit, static_argnames=("plan", "core"))
+def _stored_errors_sq(A, B, stored_a, stored_b, stored_cores, plan: SharingPlan, core):
+    """`||B_t A_t - dW_hat_t||_F^2` per task for the factors as stored (rounded to the
+    bundle's dtype, widened back to float32 exactly): the core's QR residuals, accurate to
+    round-off of `||dW_t||`."""
     f32 = jnp.float32
-    return plan_residual_norms_sq(
-        A.astype(f32), B.astype(f32), stored_a.astype(f32), stored_b.astype(f32), plan
-    )
+    cores = None if stored_cores is None else stored_cores.astype(f32)
+    sa, sb, plain = plain_factors(stored_a.astype(f32), stored_b.astype(f32), cores, plan, core)
+    return plan_residual_norms_sq(A.astype(f32), B.astype(f32), sa, sb, plain)
 
 
 def _num(x):
@@ -164,32 +199,35 @@ class Bundle:
         dtype = to_dtype(self.dtype)
         for name, sol in solutions.items():
             a_all, b_all, ranks = group[name]
-            shared_a = np.asarray(sol.shared_a, dtype=np.float32)
-            shared_b = np.asarray(sol.shared_b, dtype=np.float32)
-            if not (np.all(np.isfinite(shared_a)) and np.all(np.isfinite(shared_b))):
+            arrays = {
+                "shared_a": np.asarray(sol.shared_a, dtype=np.float32),
+                "shared_b": np.asarray(sol.shared_b, dtype=np.float32),
+            }
+            if sol.cores is not None:
+                arrays["cores"] = np.asarray(sol.cores, dtype=np.float32)
+            if not all(np.all(np.isfinite(x)) for x in arrays.values()):
                 raise ValueError(f"module {name}: the solver returned non-finite factors")
-            task_ids = tuple(int(t) for t in sol.task_ids)
-            sq_norms = []
-            for t in task_ids:
-                a = np.asarray(a_all[t], np.float64)
-                b = np.asarray(b_all[t], np.float64)
-                sq_norms.append(float(np.sum((b.T @ b) * (a @ a.T))))  # ||B A||_F^2, factored
             with np.errstate(over="ignore", invalid="ignore"):
-                stored_a, stored_b = shared_a.astype(dtype), shared_b.astype(dtype)
-            if not (np.all(np.isfinite(stored_a)) and np.all(np.isfinite(stored_b))):
-                biggest = float(max(np.max(np.abs(shared_a)), np.max(np.abs(shared_b))))
+                stored = {key: x.astype(dtype) for key, x in arrays.items()}
+            if not all(np.all(np.isfinite(x)) for x in stored.values()):
+                biggest = float(max(np.max(np.abs(x)) for x in arrays.values()))
                 raise ValueError(
                     f"module {name}: a factor value ({biggest:.3g}) overflows {self.dtype}; "
                     "store as bfloat16 or float32"
                 )
+            task_ids = tuple(int(t) for t in sol.task_ids)
+            sq_norms = tuple(float(x) for x in np.asarray(sol.task_sq_norms, np.float64))
             relative_error = tuple(float(e) for e in np.asarray(sol.relative_error))
             loss = float(np.asarray(sol.loss))
-            if stored_a.dtype != shared_a.dtype:  # report what is stored, not the float32 fit
+            if dtype != np.float32:  # report what is stored, not the float32 fit
                 ids = np.asarray(task_ids)
                 errors_sq = np.asarray(
-                    _stored_errors_sq(a_all[ids], b_all[ids], stored_a, stored_b, sol.plan),
+                    _stored_errors_sq(
+                        a_all[ids], b_all[ids], stored["shared_a"], stored["shared_b"],
+                        stored.get("cores"), sol.plan, sol.core,
+                    ),
                     np.float64,
-                )
+                )  # fmt: skip
                 relative_error = tuple(
                     math.sqrt(e / n) if n > 0 else 0.0
                     for e, n in zip(errors_sq, sq_norms, strict=True)
@@ -198,18 +236,20 @@ class Bundle:
             self.modules[name] = BundleModule(
                 name=name,
                 kind=kinds[name],
-                d_in=int(shared_a.shape[-1]),
-                d_out=int(shared_b.shape[-2]),
+                d_in=int(sol.d_in),
+                d_out=int(sol.d_out),
                 task_ids=task_ids,
                 task_ranks=tuple(int(ranks[t]) for t in task_ids),
                 plan=sol.plan,
-                shared_a=stored_a,
-                shared_b=stored_b,
+                shared_a=stored["shared_a"],
+                shared_b=stored["shared_b"],
                 relative_error=relative_error,
-                task_sq_norms=tuple(sq_norms),
+                task_sq_norms=sq_norms,
                 loss=loss,
                 steps=int(np.asarray(sol.steps)),
                 result=int(np.asarray(sol.result)),
+                cores=stored.get("cores"),
+                core=sol.core,
             )
 
     # ------------------------------------------------------------------ queries
@@ -234,22 +274,10 @@ class Bundle:
         return self.num_params / max(self.original_params, 1)
 
     def task_relative_errors(self) -> dict[str, float]:
-        """Per task, the relative error of its whole update (all modules at once).
-
-        `sqrt(sum_m err_m^2 ||dW_m||^2) / sqrt(sum_m ||dW_m||^2)`: the relative Frobenius
-        error of the concatenation of the task's module updates, so large modules count
-        in proportion to their update, and a task with zero update gets 0.
-        """
-        num = dict.fromkeys(self.tasks, 0.0)
-        den = dict.fromkeys(self.tasks, 0.0)
-        for module in self.modules.values():
-            for t, err, sq in zip(
-                module.task_ids, module.relative_error, module.task_sq_norms, strict=False
-            ):
-                name = self.tasks[t]
-                num[name] += (float(err) ** 2) * sq
-                den[name] += sq
-        return {t: (math.sqrt(num[t] / den[t]) if den[t] > 0 else 0.0) for t in self.tasks}
+        """Per task, the relative error of its whole update (all modules at once), as
+        `hydraopt_jax.task_relative_errors` defines it."""
+        errors = task_relative_errors(self.modules, len(self.tasks))
+        return {t: float(e) for t, e in zip(self.tasks, errors, strict=True)}
 
     def to_json(self) -> dict:
         return {
@@ -292,6 +320,15 @@ def is_bundle(path) -> bool:
         return False
 
 
+def check_bundle_output(out) -> Path:
+    """`out` as a `Path` if a bundle may be written there (absent, an empty directory, or a
+    bundle), else `AdapterError(out)`: nothing else is ever overwritten."""
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (is_bundle(out) or not any(out.iterdir()))):
+        raise AdapterError(out, "exists and is not a hydraopt bundle; refusing to overwrite it")
+    return out
+
+
 def save_bundle(bundle: Bundle, out_dir) -> Path:
     """Write `bundle` to `out_dir` atomically (temporary sibling directory, fsync, rename).
 
@@ -301,6 +338,8 @@ def save_bundle(bundle: Bundle, out_dir) -> Path:
     for name, module in bundle.modules.items():
         tensors[f"modules/{name}/shared_a"] = module.shared_a
         tensors[f"modules/{name}/shared_b"] = module.shared_b
+        if module.cores is not None:
+            tensors[f"modules/{name}/cores"] = module.cores
     for task, carried in bundle.carried.items():
         for key, value in carried.items():
             tensors[f"carried/{task}/{key}"] = value
@@ -326,10 +365,11 @@ def load_bundle(path) -> Bundle:
         raise AdapterError(meta_file, "missing; not a hydraopt bundle")
     meta = read_json(meta_file)
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise AdapterError(
             meta_file,
-            f"format_version is {version!r}; this hydraopt reads version {FORMAT_VERSION}",
+            f"format_version is {version!r}; this hydraopt reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))}",
         )
     header = read_safetensors_header(factors_file)
     tensors = read_safetensors(factors_file, list(header))
@@ -343,7 +383,10 @@ def load_bundle(path) -> Bundle:
         cause = " ".join(str(err).split()) or type(err).__name__
         raise AdapterError(meta_file, f"malformed bundle ({cause})") from None
     for name, module in modules.items():
-        if not (np.all(np.isfinite(module.shared_a)) and np.all(np.isfinite(module.shared_b))):
+        factors = [module.shared_a, module.shared_b]
+        if module.cores is not None:
+            factors.append(module.cores)
+        if not all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in factors):
             raise AdapterError(factors_file, f"module {name}: the factors hold NaN or Inf")
     if tensors:
         raise AdapterError(
@@ -390,14 +433,19 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
     for name, m in meta["modules"].items():
         a = pop(f"modules/{name}/shared_a")
         b = pop(f"modules/{name}/shared_b")
-        plan = SharingPlan.from_dict(m["plan"])
-        expect_a = (plan.num_a_groups, m["rank"], m["d_in"])
-        expect_b = (plan.num_b_groups, m["d_out"], m["rank"])
-        if a.shape != expect_a or b.shape != expect_b:
+        plan = SharingPlan.from_dict({**m["plan"], "rank": m["rank"]})
+        core = m.get("core")
+        if core not in CORE_KINDS or (core == "nested") != plan.nested:
+            raise ValueError(f"module {name}: core {core!r} does not fit its plan")
+        cores = pop(f"modules/{name}/cores") if core is not None else None
+        expect = factor_shapes(plan, core, m["d_in"], m["d_out"])
+        found = {"shared_a": a.shape, "shared_b": b.shape,
+                 "cores": None if cores is None else cores.shape}  # fmt: skip
+        if any(tuple(found[k]) != expect[k] for k in found if expect[k] is not None):
             raise AdapterError(
                 factors_file,
-                f"module {name}: shared_a {list(a.shape)} / shared_b {list(b.shape)}, "
-                f"expected {list(expect_a)} / {list(expect_b)} from {META_NAME}",
+                f"module {name}: shapes {_shapes(found)}, expected {_shapes(expect)} from "
+                f"{META_NAME}",
             )
         task_ids = tuple(int(t) for t in m["task_ids"])
         if plan.num_tasks != len(task_ids) or any(not 0 <= t < len(tasks) for t in task_ids):
@@ -432,6 +480,8 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
             loss=float("nan") if m.get("loss") is None else float(m["loss"]),
             steps=int(m.get("steps", 0)),
             result=int(m.get("result", 0)),
+            cores=cores,
+            core=core,
         )
     carried = {t: {} for t in tasks}
     for task, keys in meta.get("carried", {}).items():
@@ -442,3 +492,7 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
         for key in keys:
             carried[task][key] = pop(f"carried/{task}/{key}")
     return tasks, modules, task_configs, carried, dtype
+
+
+def _shapes(shapes: Mapping) -> str:
+    return ", ".join(f"{k} {list(v)}" for k, v in shapes.items() if v is not None)

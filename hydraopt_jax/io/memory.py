@@ -28,6 +28,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from ._files import AdapterError
+
 __all__ = [
     "MemoryBudgetError",
     "available_memory",
@@ -61,8 +63,9 @@ _UNITS = {
 }
 
 
-class MemoryBudgetError(ValueError):
-    """One module needs more memory than the budget allows, even on its own."""
+class MemoryBudgetError(AdapterError):
+    """One module needs more memory than the budget allows, even on its own (an
+    `AdapterError` naming the module)."""
 
     def __init__(self, module: str, needed: int, budget: int, source: str):
         self.module, self.needed, self.budget, self.source = module, needed, budget, source
@@ -70,7 +73,10 @@ class MemoryBudgetError(ValueError):
             f"needs about {format_bytes(needed)} to solve on its own but the memory budget is "
             f"{format_bytes(budget)} ({source}); raise --max-memory, free memory, or lower --rank"
         )
-        super().__init__(f"module {module} {self.cause}")
+        super().__init__(module, self.cause)
+
+    def __reduce__(self):
+        return (type(self), (self.module, self.needed, self.budget, self.source))
 
 
 def parse_size(text: str) -> int:

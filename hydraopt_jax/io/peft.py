@@ -1,4 +1,4 @@
-"""Read PEFT LoRA adapters (lazily, per module group) and write merged ones back.
+"""Read PEFT LoRA adapters: configs checked, tensors read on demand (per module group).
 
 A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors` with
 keys `base_model.model.<module>.lora_A.weight` `[r, d_in]` and `...lora_B.weight`
@@ -21,37 +21,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .._host import aligned_zeros
 from ._files import (
     AdapterError,
-    atomic_dir,
-    check_task_name,
-    dtype_name,
-    kill_point,
     read_json,
     read_safetensors,
     read_safetensors_header,
-    to_dtype,
-    write_json,
-    write_safetensors,
 )
 
 __all__ = [
-    "AdapterCollection",
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
     "AdapterError",
-    "ModuleInfo",
+    "ModuleSpec",
     "PeftAdapter",
-    "export_peft",
-    "export_peft_config",
-    "export_peft_tensors",
     "get_pattern_key",
-    "load_collection",
     "load_peft_adapter",
+    "parse_adapter",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -279,7 +270,7 @@ def _positive(value) -> bool:
     )
 
 
-def _parse(
+def parse_adapter(
     name: str,
     config: dict,
     header: Mapping[str, tuple[tuple[int, ...], str]],
@@ -434,7 +425,7 @@ def load_peft_adapter(path, name: str | None = None) -> PeftAdapter:
         raise AdapterError(weights_file, "missing; not a PEFT adapter directory")
     config = read_json(config_file)
     header = read_safetensors_header(weights_file)
-    modules, carried = _parse(
+    modules, carried = parse_adapter(
         name or path.name, config, header, str(weights_file), str(config_file)
     )
     return PeftAdapter(
@@ -445,268 +436,3 @@ def load_peft_adapter(path, name: str | None = None) -> PeftAdapter:
         carried_keys=carried,
         tensor_dtypes={k: v[1] for k, v in header.items()},
     )
-
-
-# --------------------------------------------------------------------------- collections
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleInfo:
-    """A module across the collection: kind, shape, and each task's rank (0 = absent)."""
-
-    name: str
-    kind: str
-    d_in: int
-    d_out: int
-    ranks: tuple[int, ...]
-
-    @property
-    def shape_key(self) -> tuple[str, int, int]:
-        return (self.kind, self.d_in, self.d_out)
-
-    @property
-    def task_ids(self) -> tuple[int, ...]:
-        return tuple(t for t, r in enumerate(self.ranks) if r > 0)
-
-
-@dataclasses.dataclass
-class AdapterCollection:
-    """Several adapters (one per task) on one base model, read group by group.
-
-    `modules` lists every adapted module with its shape and per-task ranks; modules with
-    equal `(kind, d_in, d_out)` form a *shape group*, and `iter_groups()` yields one group's
-    `{module: (A [T, r_max, d_in], B [T, d_out, r_max], ranks)}` at a time (float32, scale
-    folded into B, zero-padded, absent tasks all zero) — the input of `merge_adapters`.
-    """
-
-    adapters: tuple[PeftAdapter, ...]
-    modules: dict[str, ModuleInfo]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.adapters)
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.adapters)
-
-    @property
-    def base_model(self) -> str | None:
-        for adapter in self.adapters:
-            if adapter.base_model:
-                return adapter.base_model
-        return None
-
-    def shape_groups(self) -> dict[tuple[str, int, int], tuple[str, ...]]:
-        groups: dict[tuple[str, int, int], list[str]] = {}
-        for info in self.modules.values():
-            groups.setdefault(info.shape_key, []).append(info.name)
-        return {k: tuple(v) for k, v in groups.items()}
-
-    def load_group(
-        self, names: Sequence[str]
-    ) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]]:
-        """The merge input for `names` (modules of one shape), padded to their max rank.
-
-        The factors of all `names` live in one aligned, read-only `[M, T, ...]` buffer per
-        side, of which each module's arrays are views: `merge_adapters` then solves the group
-        without copying it (see `hydraopt_jax._host`).
-        """
-        infos = [self.modules[n] for n in names]
-        r_max = max(max(i.ranks) for i in infos)
-        d_in, d_out = infos[0].d_in, infos[0].d_out
-        if any((i.d_in, i.d_out) != (d_in, d_out) for i in infos):
-            raise ValueError(f"load_group: modules {list(names)} do not all have one shape")
-        stack_a = aligned_zeros((len(names), self.num_tasks, r_max, d_in))
-        stack_b = aligned_zeros((len(names), self.num_tasks, d_out, r_max))
-        slot = {n: i for i, n in enumerate(names)}
-        for t, adapter in enumerate(self.adapters):
-            present = [n for n in names if n in adapter.modules]
-            for n, (a, b) in adapter.load_factors(present).items():
-                r = a.shape[0]
-                stack_a[slot[n], t, :r] = a
-                stack_b[slot[n], t, :, :r] = b
-            kill_point("load")  # test hook: die mid-load (see `_files.kill_point`)
-        stack_a.flags.writeable = False
-        stack_b.flags.writeable = False
-        return {n: (stack_a[i], stack_b[i], infos[i].ranks) for i, n in enumerate(names)}
-
-    def iter_groups(self) -> Iterator[tuple[tuple[str, int, int], dict]]:
-        """Yield `(shape_key, group_collection)` for each shape group, loading lazily."""
-        for key, names in self.shape_groups().items():
-            yield key, self.load_group(names)
-
-
-def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> AdapterCollection:
-    """Open several PEFT adapter directories as one collection of tasks.
-
-    Task names come from the directory names, or from `names` (same length, unique).
-    Tasks may target different modules; a module adapted by several tasks must have the
-    same kind and `(d_in, d_out)` in each (else `AdapterError` naming both files).
-    """
-    dirs = [Path(d) for d in dirs]
-    if not dirs:
-        raise AdapterError(".", "no adapter directories given")
-    if names is None:
-        names = [d.resolve().name for d in dirs]
-    else:
-        names = list(names)
-        if len(names) != len(dirs):
-            raise AdapterError(
-                dirs[0], f"{len(names)} task names given for {len(dirs)} adapter directories"
-            )
-    seen: dict[str, Path] = {}
-    for name, d in zip(names, dirs, strict=False):
-        check_task_name(name, d)
-        if name in seen:
-            raise AdapterError(
-                d,
-                f"duplicate task name {name!r} (also {seen[name]}); give distinct names with "
-                "--names",
-            )
-        seen[name] = d
-    adapters = tuple(load_peft_adapter(d, name) for d, name in zip(dirs, names, strict=False))
-    modules: dict[str, ModuleInfo] = {}
-    owner: dict[str, PeftAdapter] = {}
-    ranks: dict[str, list[int]] = {}
-    for t, adapter in enumerate(adapters):
-        for mod, spec in adapter.modules.items():
-            if mod not in modules:
-                modules[mod] = ModuleInfo(mod, spec.kind, spec.d_in, spec.d_out, ())
-                owner[mod] = adapter
-                ranks[mod] = [0] * len(adapters)
-            first = modules[mod]
-            if (first.kind, first.d_in, first.d_out) != (spec.kind, spec.d_in, spec.d_out):
-                raise AdapterError(
-                    adapter.weights_file,
-                    f"module {mod} is {spec.kind} with (d_in, d_out) = ({spec.d_in}, {spec.d_out}) "
-                    f"but {owner[mod].weights_file} has {first.kind} ({first.d_in}, "
-                    f"{first.d_out}); "
-                    "adapters must share one base model",
-                )
-            ranks[mod][t] = spec.rank
-    modules = {m: dataclasses.replace(i, ranks=tuple(ranks[m])) for m, i in modules.items()}
-    return AdapterCollection(adapters, modules)
-
-
-# --------------------------------------------------------------------------- export
-
-
-def _task_modules(bundle, task: str) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
-    """`(module, A_hat [k, d_in], B_hat [d_out, k], kind)` for every module of `task`."""
-    t = bundle.task_index(task)
-    out = []
-    for name, module in bundle.modules.items():
-        if t not in module.task_ids:
-            continue
-        local = module.task_ids.index(t)
-        a = module.shared_a[module.plan.a_group[local]]
-        b = module.shared_b[module.plan.b_group[local]]
-        out.append((name, a, b, module.kind))
-    return out
-
-
-def export_peft_config(bundle, task: str) -> dict:
-    """The `adapter_config.json` of `task`'s exported adapter: `r = lora_alpha = k`.
-
-    The task's original config is kept (target modules, `fan_in_fan_out`,
-    `modules_to_save`, base model, task type, ...); only the rank fields change. Modules
-    whose `k` differs from the most common one get exact `rank_pattern` / `alpha_pattern`
-    entries (escaped full names, so PEFT's regex matches only that module).
-    """
-    modules = _task_modules(bundle, task)
-    config = dict(bundle.task_configs[task])
-    ks = [a.shape[0] for _, a, _, _ in modules]
-    k = max(set(ks), key=lambda v: (ks.count(v), -v))
-    pattern = {re.escape(name): a.shape[0] for name, a, _, _ in modules if a.shape[0] != k}
-    pattern = dict(
-        sorted(pattern.items(), key=lambda kv: -len(kv[0]))
-    )  # longest (most specific) first
-    config.update(
-        r=int(k),
-        lora_alpha=int(k),
-        use_rslora=False,
-        rank_pattern=dict(pattern),
-        alpha_pattern=dict(pattern),
-        use_dora=False,
-        init_lora_weights=True,
-        inference_mode=True,
-    )
-    return config
-
-
-def export_peft_tensors(bundle, task: str, dtype=None) -> dict[str, np.ndarray]:
-    """The PEFT-layout tensors of `task`'s exported adapter (carried tensors included)."""
-    dtype = to_dtype(dtype if dtype is not None else bundle.dtype)
-    tensors = {}
-    for name, a, b, kind in _task_modules(bundle, task):
-        if kind == "embedding":
-            keys = (f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B")
-        else:
-            keys = (f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight")
-        tensors[keys[0]] = np.asarray(a).astype(dtype)
-        tensors[keys[1]] = np.asarray(b).astype(dtype)
-    tensors.update(bundle.carried.get(task, {}))
-    return tensors
-
-
-EXPORT_MARKER = ".hydraopt-export.json"
-"""Written at the root of every export: only a directory holding it (and nothing but the
-task directories it lists) is replaced by a later export, never a user's own adapters."""
-
-
-def _is_export_dir(path: Path) -> bool:
-    try:
-        tasks = set(read_json(path / EXPORT_MARKER)["tasks"])
-    except (AdapterError, TypeError, KeyError):
-        return False
-    # (reading a marker that is a directory fails above: it must be a file)
-    return all(p.name == EXPORT_MARKER or (p.is_dir() and p.name in tasks) for p in path.iterdir())
-
-
-def export_peft(bundle, out_dir, task: str | Sequence[str] | None = None, dtype=None) -> list[Path]:
-    """Write one standard PEFT adapter directory per task: `out_dir/<task>/`.
-
-    `lora_A = shared_a[a_group[t]]`, `lora_B = shared_b[b_group[t]]`, `r = lora_alpha = k`
-    (scale 1), the task's own target modules; loadable by `peft.PeftModel.from_pretrained`
-    with no code of ours. Written atomically (temporary sibling directory, then rename);
-    an existing `out_dir` is replaced only if it is empty or a previous export (it holds
-    the `.hydraopt-export.json` marker and only the task directories that lists).
-
-    **Arguments:**
-
-    - `bundle`: a `Bundle` or a bundle directory.
-    - `out_dir`: the directory to create.
-    - `task`: a task name or list of names; all tasks by default.
-    - `dtype`: `"float32"`, `"bfloat16"` or `"float16"`; default: the bundle's dtype.
-
-    **Returns:** the adapter directories written.
-    """
-    from .bundle import Bundle, load_bundle
-
-    if not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle)
-    if dtype is not None:
-        dtype = dtype_name(to_dtype(dtype))
-    tasks = (
-        list(bundle.tasks) if task is None else ([task] if isinstance(task, str) else list(task))
-    )
-    tasks = list(dict.fromkeys(tasks))  # a task named twice is written once
-    for name in tasks:
-        bundle.task_index(name)  # raises on unknown names before anything is written
-    out_dir = Path(out_dir)
-    with atomic_dir(
-        out_dir,
-        replaceable=_is_export_dir,
-        what="a hydraopt export (one PEFT adapter per task)",
-        hook="write",
-    ) as tmp:
-        for name in tasks:
-            sub = tmp / name
-            sub.mkdir()
-            write_json(sub / CONFIG_NAME, export_peft_config(bundle, name))
-            write_safetensors(
-                sub / WEIGHTS_NAME, export_peft_tensors(bundle, name, dtype), {"format": "pt"}
-            )
-        write_json(tmp / EXPORT_MARKER, {"format": "hydraopt-export", "tasks": tasks})
-    return [out_dir / name for name in tasks]

@@ -18,7 +18,8 @@ import ml_dtypes
 import numpy as np
 
 from ._files import AdapterError
-from .peft import PeftAdapter, _parse, export_peft_tensors
+from .export import export_peft_tensors
+from .peft import PeftAdapter, parse_adapter
 
 __all__ = ["from_torch_state_dict", "to_torch_state_dict"]
 
@@ -83,7 +84,7 @@ def from_torch_state_dict(state_dict: Mapping, config, *, name: str = "adapter")
     tensors = {key: _to_numpy(value) for key, value in state_dict.items()}
     header = {key: (tuple(v.shape), str(v.dtype)) for key, v in tensors.items()}
     where = f"<state_dict {name}>"
-    modules, carried = _parse(name, config, header, where, f"<config {name}>")
+    modules, carried = parse_adapter(name, config, header, where, f"<config {name}>")
     return PeftAdapter(
         name=name,
         path=None,

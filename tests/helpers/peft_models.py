@@ -193,6 +193,9 @@ def hand_solutions(collection, plan_name="shared_a", seed=0, rank_of=None):
                 ),
                 loss=jnp.array(0.5),
                 relative_error=jnp.asarray(rng.uniform(size=len(present)), jnp.float32),
+                task_sq_norms=jnp.asarray(
+                    [np.sum((b[t].T @ b[t]) * (a[t] @ a[t].T)) for t in present], jnp.float32
+                ),
                 weights=jnp.ones(len(present)),
                 steps=jnp.array(0),
                 result=jnp.array(0),

@@ -1,11 +1,9 @@
-"""Builders for the reliability tests: small PEFT adapter directories written directly
-(numpy + safetensors, no torch), so subprocess runs start fast.
-
-No test functions here; `test_reliability_*` modules import these helpers.
-"""
+"""Small PEFT adapter directories written directly (numpy + safetensors, no torch), so
+subprocess runs start fast; running the command in or out of process; file digests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,6 +15,8 @@ import numpy as np
 from hydraopt_jax.io import write_safetensors
 
 PREFIX = "base_model.model."
+
+
 # Two shape groups (q/v: 24 -> 24, k: 24 -> 12) over two layers: 3 shape-group modules.
 MODULES = {
     "model.layers.0.self_attn.q_proj": (24, 24),
@@ -93,3 +93,21 @@ def bundle_arrays(path: Path) -> dict[str, np.ndarray]:
 def listing(root: Path) -> list[str]:
     """Every entry directly under `root`, hidden ones included, sorted."""
     return sorted(p.name for p in Path(root).iterdir())
+
+
+def run_main(capsys, *argv):
+    """`hydraopt ARGV` in this process: `(status, stdout, stderr)`."""
+    from hydraopt_jax.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def tree_digest(path) -> dict[str, str]:
+    """`{relative path: SHA-256}` of every file under `path`."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }

@@ -9,23 +9,31 @@ import shutil
 
 import numpy as np
 import pytest
-from test_reliability_helpers import (
+
+from hydraopt_jax.cli import main
+from hydraopt_jax.io import load_bundle
+from hydraopt_jax.io.resume import checkpoint_dir
+from tests.helpers.files import (
     bundle_arrays,
     listing,
     run_cli,
+    tree_digest,
     write_adapter,
     write_collection,
 )
 
-from hydraopt_jax.cli import main
-from hydraopt_jax.io.resume import checkpoint_dir
-
 # A plan without a closed form (A- and B-groups do not nest), so ALS really iterates.
 PLAN = "a_group: [0, 0, 1]\nb_group: [0, 1, 1]\n"
+
+
 # One shape group of two modules; the memory budget (~18.6 kB estimated per module) splits
 # it into two units of one module each, so a run has several units but one compilation.
 MODULES = {"model.layers.0.q_proj": (16, 16), "model.layers.1.q_proj": (16, 16)}
+
+
 MEMORY = ["--max-memory", "20kB"]
+
+
 ALS = ["--solver", "als", "--steps", "5", "--checkpoint-every", "2", *MEMORY]  # chunks 2, 2, 1
 
 
@@ -199,3 +207,39 @@ def test_resume_without_a_checkpoint_starts_fresh(inputs, als_reference, tmp_pat
     _, dirs, plan = inputs
     assert _merge(tmp_path / "out", dirs, plan, ALS, "--resume") == 0
     _assert_bitwise(tmp_path / "out", als_reference[0])
+
+
+@pytest.mark.parametrize("point", ["load", "solve", "write"])
+def test_merge_killed_leaves_no_partial_output(point, tmp_path, capsys):
+    dirs = write_collection(tmp_path / "in", modules=MODULES)
+    out = tmp_path / "out"
+    old = None
+    if point == "write":  # killed while replacing an older bundle: the old one survives
+        assert main(["merge", *map(str, dirs), "--out", str(out), "--plan", "separate"]) == 0
+        old = tree_digest(out)
+    proc = run_cli("merge", *dirs, "--out", out, env={"HYDRAOPT_TEST_KILL_AT": point})
+    assert proc.returncode == -9, proc.stderr
+    if old is None:
+        assert not out.exists()
+    else:
+        assert tree_digest(out) == old
+        assert [p for p in listing(tmp_path) if p.startswith(".out.tmp-")]  # left by the kill
+    capsys.readouterr()
+    assert main(["merge", *map(str, dirs), "--out", str(out), "--json"]) == 0
+    assert load_bundle(out).meta["plan"]["name"] == "shared_a"
+    assert listing(tmp_path) == ["in", "out"]  # no temporary sibling, no checkpoint
+
+
+def test_export_killed_leaves_no_partial_output(tmp_path, capsys):
+    dirs = write_collection(tmp_path / "in", modules=MODULES)
+    assert main(["merge", *map(str, dirs), "--out", str(tmp_path / "bundle"), "--json"]) == 0
+    peft = tmp_path / "peft"
+    proc = run_cli(
+        "export", tmp_path / "bundle", "--to", peft, env={"HYDRAOPT_TEST_KILL_AT": "write"}
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert not peft.exists()
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "bundle"), "--to", str(peft)]) == 0
+    assert listing(peft) == [".hydraopt-export.json", "task0", "task1", "task2"]
+    assert listing(tmp_path) == ["bundle", "in", "peft"]

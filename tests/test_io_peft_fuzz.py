@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_reliability_helpers import write_adapter
 
 from hydraopt_jax.cli import main
+from tests.helpers.files import write_adapter
 
 MODULES = {"model.layers.0.q_proj": (8, 8), "model.layers.0.k_proj": (8, 4)}
 FIELDS = [

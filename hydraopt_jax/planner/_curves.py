@@ -1,0 +1,281 @@
+"""Loss curves: every closed-form candidate of one module at every rank, from two small Grams.
+
+For a shared-A-family plan with A-groups `g` and B-groups `j` (each inside one `g`),
+`M_j = sum_{t in j} w_t dW_t / W_j`, the optimum of `sum_t w_t ||dW_t - Bh_j Ah_g||^2` at
+rank `k` is (see `_solvers/exact.py`)
+
+    L(k) = sum_t w_t ||dW_t||^2 - sum_g sum_{i <= k} lambda_{g,i}
+
+where `lambda_{g,i}` are the eigenvalues of `sum_{j in g} W_j M_j^T M_j`: those of the small
+`n_g r x n_g r` matrix `F_g^T P_g F_g` (`D_g = F_g F_g^T`), with `P = [A_s A_t^T]` (the A Gram
+of the module, `C`-weighted under an activation covariance) and
+`D_g = blockdiag_j [w_s w_t B_s^T B_t / W_j]`. One symmetric eigendecomposition per group
+gives every rank; the shared-B family swaps the two Grams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .._loss import regularized_covariance
+from .._plan import NAMED_PLANS, SharingPlan, original_params, refines, relabel
+
+__all__ = ["ModuleStats", "PlanOption", "module_options", "module_stats"]
+
+DEFAULT_RANK_MULTIPLIERS = (0.125, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+NAMED_PAIRS = {pair: name.replace("_", "-") for name, pair in NAMED_PLANS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanOption:
+    """One candidate on one module: grouping of each side, rank, cost and loss.
+
+    `a_by` / `b_by` are grouping names (`all`, an attribute, `task`); `rank_label` names the
+    rank relative to the module's LoRA rank (`1r`, `2r`, ...) or absolutely (`k=8`), so that
+    options compare across modules; `loss` is the weighted objective of `merge`'s exact solver
+    (times the module weight); `plan` is over the tasks present on the module.
+    """
+
+    a_by: str
+    b_by: str
+    rank: int
+    rank_label: str
+    num_params: int
+    loss: float
+    plan: SharingPlan
+    relative_error: tuple[float, ...] = ()  # per task present, as `merge` reports it
+
+    @property
+    def name(self) -> str:
+        return NAMED_PAIRS.get((self.a_by, self.b_by), f"A:{self.a_by},B:{self.b_by}")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.a_by, self.b_by, self.rank_label)
+
+
+def _psd_factor_blocks(d: np.ndarray, blocks: Sequence[slice]) -> np.ndarray:
+    """Block-diagonal `F` with `F F^T = d` (`d` PSD, block-diagonal on `blocks`): the
+    symmetric square root for small blocks, a Cholesky factor (with a `1e-12` relative
+    jitter, for rank-deficient Grams) for large ones, where it is several times cheaper."""
+    out = np.zeros_like(d)
+    for s in blocks:
+        block = d[s, s]
+        if block.shape[0] <= 64:
+            vals, vecs = np.linalg.eigh(block)
+            out[s, s] = (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+        else:
+            jitter = 1e-12 * max(float(np.max(np.diag(block))), np.finfo(np.float64).tiny)
+            out[s, s] = np.linalg.cholesky(block + jitter * np.eye(block.shape[0]))
+    return out
+
+
+def _top_eigh(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` largest eigenpairs of a symmetric `m`, descending."""
+    n = m.shape[0]
+    k = min(k, n)
+    if k < n // 2:
+        import scipy.linalg
+
+        vals, vecs = scipy.linalg.eigh(m, subset_by_index=[n - k, n - 1], driver="evr")
+    else:
+        vals, vecs = np.linalg.eigh(m)
+    return vals[::-1][:k], vecs[:, ::-1][:, :k]
+
+
+def _family_curves(p, q, w, r, outer, inner, kmax) -> tuple[np.ndarray, np.ndarray]:
+    """Loss pieces of a closed-form plan at every rank `k = 0..kmax`.
+
+    `outer`: the shared side's group labels (A-groups in the shared-A family), `inner`: the
+    other side's, nested inside `outer`; `p`: the outer side's Gram, `q`: the inner side's.
+
+    Returns `captured [kmax + 1]` (`sum_g sum_{i <= k} lambda_{g,i}`, so the loss is
+    `sum_t w_t ||dW_t||^2 - captured[k]`) and `residual [kmax + 1, n]`, each task's
+    `||dW_t - dW_hat_t||^2` at rank `k` (the projector onto group `g`'s top-`k` subspace is
+    `Y^T D^{1/2} U_k Lambda_k^{-1} U_k^T D^{1/2} Y`, whose inner products with the tasks'
+    updates reduce to the two Grams).
+    """
+    n = len(outer)
+    norms = _block_traces(q, p, r)
+    captured = np.zeros(kmax + 1)
+    residual = np.tile(norms, (kmax + 1, 1))
+    for g in range(max(outer) + 1):
+        inner_groups: dict[int, list[int]] = {}
+        for t, (o, i) in enumerate(zip(outer, inner, strict=True)):
+            if o == g:
+                inner_groups.setdefault(i, []).append(t)
+        order, blocks, sq_coef, coef = [], [], [], []
+        for members in inner_groups.values():
+            total = float(sum(w[t] for t in members))
+            if total <= 0:
+                continue  # Bh_j = 0: these tasks keep residual = ||dW_t||^2
+            start = len(order) * r
+            order.extend(members)
+            blocks.append(slice(start, start + len(members) * r))
+            sq_coef.extend(np.repeat([w[t] / math.sqrt(total) for t in members], r))
+            coef.extend(np.repeat([w[t] / total for t in members], r))
+        if not order:
+            continue
+        idx = np.concatenate([np.arange(t * r, (t + 1) * r) for t in order])
+        mask = np.zeros((len(idx), len(idx)), dtype=bool)
+        for s in blocks:
+            mask[s, s] = True
+        q_g = np.where(mask, q[np.ix_(idx, idx)], 0.0)  # within one inner group only
+        p_g = p[np.ix_(idx, idx)]
+        sq_coef, coef = np.asarray(sq_coef), np.asarray(coef)
+        half = _psd_factor_blocks(q_g * np.outer(sq_coef, sq_coef), blocks)  # D = F F^T
+        m = half.T @ p_g @ half
+        vals, vecs = _top_eigh(0.5 * (m + m.T), kmax)
+        keep = vals > max(float(vals[0]) if len(vals) else 0.0, 0.0) * 1e-12
+        vals, vecs = np.where(keep, vals, 0.0), vecs * keep
+        lam = np.concatenate([[0.0], vals, np.zeros(kmax - len(vals))])
+        captured += np.cumsum(lam)
+        # per-task residuals, one eigen-direction at a time
+        v = p_g @ half @ vecs  # [n_g r, K]
+        inv = np.where(keep, 1.0 / np.where(keep, vals, 1.0), 0.0)
+        cv = coef[:, None] * v
+        qcv = q_g @ cv
+        num = len(order)
+        cross = (v * qcv).reshape(num, r, -1).sum(axis=1) * inv  # [n_g, K]
+        self_sq = (cv * qcv).reshape(num, r, -1).sum(axis=1) * inv
+        group_of = np.repeat(np.arange(len(blocks)), [(s.stop - s.start) // r for s in blocks])
+        mpi = np.zeros((len(blocks), self_sq.shape[1]))
+        np.add.at(mpi, group_of, self_sq)
+        delta = -2.0 * cross + mpi[group_of]  # [n_g, K]
+        delta = np.concatenate([np.zeros((num, 1)), np.cumsum(delta, axis=1)], axis=1)
+        delta = np.pad(delta, ((0, 0), (0, kmax + 1 - delta.shape[1])), mode="edge")
+        residual[:, order] += delta.T
+    del n
+    return captured, np.clip(residual, 0.0, None)
+
+
+@dataclasses.dataclass
+class ModuleStats:
+    """What the planner keeps of a module: its two `n r x n r` Grams and bookkeeping."""
+
+    name: str
+    d_in: int
+    d_out: int
+    ranks: tuple[int, ...]  # per task of the collection; 0 = absent
+    present: tuple[int, ...]
+    r: int
+    p: np.ndarray  # [n r, n r] blocks A_s C A_t^T
+    q: np.ndarray  # [n r, n r] blocks B_s^T B_t
+    weights: np.ndarray  # [n]
+    sq_norms: np.ndarray  # [n] ||dW_t||^2 (unwhitened, for reports)
+
+    @property
+    def original_params(self) -> int:
+        return original_params([self.ranks[t] for t in self.present], self.d_in, self.d_out)
+
+
+def module_stats(name, A, B, ranks=None, *, weights="relative", activation_cov=None):
+    """`ModuleStats` of one module from `A [T, r, d_in]`, `B [T, d_out, r]` (scale folded)."""
+    A = np.asarray(A, np.float64)
+    B = np.asarray(B, np.float64)
+    num_tasks, r, d_in = A.shape
+    d_out = B.shape[1]
+    ranks = tuple(int(x) for x in ranks) if ranks is not None else (r,) * num_tasks
+    present = tuple(t for t, k in enumerate(ranks) if k > 0)
+    a = A[list(present)].reshape(len(present) * r, d_in)
+    b = np.moveaxis(B[list(present)], 1, 0).reshape(d_out, len(present) * r)
+    q = b.T @ b
+    p_raw = a @ a.T
+    if activation_cov is None:
+        p = p_raw
+    else:
+        p = a @ regularized_covariance(np.asarray(activation_cov, np.float64), np) @ a.T
+    metric = _block_traces(q, p, r)
+    if isinstance(weights, str):
+        if weights == "relative":
+            w = np.where(metric > 0, 1.0 / np.where(metric > 0, metric, 1.0), 0.0)
+        elif weights == "uniform":
+            w = np.ones(len(present))
+        else:
+            raise ValueError(f"weights must be 'relative', 'uniform' or an array; got {weights!r}")
+    else:
+        w = np.asarray(weights, np.float64)
+        if w.shape != (num_tasks,):
+            raise ValueError(f"weights has shape {w.shape}, expected ({num_tasks},)")
+        w = w[list(present)]
+    sq = metric if activation_cov is None else _block_traces(q, p_raw, r)
+    return ModuleStats(name, d_in, d_out, ranks, present, r, p, q, w, sq)
+
+
+def _candidate_ranks(stats: ModuleStats, multipliers, ranks) -> list[tuple[int, str]]:
+    cap = min(stats.d_in, stats.d_out)
+    base = max(stats.ranks[t] for t in stats.present)
+    out: dict[int, str] = {}
+    for m in multipliers or ():
+        k = min(cap, max(1, int(round(m * base))))
+        out.setdefault(k, f"{m:g}r")
+    for k in ranks or ():
+        k = min(cap, int(k))
+        out.setdefault(k, f"k={k}")
+    return sorted(out.items())
+
+
+def module_options(
+    stats: ModuleStats,
+    groupings: Mapping[str, Sequence[int]],
+    *,
+    rank_multipliers=DEFAULT_RANK_MULTIPLIERS,
+    ranks: Sequence[int] | None = None,
+    module_weight: float = 1.0,
+) -> list[PlanOption]:
+    """Every closed-form candidate of one module at every candidate rank, with its loss."""
+    local = {g: relabel([labels[t] for t in stats.present]) for g, labels in groupings.items()}
+    rank_list = _candidate_ranks(stats, rank_multipliers, ranks)
+    kmax = max(k for k, _ in rank_list)
+    metric = _block_traces(stats.q, stats.p, stats.r)
+    total = float(np.sum(stats.weights * metric))
+    options: list[PlanOption] = []
+    seen: set = set()
+    for a_by, a_lab in local.items():
+        for b_by, b_lab in local.items():
+            if refines(b_lab, a_lab):  # shared-A family (also equal groupings)
+                cap, res = _family_curves(
+                    stats.p, stats.q, stats.weights, stats.r, a_lab, b_lab, kmax
+                )
+            elif refines(a_lab, b_lab):  # shared-B family: the transposed problem
+                cap, res = _family_curves(
+                    stats.q, stats.p, stats.weights, stats.r, b_lab, a_lab, kmax
+                )
+            else:
+                continue
+            if (a_lab, b_lab) in seen:
+                continue
+            seen.add((a_lab, b_lab))
+            plan = SharingPlan(a_lab, b_lab)
+            for k, label in rank_list:
+                loss = max(total - cap[k], 0.0) * module_weight
+                options.append(
+                    PlanOption(
+                        a_by,
+                        b_by,
+                        k,
+                        label,
+                        plan.num_params(stats.d_in, stats.d_out, k),
+                        loss,
+                        plan.with_rank(k),
+                        tuple(
+                            float(x)
+                            for x in np.sqrt(
+                                np.where(metric > 0, res[k] / np.where(metric > 0, metric, 1), 0)
+                            )
+                        ),
+                    )
+                )
+    return options
+
+
+def _block_traces(q: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
+    """Per task `tr(Q_tt P_tt)` = `||B_t A_t||_F^2` (in the metric of `p`)."""
+    n = q.shape[0] // r
+    qb = q.reshape(n, r, n, r)[np.arange(n), :, np.arange(n), :]
+    pb = p.reshape(n, r, n, r)[np.arange(n), :, np.arange(n), :]
+    return np.einsum("tij,tij->t", qb, pb)

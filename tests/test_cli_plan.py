@@ -1,0 +1,97 @@
+"""TODO"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from tests.helpers.files import run_main
+from tests.helpers.grid import NAMES
+
+
+def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
+    out = tmp_path / "plans" / "plan.yaml"
+    rc, stdout, err = run_main(
+        capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", out, "--json"
+    )
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    assert summary["storage_ratio"] <= 0.3 and out.is_file()
+    assert set(summary["tasks"]) == set(NAMES)
+    assert {"part0", "part1"} <= set(summary["groupings"])
+    assert not [p for p in out.parent.iterdir() if p != out]  # no temporaries left
+    rc, stdout, err = run_main(
+        capsys, "merge", *adapter_dirs, "--config", out, "--out", tmp_path / "b", "--json"
+    )
+    assert rc == 0, err
+    merged = json.loads(stdout)
+    assert merged["plan"]["name"] == "per-module"
+    assert merged["num_params"] == summary["num_params"]
+    assert merged["original_params"] == summary["original_params"]
+    for name in NAMES:
+        np.testing.assert_allclose(
+            merged["tasks"][name], summary["tasks"][name], rtol=1e-3, atol=1e-5
+        )
+    # size-weighted modules: the same budget, a valid plan file
+    rc, stdout, err = run_main(
+        capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", out, "--json",
+        "--module-weighting", "size",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(stdout)["storage_ratio"] <= 0.3
+    # human-readable output too
+    rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.5", "--out", out)
+    assert rc == 0, err
+    assert "storage ratio" in stdout and "predicted mean relative error" in stdout
+
+
+def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
+    out = tmp_path / "plan.yaml"
+    cases = [
+        (["--budget", "0.0001"], "--budget"),
+        (["--budget", "0"], "--budget"),
+        (["--budget", "0.3", "--rank-multipliers", "x"], "--rank-multipliers"),
+        (["--budget", "0.3", "--attributes", "(?P<a>[a-z]+)-(?P<b>.*)"], "--attributes"),
+        (["--budget", "0.3", "--module-weighting", "bytes"], "--module-weighting"),
+    ]
+    for extra, where in cases:
+        rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--out", out, *extra)
+        assert rc == 2, (extra, err)
+        assert err.count("\n") == 1 and where in err, err
+        assert not out.exists() and not list(tmp_path.iterdir())
+    rc, _, err = run_main(capsys, "plan", tmp_path / "missing", "--budget", "0.3", "--out", out)
+    assert rc == 2 and "missing" in err and err.count("\n") == 1
+    (tmp_path / "dir.yaml").mkdir()
+    rc, _, err = run_main(
+        capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out", tmp_path / "dir.yaml"
+    )
+    assert rc == 2 and "dir.yaml" in err
+    assert not out.exists()
+
+
+def test_cli_sweep(tmp_path, capsys, adapter_dirs):
+    png = tmp_path / "sweep.png"
+    rc, stdout, err = run_main(
+        capsys,
+        "sweep",
+        *adapter_dirs,
+        "--plot",
+        png,
+        "--baselines",
+        "linear,svd",
+        "--budgets",
+        "0.2,0.4",
+        "--json",
+    )
+    assert rc == 0, err
+    result = json.loads(stdout)
+    methods = {r["method"]: r for r in result["rows"]}
+    assert {"hydraopt:shared-a k=1r", "hydraopt:full-merge k=1r", "linear", "svd"} <= set(methods)
+    assert {"planner budget=0.2", "planner budget=0.4"} <= set(methods)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.png"]
+    fm, sep = methods["hydraopt:full-merge k=1r"], methods["hydraopt:separate k=1r"]
+    assert fm["storage_ratio"] == methods["svd"]["storage_ratio"]
+    assert sep["storage_ratio"] == 1.0 and sep["max_relative_error"] < 1e-5
+    assert methods["planner budget=0.4"]["storage_ratio"] <= 0.4
