@@ -35,7 +35,15 @@ __all__ = [
     "residual_norms_sq",
     "task_norms_sq",
     "task_weights",
+    "working_dtype",
 ]
+
+
+def working_dtype(*arrays) -> jnp.dtype:
+    """What the solvers compute in: float64 when an input is float64 (and JAX has x64 on),
+    else float32 (half-precision adapters are widened)."""
+    wide = any(np.dtype(a.dtype) == np.float64 for a in arrays)
+    return jnp.dtype(jnp.float64 if wide and jax.config.jax_enable_x64 else jnp.float32)
 
 
 def check_factor_shapes(A, B, where: str) -> None:
@@ -332,5 +340,5 @@ def regularized_covariance(cov, xp=np):
     `xp`: `numpy` (float64 planner) or `jax.numpy`."""
     d = cov.shape[-1]
     sym = 0.5 * (cov + cov.T)
-    ridge = COV_RIDGE * xp.trace(sym) / d + np.finfo(np.float32).tiny
+    ridge = COV_RIDGE * xp.trace(sym) / d + float(np.finfo(np.float32).tiny)
     return sym + ridge * xp.eye(d, dtype=sym.dtype)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._host import stack_modules, unstack
-from ._loss import check_factor_shapes
+from ._loss import check_factor_shapes, working_dtype
 from ._plan import SharingPlan
 from ._solution import RESULTS, Solution
 from ._solve import (
@@ -127,7 +127,7 @@ def merge(
     """
     A, B = jnp.asarray(A), jnp.asarray(B)
     _check_factors(A, B, plan)
-    dtype = jnp.promote_types(jnp.promote_types(A.dtype, B.dtype), jnp.float32)
+    dtype = working_dtype(A, B)
     A, B = A.astype(dtype), B.astype(dtype)
     num_tasks, r = A.shape[0], A.shape[1]
     plan = plan.resolved(r)

@@ -1,4 +1,6 @@
-"""Strict test settings: x64 for reference checks, rank promotion errors, warnings as errors."""
+"""Strict test settings: x64 for reference checks, rank promotion and implicit dtype promotion
+are errors, warnings are errors (pyproject.toml). Heavy tests carry the `slow` marker
+(`-m "not slow"` skips them locally; CI runs everything)."""
 
 import os
 import tempfile
@@ -16,6 +18,7 @@ from tests.helpers import grid  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture

@@ -223,6 +223,7 @@ def test_subspace_overlap_reference():
 MODULES = {"model.layers.0.q_proj": (16, 16), "model.layers.1.q_proj": (16, 16)}
 
 
+@pytest.mark.slow
 def test_command_compilation_cache_is_filled_once_and_changes_nothing(tmp_path):
     dirs = write_collection(tmp_path / "in", modules=MODULES)
     cache = tmp_path / "cache"

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses / notebooks: seconds each
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

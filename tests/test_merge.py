@@ -243,3 +243,50 @@ def test_sharded_module_and_task_axes_equal_one_device(rng, plan_name):
                 getattr(sharded[name], field), getattr(single[name], field), atol=2e-5
             )
         np.testing.assert_allclose(sharded[name].loss, single[name].loss, rtol=1e-5)
+
+
+def test_a_fresh_equal_optax_transformation_does_not_recompile(rng):
+    """A user's optimiser is data, not a cache key: `optax.adam(1e-2)` built anew for every
+    call compiles once; a different learning rate is a different program."""
+    from hydraopt_jax._solve import solve_jit
+
+    A, B = random_collection(rng, num_tasks=3, dtype=np.float32)
+    plan = SharingPlan.shared_a(3, 2)
+    hj.merge(A, B, plan, optax.adam(1e-2), max_steps=3)
+    before = solve_jit._cache_size()
+    hj.merge(A, B, plan, optax.adam(1e-2), max_steps=3)
+    hj.merge(A, B, plan, optax.chain(optax.adam(1e-2)), max_steps=3)  # another structure
+    assert solve_jit._cache_size() == before + 1
+    hj.merge(A, B, plan, optax.chain(optax.adam(1e-2)), max_steps=3)
+    hj.merge(A, B, plan, optax.adam(3e-2), max_steps=3)
+    assert solve_jit._cache_size() == before + 2
+
+
+def test_structural_key_tells_equal_from_different_transformations():
+    from hydraopt_jax._solvers.optax_solver import StaticTransformation
+
+    schedule = optax.linear_schedule(1e-2, 1e-3, 100)
+    same = StaticTransformation(optax.adam(schedule))
+    assert same == StaticTransformation(optax.adam(optax.linear_schedule(1e-2, 1e-3, 100)))
+    assert hash(same) == hash(StaticTransformation(optax.adam(schedule)))
+    assert same != StaticTransformation(optax.adam(optax.linear_schedule(1e-2, 1e-3, 99)))
+    assert StaticTransformation(optax.sgd(0.1)) != StaticTransformation(optax.adam(0.1))
+    assert StaticTransformation(optax.adam(0.1, b1=0.8)) != StaticTransformation(optax.adam(0.1))
+
+
+@pytest.mark.parametrize("solver", ["adam", "user"])
+def test_continuing_an_optax_run_from_its_solution_equals_running_on(rng, solver):
+    """The optimiser state comes back in `Solution.state`: 20 + 20 steps (continued from the
+    first run's solution) give the factors of 40 steps; restarting Adam's moments does not."""
+    A, B = random_collection(rng, num_tasks=4, dtype=np.float32)
+    plan = SharingPlan.shared_a(4, 2)
+    tx = "adam" if solver == "adam" else optax.adam(optax.linear_schedule(1e-2, 1e-3, 40))
+    run = dict(tol=0.0)
+    full = hj.merge(A, B, plan, tx, max_steps=40, init="random", **run)
+    half = hj.merge(A, B, plan, tx, max_steps=20, init="random", **run)
+    assert half.state is not None and int(half.steps) == 20
+    rest = hj.merge(A, B, plan, tx, max_steps=20, init=half, **run)
+    np.testing.assert_allclose(rest.shared_a, full.shared_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rest.shared_b, full.shared_b, rtol=1e-5, atol=1e-6)
+    restarted = hj.merge(A, B, plan, tx, max_steps=20, init=(half.shared_a, half.shared_b), **run)
+    assert np.max(np.abs(np.asarray(restarted.shared_a) - np.asarray(full.shared_a))) > 1e-3

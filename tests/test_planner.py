@@ -44,8 +44,9 @@ def test_attributes_from_names():
 
 @pytest.mark.parametrize("with_cov", [False, True])
 def test_option_losses_and_errors_match_merge(with_cov):
-    """Every family (shared-A, shared-B, grouped, full merge, separate), mixed ranks and an
-    absent task: the Gram-space loss and per-task errors are merge's exact solver's."""
+    """Every family (shared-A, shared-B, grouped, full merge, separate, and nested ranks in
+    shared and grouped factors on either side), mixed ranks and an absent task: the
+    Gram-space loss and per-task errors are merge's exact solver's."""
     coll = make_collection(seed=1, ranks=(4, 2, 4, 0, 3, 4))
     a, b, ranks = coll["model.layers.0.self_attn.k_proj"]
     rng = np.random.default_rng(2)
@@ -68,9 +69,13 @@ def test_option_losses_and_errors_match_merge(with_cov):
             ("A:task,B:app", "1.5r"),
             ("A:all,B:app", "1r"),
             ("separate", "0.5r"),
+            ("shared-a j=1", "1r"),
+            ("shared-b j=2", "2r"),
+            ("A:app,B:task j=2", "1.5r"),
+            ("A:task,B:app j=4", "2r"),
         }
     ]
-    assert len(picks) == 7
+    assert len(picks) == 11
     present = list(stats.present)
     for o in picks:
         sol = hj.merge(a[present], b[present], o.plan, activation_cov=cov)
@@ -160,7 +165,9 @@ def test_never_worse_than_uniform_plans(options):
     checked = 0
     for key in [("all", "task"), ("task", "all"), ("all", "all"), ("lang", "task")]:
         for label in ("0.5r", "1r", "2r"):
-            sel = [next(o for o in o_list if o.key == (*key, label)) for _, o_list in opts.values()]
+            sel = [
+                next(o for o in o_list if o.key == (*key, label, 0)) for _, o_list in opts.values()
+            ]
             storage = sum(o.num_params for o in sel) / original
             loss = sum(o.loss for o in sel)
             if storage >= 1:

@@ -1,6 +1,9 @@
-"""`hydraopt merge --resume`: an interrupted iterative run, resumed, ends with bitwise the
-factors of an uninterrupted run with the same flags; a checkpoint made from other inputs,
-plan or flags is refused (exit 2, one line naming the checkpoint and the cause)."""
+"""Streaming a collection from disk (`hydraopt_jax.merge_collection`, which `hydraopt merge`
+calls): from Python it gives the command's bundle; iterative solves run in checkpointed
+chunks that continue the solver's state, so chunking changes nothing; an interrupted run,
+resumed, ends with bitwise the factors of an uninterrupted one; a checkpoint made from other
+inputs, plan or flags is refused (exit 2, one line naming the checkpoint and the cause); a
+killed run leaves no partial output."""
 
 from __future__ import annotations
 
@@ -110,6 +113,7 @@ def test_interrupt_then_resume_is_bitwise_equal(
     assert [p for p in listing(tmp_path) if p != "ref"] == ["out"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_equal(inputs, als_reference, tmp_path):
     """A real SIGKILL of the command (a subprocess) after its first checkpoint."""
     _, dirs, plan = inputs
@@ -209,6 +213,7 @@ def test_resume_without_a_checkpoint_starts_fresh(inputs, als_reference, tmp_pat
     _assert_bitwise(tmp_path / "out", als_reference[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["load", "solve", "write"])
 def test_merge_killed_leaves_no_partial_output(point, tmp_path, capsys):
     dirs = write_collection(tmp_path / "in", modules=MODULES)
@@ -230,6 +235,7 @@ def test_merge_killed_leaves_no_partial_output(point, tmp_path, capsys):
     assert listing(tmp_path) == ["in", "out"]  # no temporary sibling, no checkpoint
 
 
+@pytest.mark.slow
 def test_export_killed_leaves_no_partial_output(tmp_path, capsys):
     dirs = write_collection(tmp_path / "in", modules=MODULES)
     assert main(["merge", *map(str, dirs), "--out", str(tmp_path / "bundle"), "--json"]) == 0
@@ -243,3 +249,45 @@ def test_export_killed_leaves_no_partial_output(tmp_path, capsys):
     assert main(["export", str(tmp_path / "bundle"), "--to", str(peft)]) == 0
     assert listing(peft) == [".hydraopt-export.json", "task0", "task1", "task2"]
     assert listing(tmp_path) == ["bundle", "in", "peft"]
+
+
+def test_streaming_from_python_gives_the_commands_bundle(inputs, tmp_path):
+    import hydraopt_jax as hj
+
+    _, dirs, plan = inputs
+    assert main(["merge", *map(str, dirs), "--out", str(tmp_path / "cli"), "--plan",
+                 "shared-b", "--rank", "3", "--max-memory", "20kB", "--json"]) == 0  # fmt: skip
+    collection = hj.io.load_collection(dirs)
+    bundle = hj.merge_collection(
+        collection, "shared-b", rank=3, out=tmp_path / "py", max_memory=20_000,
+        plan_source="shared_b",
+    )  # fmt: skip
+    _assert_bitwise(tmp_path / "py", bundle_arrays(tmp_path / "cli"))
+    cli_meta = json.loads((tmp_path / "cli" / "hydraopt.json").read_text())
+    assert json.loads((tmp_path / "py" / "hydraopt.json").read_text()) == cli_meta
+    assert bundle.task_relative_errors() == load_bundle(tmp_path / "cli").task_relative_errors()
+    # and without `out`: the same bundle in memory, nothing written
+    in_memory = hj.merge_collection(collection, "shared-b", rank=3, max_memory=20_000)
+    for name, module in in_memory.modules.items():
+        assert np.array_equal(module.shared_b, bundle.modules[name].shared_b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "py"]
+
+
+def test_chunked_adam_continues_its_moments(inputs, tmp_path):
+    """Checkpoint chunks carry Adam's moments and step count: 3 chunks of 4 steps end where
+    12 steps in one go end (they restarted the moments at every chunk before)."""
+    import hydraopt_jax as hj
+
+    _, dirs, plan = inputs
+    collection = hj.io.load_collection(dirs)
+    plans = hj.planner.read_plan_file(plan, collection.names, list(collection.modules))
+    chunked = hj.merge_collection(
+        collection, plans, "adam", out=tmp_path / "chunked", max_steps=12, checkpoint_every=4
+    )
+    group = collection.load_group(list(collection.modules))
+    whole = hj.merge_adapters(group, plans, "adam", max_steps=12)
+    for name, sol in whole.items():
+        module = chunked.modules[name]
+        assert module.steps == int(sol.steps) == 12
+        np.testing.assert_allclose(module.shared_a, sol.shared_a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(module.shared_b, sol.shared_b, rtol=1e-5, atol=1e-6)

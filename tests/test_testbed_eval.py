@@ -1,22 +1,18 @@
-"""Fast checks of the testbed's evaluation half: scoring, method grid, front check, CLI rows."""
+"""The quality harness (`benchmarks.quality`) and the fast testbed's use of it: scoring,
+method grid, front check (baselines and per-task truncation), reports, CLI rows."""
 
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.quality import analysis, report
+from benchmarks.quality.run import ROW_KEYS, evaluate_collection, make_row, score_accuracies
+from benchmarks.testbed import evaluate_methods as EM
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from benchmarks.testbed import evaluate_methods as EM  # noqa: E402
+TESTBED = EM.TESTBED
 
 COLLECTION = "small_lr_same_seed"
 TWO_TASKS = ["reverse_L1", "sort_L2"]
@@ -30,26 +26,26 @@ def base_model():
 
 
 def _row(method, storage, score, worst=None):
-    return EM.make_row(method, "c", storage, score, score if worst is None else worst)
+    return make_row(method, "c", storage, score, score if worst is None else worst)
 
 
 # ---------------------------------------------------------------------------- pure logic
 def test_score_is_mean_and_min_of_ratios():
-    score, worst, ratios = EM.score_accuracies({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9})
+    score, worst, ratios = score_accuracies({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9})
     assert ratios == {"a": 0.5, "b": 1.0}
     assert score == pytest.approx(0.75) and worst == pytest.approx(0.5)
 
 
 def test_row_keys():
-    row = EM.make_row("hydraopt:shared-a", "small_lr_same_seed", 0.52, 0.97, 0.9)
-    assert tuple(row) == EM.ROW_KEYS
+    row = make_row("hydraopt:shared-a", "small_lr_same_seed", 0.52, 0.97, 0.9)
+    assert tuple(row) == ROW_KEYS
     assert json.loads(json.dumps(row)) == row
 
 
 def test_method_grid_names():
     from hydraopt_jax.baselines import BASELINES
 
-    names = [m.name for m in EM.method_grid()]
+    names = [m.name for m in EM.GRID.methods()]
     assert len(names) == len(set(names))
     required = [
         "lora",
@@ -64,21 +60,25 @@ def test_method_grid_names():
         "hydraopt:full-merge+act",
     ] + [f"baseline:{b}" for b in BASELINES]
     assert set(required) <= set(names)
-    quick = [m.name for m in EM.method_grid(sweep=False)]
+    quick = [m.name for m in EM.GRID.methods(sweep=False)]
     assert set(required) <= set(quick) and set(quick) <= set(names)
     # rank sweep: k in r/2, r, 2r, 4r for shared-a and full-merge
-    by = {m.name: m for m in EM.method_grid()}
-    assert sorted(m.rank(8) for m in by.values() if m.plan == "shared_a" and not m.activation) == [
-        4,
-        8,
-        16,
-        32,
+    by = {m.name: m for m in EM.GRID.methods()}
+    plain_shared_a = [
+        m for m in by.values() if m.plan == "shared_a" and not m.activation and not m.task_rank_mult
     ]
+    assert sorted(m.rank(8) for m in plain_shared_a) == [4, 8, 16, 32]
+    # nested ranks: shared A of rank r with every task at r/4 and r/2 inside it
+    nested = sorted((m.rank(8), m.task_rank(8)) for m in by.values() if m.task_rank_mult)
+    assert nested == [(8, 2), (8, 4)]
+    assert {"reference:truncate-r/2", "reference:truncate-r/4", "reference:truncate-r/8"} <= set(
+        names
+    )
     assert sorted(
         m.rank(8) for m in by.values() if m.plan == "full_merge" and not m.activation
     ) == [4, 8, 16, 32]
     with pytest.raises(ValueError, match="unknown method"):
-        EM.methods_by_name(["hydraopt:nope"])
+        EM.GRID.by_name(["hydraopt:nope"])
 
 
 def test_front_check_and_summary():
@@ -91,31 +91,50 @@ def test_front_check_and_summary():
         _row("baseline:ties", 0.025, 0.20),
         _row("baseline:joint", 0.60, 0.90),
     ]
-    fc = EM.front_check(rows)
+    fc = analysis.front_check(rows)
     assert fc["passed"] and fc["checked"] == 3
-    assert [r["method"] for r in EM.hydraopt_front(rows)] == [
+    assert [r["method"] for r in analysis.hydraopt_front(rows)] == [
         "hydraopt:full-merge",
         "hydraopt:shared-a",
         "hydraopt:shared-a-2r",
     ]
-    s = EM.summarize(rows)
+    s = analysis.summarize(rows)
     assert s["best_hydraopt_at_055"]["method"] == "hydraopt:shared-a"
     assert s["one_adapter"]["passed"] and s["one_adapter"]["best_rival"] == "baseline:ties"
     # a baseline better than everything HydraOpt has at its storage or less is a violation,
     # even if HydraOpt beats it at a larger storage
     rows.append(_row("baseline:pca", 0.30, 0.50))
-    fc = EM.front_check(rows)
+    fc = analysis.front_check(rows)
     assert not fc["passed"]
     assert [v["baseline"] for v in fc["violations"]] == ["baseline:pca"]
     assert fc["violations"][0]["hydraopt"] == "hydraopt:full-merge"
     # equal storage counts as covered when the score is at least as high
-    assert EM.front_check([_row("hydraopt:x", 0.3, 0.5), _row("baseline:y", 0.3, 0.5)])["passed"]
-    text = EM.format_summary(dict(collection="c", tasks=["t"], rows=rows))
+    assert analysis.front_check([_row("hydraopt:x", 0.3, 0.5), _row("baseline:y", 0.3, 0.5)])[
+        "passed"
+    ]
+    text = analysis.format_summary(dict(collection="c", tasks=["t"], rows=rows))
     assert "FAIL" in text and "baseline:pca" in text
     # baselines only (a run with --methods): no HydraOpt row to compare with
     only = [r for r in rows if r["method"].startswith("baseline:")]
-    assert "FAIL" in EM.format_summary(dict(collection="c", tasks=["t"], rows=only))
-    assert "| c | 1 | - | - |" in EM.markdown([dict(collection="c", tasks=["t"], rows=only)])
+    assert "FAIL" in analysis.format_summary(dict(collection="c", tasks=["t"], rows=only))
+    md = report.markdown([dict(collection="c", tasks=["t"], rows=only)], "t", "cmd")
+    assert "| c | 1 | - | - |" in md
+
+
+def test_per_task_truncation_is_a_rival_of_the_front():
+    """Truncating each adapter on its own is what sharing must beat: the front check counts
+    it like a baseline and reports the margin at its storage."""
+    rows = [
+        _row("hydraopt:shared-a", 0.40, 0.95),
+        _row("hydraopt:plan@0.23", 0.23, 0.90),
+        _row("reference:truncate-r/2", 0.50, 0.99),
+        _row("reference:truncate-r/4", 0.25, 0.85),
+    ]
+    fc = analysis.front_check(rows)
+    assert not fc["passed"] and fc["checked"] == 2
+    assert [v["baseline"] for v in fc["violations"]] == ["reference:truncate-r/2"]
+    margins = {m["rival"]: round(m["margin"], 6) for m in fc["margins"]}
+    assert margins == {"reference:truncate-r/2": -0.04, "reference:truncate-r/4": 0.05}
 
 
 def test_markdown_and_chart(tmp_path):
@@ -126,9 +145,9 @@ def test_markdown_and_chart(tmp_path):
         _row("baseline:linear", 0.025, 0.1),
     ]
     result = dict(collection="small_lr_same_seed", tasks=["a", "b"], rows=rows)
-    EM.write_result(result, tmp_path)
-    assert EM.load_results(tmp_path)[0]["rows"] == rows
-    md, png = EM.write_reports(tmp_path)
+    report.write_result(result, tmp_path, "testbed")
+    assert report.load_results(tmp_path, "testbed")[0]["rows"] == rows
+    md, png = TESTBED.write_reports(tmp_path)
     text = md.read_text()
     assert "| **hydraopt:shared-a** | 0.5200 | 0.9700 |" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
@@ -139,22 +158,22 @@ def test_combine_results():
              details={"baseline:linear": {"x": 1}})  # fmt: skip
     b = dict(collection="c", tasks=["t"], rows=[_row("hydraopt:plan@0.30", 0.05, 0.9)],
              details={"hydraopt:plan@0.30": {"x": 2}}, complete=False)  # fmt: skip
-    c = EM.combine_results(a, b)
+    c = report.combine_results(a, b, TESTBED.order())
     assert [r["method"] for r in c["rows"]] == ["hydraopt:plan@0.30", "baseline:linear"]
     assert set(c["details"]) == {"baseline:linear", "hydraopt:plan@0.30"}
     assert c["complete"] is False and c["summary"]["front_check"]["passed"]
     with pytest.raises(ValueError):
-        EM.combine_results(a, dict(b, tasks=["u"]))
+        report.combine_results(a, dict(b, tasks=["u"]), TESTBED.order())
 
 
 # ---------------------------------------------------------------------------- real adapters
 def test_lora_scores_exactly_one_and_separate_reproduces_own(base_model):
-    methods = EM.methods_by_name(["lora", "hydraopt:separate"])
-    result = EM.evaluate_collection(
-        COLLECTION, tasks=TWO_TASKS, methods=methods, base_model=base_model
+    methods = EM.GRID.by_name(["lora", "hydraopt:separate"])
+    result = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=methods, base_model=base_model
     )
     by = {r["method"]: r for r in result["rows"]}
-    assert all(tuple(r) == EM.ROW_KEYS for r in result["rows"])
+    assert all(tuple(r) == ROW_KEYS for r in result["rows"])
     assert by["lora"]["score"] == 1.0 and by["lora"]["min_task_ratio"] == 1.0
     assert by["lora"]["storage_ratio"] == 1.0
     sep = by["hydraopt:separate"]
@@ -192,5 +211,5 @@ def test_cli_json_prints_only_rows(capsys, tmp_path):
     assert rc == 0
     out = capsys.readouterr().out
     rows = json.loads(out)
-    assert rows == [EM.make_row("lora", COLLECTION, 1.0, 1.0, 1.0)]
+    assert rows == [make_row("lora", COLLECTION, 1.0, 1.0, 1.0)]
     assert not list(tmp_path.iterdir())

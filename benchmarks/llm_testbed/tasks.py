@@ -160,7 +160,9 @@ def vocabulary(language: str) -> dict[str, tuple[str, ...]]:
     else:
         import importlib
 
-        raw = importlib.import_module(f"faker.providers.lorem.{LOCALES[language]}").Provider.word_list
+        raw = importlib.import_module(
+            f"faker.providers.lorem.{LOCALES[language]}"
+        ).Provider.word_list
     seen, words = set(), []
     for w in raw:
         w = w.strip()
@@ -211,7 +213,8 @@ def make_example(task: Task, words: tuple[str, ...], rng: np.random.Generator) -
 
 def prompt(task: Task, text: str) -> str:
     """The chat-formatted prompt, up to and including the assistant header."""
-    return f"<|im_start|>user\n{INSTRUCTIONS[task.application]}\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    instruction = INSTRUCTIONS[task.application]
+    return f"<|im_start|>user\n{instruction}\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
 ANSWER_END = "<|im_end|>"

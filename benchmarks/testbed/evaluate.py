@@ -15,13 +15,10 @@ engine) and decodes greedily on the task's held-out test set.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import pathlib
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file
 
 from . import tasks as T
 
@@ -31,44 +28,12 @@ _PREFIX = "base_model.model."
 def load_adapter_factors(
     adapter_dir: str | pathlib.Path,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Read a PEFT LoRA directory into `{module: (A [r, d_in], B [d_out, r] * scale)}`.
+    """A PEFT LoRA directory as `{module: (A [r, d_in], s B [d_out, r])}`, read by
+    `hydraopt_jax.io` (the package's loader: PEFT's own scale and pattern rules)."""
+    from hydraopt_jax.io import load_peft_adapter
 
-    The scale is `lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, honouring
-    `rank_pattern` / `alpha_pattern`. Only plain linear LoRA tensors are accepted.
-    """
-    adapter_dir = pathlib.Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("use_dora"):
-        raise ValueError(f"{adapter_dir}: DoRA adapters are not supported by the testbed")
-    if config.get("fan_in_fan_out"):
-        raise ValueError(f"{adapter_dir}: fan_in_fan_out adapters are not supported")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            if not key.endswith(".lora_B.weight"):
-                raise ValueError(f"{adapter_dir}: unexpected tensor {key!r}")
-            continue
-        module = key[: -len(".lora_A.weight")]
-        b = tensors[module + ".lora_B.weight"]
-        if module.startswith(_PREFIX):
-            module = module[len(_PREFIX) :]
-        r = a.shape[0]
-        rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        if rank != r:
-            raise ValueError(f"{adapter_dir}: {module} has rank {r}, config says {rank}")
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        factors[module] = (a.astype(np.float32), (b * scale).astype(np.float32))
-    return factors
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    # PEFT matches pattern keys as suffixes of the module name
-    for key, value in pattern.items():
-        if module == key or module.endswith("." + key):
-            return value
-    return default
+    adapter = load_peft_adapter(adapter_dir)
+    return adapter.load_factors(list(adapter.modules))
 
 
 def apply_lora(base_model, lora: dict | None, scale: float = 1.0):
@@ -133,34 +98,3 @@ def evaluate_task(
         task = T.task_from_name(task)
     model = apply_lora(base_model, lora, scale)
     return greedy_accuracy(model, task, T.heldout_inputs(task, split))
-
-
-def load_collection(collection_dir: str | pathlib.Path) -> dict[str, dict]:
-    """Every adapter of a collection folder: `{task_name: {module: (A, B * scale)}}`."""
-    collection_dir = pathlib.Path(collection_dir)
-    return {
-        p.name: load_adapter_factors(p)
-        for p in sorted(collection_dir.iterdir())
-        if (p / "adapter_config.json").exists()
-    }
-
-
-def normalized_score(
-    base_model,
-    loras: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
-    collection_dir: str | pathlib.Path,
-) -> dict:
-    """Paper-style score of (merged) per-task LoRAs against the collection's own LoRAs.
-
-    `score = mean_t accuracy_t / own_accuracy_t`, with the own-LoRA accuracies read from the
-    collection's `manifest.json`. **Arguments**: `loras` `{task_name: {module: (A, B)}}` (scale
-    folded), e.g. the task factors of a merged solution. **Returns**
-    `{"score": float, "accuracy": {task: float}, "relative": {task: float}}`.
-    """
-    manifest = json.loads((pathlib.Path(collection_dir) / "manifest.json").read_text())
-    accuracy, relative = {}, {}
-    for name, lora in loras.items():
-        own = manifest["tasks"][name]["own_accuracy"]
-        accuracy[name] = evaluate_task(base_model, name, lora)
-        relative[name] = accuracy[name] / own
-    return dict(score=float(np.mean(list(relative.values()))), accuracy=accuracy, relative=relative)

@@ -20,12 +20,15 @@ import argparse
 
 import numpy as np
 
+from ..quality.methods import Merged, Method, merge_method, task_loras
+from ..quality.run import score_accuracies
+from . import evaluate as E
 from . import evaluate_methods as EM
 
 
 def compare(collection: str, ranks=(2, 4, 8)) -> list[dict]:
-    from hydraopt_jax._planner import collection_options
     from hydraopt_jax.baselines import run_baseline
+    from hydraopt_jax.planner import collection_options
 
     coll = EM.load_testbed_collection(collection)
     _, options = collection_options(
@@ -50,17 +53,16 @@ def compare(collection: str, ranks=(2, 4, 8)) -> list[dict]:
 def matched_scores(collection: str, k: int) -> list[dict]:
     """Score `pca` at rank `k` and, plain and activation-aware, the HydraOpt selection with
     the lowest loss per module at `pca`'s storage on that module."""
-    from hydraopt_jax import SharingPlan, merge_adapters
-    from hydraopt_jax._planner import collection_options
+    from hydraopt_jax import merge_adapters
     from hydraopt_jax.baselines import run_baseline
+    from hydraopt_jax.planner import collection_options
 
     from . import model as M
 
     coll = EM.load_testbed_collection(collection)
     base = M.load_base_model()
     covs = EM.activation_covariances(base, coll)
-    pca = EM.merge_method(EM.Method("pca", "baseline", baseline="pca", rank_mult=k / coll.rank),
-                          coll)  # fmt: skip
+    pca = merge_method(Method("pca", "baseline", baseline="pca", rank_mult=k / coll.rank), coll)
     results = [("baseline:pca", pca, "")]
     for act in (None, covs):
         groupings, options = collection_options(
@@ -71,18 +73,17 @@ def matched_scores(collection: str, k: int) -> list[dict]:
         for m in coll.modules:
             cap = int(run_baseline("pca", coll.A[m], coll.B[m], rank=k).num_params)
             best = min((o for o in options[m][1] if o.num_params <= cap), key=lambda o: o.loss)
-            plans[m] = SharingPlan.from_labels(groupings[best.a_by], groupings[best.b_by],
-                                               best.rank)  # fmt: skip
+            plans[m] = best.plan.restrict(range(coll.num_tasks))
             picked.append(f"{best.name}@{best.rank}")
         sols = merge_adapters(coll.factors(), plans, activation_covs=act)
-        merged = EM.Merged(EM._task_loras(coll, sols), sum(int(s.num_params) for s in
-                           sols.values()), EM._original_params(coll), {}, 0.0)  # fmt: skip
+        merged = Merged(task_loras(coll, sols), sum(int(s.num_params) for s in sols.values()),
+                        sum(int(s.original_params) for s in sols.values()), {}, 0.0)  # fmt: skip
         name = "hydraopt:matched" + ("+act" if act is not None else "")
         results.append((name, merged, " ".join(picked)))
     rows = []
     for name, merged, picked in results:
-        acc = EM.evaluate_merged(base, merged)
-        score, worst, _ = EM.score_accuracies(acc, coll.own_accuracy)
+        acc = {t: float(E.evaluate_task(base, t, lora)) for t, lora in merged.loras.items()}
+        score, worst, _ = score_accuracies(acc, coll.own_accuracy)
         rows.append(dict(method=name, storage=merged.storage_ratio, score=score,
                          min_task_ratio=worst, options=picked))  # fmt: skip
     return rows

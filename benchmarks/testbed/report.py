@@ -10,8 +10,8 @@ import pathlib
 
 import numpy as np
 
+from ..quality.overlap import collection_overlap, drift_from_init
 from . import tasks as T
-from .overlap import collection_overlap
 from .train import ADAPTERS
 
 
@@ -34,24 +34,6 @@ def initial_factors(seed: int) -> dict[str, np.ndarray]:
         for k, v in peft_model.named_parameters()
         if k.endswith(suffix)
     }
-
-
-def drift_from_init(collection: pathlib.Path) -> dict:
-    """Mean over tasks and modules of `||A - A0|| / ||A0||` and of the A0/A row-space overlap."""
-    from .evaluate import load_collection
-    from .overlap import subspace_overlap
-
-    manifest = json.loads((collection / "manifest.json").read_text())
-    rel, ovl = [], []
-    init_by_seed: dict[int, dict] = {}
-    for name, factors in load_collection(collection).items():
-        seed = manifest["tasks"][name]["seed"]
-        init = init_by_seed.setdefault(seed, initial_factors(seed))
-        for module, (a, _) in factors.items():
-            a0 = init[module]
-            rel.append(np.linalg.norm(a - a0) / np.linalg.norm(a0))
-            ovl.append(subspace_overlap(a.T, a0.T, a.shape[0]))
-    return dict(a_relative_drift=float(np.mean(rel)), a_init_overlap=float(np.mean(ovl)))
 
 
 def per_kind_overlap(per_module: dict) -> dict:
@@ -84,7 +66,7 @@ def summarise(collection: pathlib.Path) -> dict:
         random_a=overlap["a_random"],
         random_b=overlap["b_random"],
         per_kind=per_kind_overlap(overlap["per_module"]),
-        **drift_from_init(collection),
+        **drift_from_init(collection, initial_factors, {n: e["seed"] for n, e in entries.items()}),
     )
 
 

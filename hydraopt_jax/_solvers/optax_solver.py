@@ -145,7 +145,8 @@ def solve_optax(
     else:
         scales = tuple(jax.tree_util.tree_leaves(state)[:num])
     scaled = tuple(p / s for p, s in zip(params, scales, strict=True))
-    opt_state = tx.init(scaled)
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = tx.init(scaled)
     if state is not None:
         leaves = jax.tree_util.tree_leaves(state)[num:]
         treedef = jax.tree_util.tree_structure(opt_state)
@@ -165,10 +166,13 @@ def solve_optax(
     def step_fn(carry):
         ps, opt_state = carry
         value, grad = jax.value_and_grad(scaled_loss)(ps)
-        updates, opt_state = tx.update(
-            grad, opt_state, ps, value=value, grad=grad, value_fn=scaled_loss
-        )
-        return optax.apply_updates(ps, updates), opt_state
+        # Optax mixes its int32 step count with float64 parameters (bias correction): its
+        # updates are traced under standard promotion even where a user asked for strict.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(
+                grad, opt_state, ps, value=value, grad=grad, value_fn=scaled_loss
+            )
+            return optax.apply_updates(ps, updates), opt_state
 
     (scaled, opt_state), _, steps, converged = run_descent_loop(
         step_fn, lambda carry: scaled_loss(carry[0]), (scaled, opt_state), max_steps, tol

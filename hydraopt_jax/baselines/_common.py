@@ -13,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._lapack import after
-from .._loss import all_finite, check_factor_shapes, relative_errors, task_norms_sq, task_weights
+from .._loss import (
+    all_finite,
+    check_factor_shapes,
+    relative_errors,
+    task_norms_sq,
+    task_weights,
+    working_dtype,
+)
 from .._plan import SharingPlan
 from .._solution import RESULTS, Solution
 
@@ -37,7 +44,7 @@ def check_inputs(name: str, A, B) -> tuple[jax.Array, jax.Array]:
     check_factor_shapes(A, B, name)
     if A.shape[0] < 1:
         raise ValueError(f"{name}: needs at least one task; got A {A.shape}")
-    dtype = jnp.promote_types(jnp.promote_types(A.dtype, B.dtype), jnp.float32)
+    dtype = working_dtype(A, B)
     return A.astype(dtype), B.astype(dtype)
 
 
@@ -138,7 +145,7 @@ def kth_largest_bits(bits: jax.Array, k: jax.Array) -> jax.Array:
     def halve(_, bounds):  # invariant: #(>= lo) >= k > #(>= hi)
         lo, hi = bounds
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(flat >= mid) >= k
+        enough = jnp.sum(flat >= mid, dtype=jnp.asarray(k).dtype) >= k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
     start = (jnp.zeros((), flat.dtype), jnp.max(flat) + 1)
@@ -156,8 +163,8 @@ def topk_mask(x: jax.Array, k: jax.Array) -> jax.Array:
     kth = kth_largest_bits(bits, jnp.maximum(k, 1))
     above = bits > kth
     tied = bits == kth
-    room = k - jnp.sum(above)
-    keep = above | (tied & (jnp.cumsum(tied) <= room))
+    room = k - jnp.sum(above, dtype=k.dtype)
+    keep = above | (tied & (jnp.cumsum(tied, dtype=k.dtype) <= room))
     return (keep & (k > 0)).reshape(x.shape)
 
 

@@ -3,7 +3,8 @@
 ```
 hydraopt plan DIR... --budget 0.3 --out PLAN.yaml [--names a,b,...] [--ranks 8,16]
               [--rank-multipliers 0.5,1,1.5,2,3,4] [--attributes REGEX] [--no-attributes]
-              [--weighting relative|uniform] [--module-weighting equal|size] [--json]
+              [--weighting relative|uniform] [--module-weighting equal|size]
+              [--nested/--no-nested] [--json]
 hydraopt merge DIR... --out OUT --config PLAN.yaml         # uses the plan
 ```
 
@@ -94,6 +95,13 @@ def plan(
             "to the module's d_in + d_out)."
         ),
     ] = "equal",
+    nested: Annotated[
+        bool,
+        typer.Option(
+            "--nested/--no-nested",
+            help="Also try nested ranks: each task at a rank j < k inside the shared factor.",
+        ),
+    ] = True,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object.")
     ] = False,
@@ -117,7 +125,7 @@ def plan(
     attrs = attributes_from_flags(task_names, attributes, no_attributes)
     groupings, options = collection_options(
         collection, task_names=task_names, task_attributes=attrs, rank_multipliers=multipliers,
-        ranks=extra, weights=weighting, module_weights=module_weighting,
+        ranks=extra, weights=weighting, module_weights=module_weighting, nested=nested,
     )  # fmt: skip
     try:
         chosen = choose(groupings, options, budget)

@@ -111,6 +111,7 @@ class BudgetPlan:
                 "a": c.option.a_by,
                 "b": c.option.b_by,
                 "rank": c.option.rank,
+                "task_rank": c.option.task_rank,
                 "num_params": c.option.num_params,
                 "storage_ratio": c.storage_ratio,
                 "loss": c.option.loss,
@@ -201,6 +202,7 @@ def collection_options(
     weights="relative",
     activation_covs: Mapping[str, Any] | None = None,
     module_weights: Mapping[str, float] | str | None = None,
+    nested: bool = True,
 ):
     """`(groupings, {module: (ModuleStats, [PlanOption])})` for a whole collection."""
     if isinstance(collection, AdapterCollection) and task_names is None:
@@ -232,8 +234,9 @@ def collection_options(
             continue
         weight = 1.0 if module_weights is None else float(module_weights.get(name, 1.0))
         opts = module_options(
-            stats, groupings, rank_multipliers=rank_multipliers, ranks=ranks, module_weight=weight
-        )
+            stats, groupings, rank_multipliers=rank_multipliers, ranks=ranks,
+            module_weight=weight, nested=nested,
+        )  # fmt: skip
         # keep only what the allocation and the report need (the Grams can be large)
         stats = dataclasses.replace(stats, p=np.zeros((0, 0)), q=np.zeros((0, 0)))
         options[name] = (stats, opts)
@@ -271,6 +274,8 @@ def choose(groupings, options, budget: float) -> BudgetPlan:
         stats, opts = options[m]
         opt = opts[i]
         plan = SharingPlan.from_labels(groupings[opt.a_by], groupings[opt.b_by], opt.rank)
+        if opt.task_rank is not None:
+            plan = plan.with_task_rank(opt.task_rank)
         assert plan.num_tasks == num_tasks
         chosen[m] = ModuleChoice(
             m,
@@ -297,6 +302,7 @@ def plan_budget(
     weights="relative",
     activation_covs: Mapping[str, Any] | None = None,
     module_weights: Mapping[str, float] | str | None = None,
+    nested: bool = True,
 ) -> BudgetPlan:
     """Choose per module the shared side, task groups and rank under one storage budget.
 
@@ -319,6 +325,8 @@ def plan_budget(
     - `module_weights`: `"equal"` (default: every module's relative loss counts the same),
       `"size"` (each module's loss times its `d_in + d_out` over the mean: a module counts
       in proportion to its share of the adapters' parameters), or `{module: weight}`.
+    - `nested`: also offer nested ranks (a shared factor of rank `k` with every task at a
+      rank `j < k` inside it, where the other side is task-specific); default on.
 
     **Returns:** a `BudgetPlan`; `.plans` feeds `merge_adapters`, `.to_yaml(names)` writes a
     plan file for `hydraopt merge --config`.
@@ -338,5 +346,6 @@ def plan_budget(
         weights=weights,
         activation_covs=activation_covs,
         module_weights=module_weights,
+        nested=nested,
     )
     return choose(groupings, options, budget)

@@ -48,14 +48,17 @@ class PlanOption:
     loss: float
     plan: SharingPlan
     relative_error: tuple[float, ...] = ()  # per task present, as `merge` reports it
+    task_rank: int | None = None  # nested: every task's rank j inside the shared factor
 
     @property
     def name(self) -> str:
-        return NAMED_PAIRS.get((self.a_by, self.b_by), f"A:{self.a_by},B:{self.b_by}")
+        base = NAMED_PAIRS.get((self.a_by, self.b_by), f"A:{self.a_by},B:{self.b_by}")
+        return base if self.task_rank is None else f"{base} j={self.task_rank}"
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.a_by, self.b_by, self.rank_label)
+    def key(self) -> tuple[str, str, str, int]:
+        """What makes options of different modules "the same choice" (`j = 0`: not nested)."""
+        return (self.a_by, self.b_by, self.rank_label, self.task_rank or 0)
 
 
 def _psd_factor_blocks(d: np.ndarray, blocks: Sequence[slice]) -> np.ndarray:
@@ -87,22 +90,16 @@ def _top_eigh(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return vals[::-1][:k], vecs[:, ::-1][:, :k]
 
 
-def _family_curves(p, q, w, r, outer, inner, kmax) -> tuple[np.ndarray, np.ndarray]:
-    """Loss pieces of a closed-form plan at every rank `k = 0..kmax`.
+def _group_eigen(p, q, w, r, outer, inner, kmax):
+    """Per group `g` of `outer`: the eigen-decomposition behind its optimal shared factor.
 
-    `outer`: the shared side's group labels (A-groups in the shared-A family), `inner`: the
-    other side's, nested inside `outer`; `p`: the outer side's Gram, `q`: the inner side's.
-
-    Returns `captured [kmax + 1]` (`sum_g sum_{i <= k} lambda_{g,i}`, so the loss is
-    `sum_t w_t ||dW_t||^2 - captured[k]`) and `residual [kmax + 1, n]`, each task's
-    `||dW_t - dW_hat_t||^2` at rank `k` (the projector onto group `g`'s top-`k` subspace is
-    `Y^T D^{1/2} U_k Lambda_k^{-1} U_k^T D^{1/2} Y`, whose inner products with the tasks'
-    updates reduce to the two Grams).
+    Yields `(order, blocks, coef, q_g, vals, keep, v)` with `order` the group's tasks
+    (those of inner groups with positive weight), `blocks` their inner groups' row slices,
+    `coef` each row's `w_t / W_j`, `q_g` the inner-side Gram restricted to inner groups,
+    `vals` the top `kmax` eigenvalues of `F^T P_g F` (`keep`: the numerically nonzero ones)
+    and `v = P_g F U` (`[n_g r, K]`): row block `t` of `v Lambda^{-1/2}` is `A_t Ah^T` for the
+    optimal `Ah` of rank `K` (in the metric of `p`).
     """
-    n = len(outer)
-    norms = _block_traces(q, p, r)
-    captured = np.zeros(kmax + 1)
-    residual = np.tile(norms, (kmax + 1, 1))
     for g in range(max(outer) + 1):
         inner_groups: dict[int, list[int]] = {}
         for t, (o, i) in enumerate(zip(outer, inner, strict=True)):
@@ -132,10 +129,28 @@ def _family_curves(p, q, w, r, outer, inner, kmax) -> tuple[np.ndarray, np.ndarr
         vals, vecs = _top_eigh(0.5 * (m + m.T), kmax)
         keep = vals > max(float(vals[0]) if len(vals) else 0.0, 0.0) * 1e-12
         vals, vecs = np.where(keep, vals, 0.0), vecs * keep
+        yield order, blocks, coef, q_g, vals, keep, p_g @ half @ vecs
+
+
+def _family_curves(p, q, w, r, outer, inner, kmax) -> tuple[np.ndarray, np.ndarray]:
+    """Loss pieces of a closed-form plan at every rank `k = 0..kmax`.
+
+    `outer`: the shared side's group labels (A-groups in the shared-A family), `inner`: the
+    other side's, nested inside `outer`; `p`: the outer side's Gram, `q`: the inner side's.
+
+    Returns `captured [kmax + 1]` (`sum_g sum_{i <= k} lambda_{g,i}`, so the loss is
+    `sum_t w_t ||dW_t||^2 - captured[k]`) and `residual [kmax + 1, n]`, each task's
+    `||dW_t - dW_hat_t||^2` at rank `k` (the projector onto group `g`'s top-`k` subspace is
+    `Y^T D^{1/2} U_k Lambda_k^{-1} U_k^T D^{1/2} Y`, whose inner products with the tasks'
+    updates reduce to the two Grams).
+    """
+    norms = _block_traces(q, p, r)
+    captured = np.zeros(kmax + 1)
+    residual = np.tile(norms, (kmax + 1, 1))
+    for order, blocks, coef, q_g, vals, keep, v in _group_eigen(p, q, w, r, outer, inner, kmax):
         lam = np.concatenate([[0.0], vals, np.zeros(kmax - len(vals))])
         captured += np.cumsum(lam)
         # per-task residuals, one eigen-direction at a time
-        v = p_g @ half @ vecs  # [n_g r, K]
         inv = np.where(keep, 1.0 / np.where(keep, vals, 1.0), 0.0)
         cv = coef[:, None] * v
         qcv = q_g @ cv
@@ -149,8 +164,39 @@ def _family_curves(p, q, w, r, outer, inner, kmax) -> tuple[np.ndarray, np.ndarr
         delta = np.concatenate([np.zeros((num, 1)), np.cumsum(delta, axis=1)], axis=1)
         delta = np.pad(delta, ((0, 0), (0, kmax + 1 - delta.shape[1])), mode="edge")
         residual[:, order] += delta.T
-    del n
     return captured, np.clip(residual, 0.0, None)
+
+
+def _nested_curves(p, q, w, r, outer, ranks, inner_ranks) -> dict:
+    """Per-task residuals of nested plans (the closed-form start of `_solvers/nested.py`):
+    the shared side grouped by `outer`, one factor per task inside it.
+
+    For a shared factor of rank `k` (the plain plan's optimum), task `t`'s best rank-`j`
+    factor inside it captures the top `j` squared singular values of
+    `dW_t Ah^T = B_t A_t Ah^T`, those of `R_t (v_t Lambda_k^{-1/2})` with
+    `R_t^T R_t = B_t^T B_t` (`v_t`: task `t`'s rows of `_group_eigen`'s `v`): the eigenvalues
+    of `Lambda^{-1/2} v_t^T Q_tt v_t Lambda^{-1/2}` (`k x k`).
+
+    Returns `{(k, j): residual [n]}` for `k` in `ranks` and `j` in `inner_ranks` below `k`.
+    """
+    n = len(outer)
+    norms = _block_traces(q, p, r)
+    kmax = max(ranks)
+    out = {(k, j): norms.copy() for k in ranks for j in inner_ranks if j < k}
+    for order, _, _, q_g, vals, keep, v in _group_eigen(p, q, w, r, outer, range(n), kmax):
+        inv_sqrt = np.where(keep, 1.0 / np.sqrt(np.where(keep, vals, 1.0)), 0.0)
+        for i, t in enumerate(order):
+            rows = slice(i * r, (i + 1) * r)
+            v_t = v[rows] * inv_sqrt  # A_t Ah^T for the rank-K shared factor
+            h = v_t.T @ q_g[rows, rows] @ v_t  # its Gram under B_t^T B_t, [K, K]
+            for k in ranks:
+                kk = min(k, h.shape[0])
+                energy = np.linalg.eigvalsh(h[:kk, :kk])[::-1]  # descending
+                captured = np.cumsum(np.concatenate([[0.0], np.clip(energy, 0.0, None)]))
+                for j in inner_ranks:
+                    if j < k:
+                        out[(k, j)][t] = max(norms[t] - captured[min(j, kk)], 0.0)
+    return out
 
 
 @dataclasses.dataclass
@@ -219,6 +265,13 @@ def _candidate_ranks(stats: ModuleStats, multipliers, ranks) -> list[tuple[int, 
     return sorted(out.items())
 
 
+def _inner_ranks(rank_list) -> list[int]:
+    """Nested ranks `j` tried inside a shared factor: 1, 2, 4, ... and the candidate ranks."""
+    kmax = max(k for k, _ in rank_list)
+    powers = [2**i for i in range(kmax.bit_length()) if 2**i < kmax]
+    return sorted(set(powers) | {k for k, _ in rank_list if k < kmax})
+
+
 def module_options(
     stats: ModuleStats,
     groupings: Mapping[str, Sequence[int]],
@@ -226,15 +279,35 @@ def module_options(
     rank_multipliers=DEFAULT_RANK_MULTIPLIERS,
     ranks: Sequence[int] | None = None,
     module_weight: float = 1.0,
+    nested: bool = True,
 ) -> list[PlanOption]:
-    """Every closed-form candidate of one module at every candidate rank, with its loss."""
+    """Every closed-form candidate of one module at every candidate rank, with its loss.
+
+    With `nested`, plans whose other side is task-specific (shared A with a B per task, or
+    the mirror image) are also offered with every task at a rank `j < k` inside the shared
+    factor (`_nested_curves`; one `j` for all tasks of the module)."""
     local = {g: relabel([labels[t] for t in stats.present]) for g, labels in groupings.items()}
     rank_list = _candidate_ranks(stats, rank_multipliers, ranks)
     kmax = max(k for k, _ in rank_list)
     metric = _block_traces(stats.q, stats.p, stats.r)
-    total = float(np.sum(stats.weights * metric))
+    inner = _inner_ranks(rank_list)
     options: list[PlanOption] = []
     seen: set = set()
+
+    total = float(np.sum(stats.weights * metric))
+
+    def _option(a_by, b_by, k, label, plan, residual, j=None, loss=None) -> PlanOption:
+        """An option from each task's residual `||dW_t - dW_hat_t||^2` (loss: their weighted
+        sum unless given; errors relative to `||dW_t||`)."""
+        if loss is None:
+            loss = float(np.sum(stats.weights * residual))
+        loss *= module_weight
+        errors = np.sqrt(np.where(metric > 0, residual / np.where(metric > 0, metric, 1), 0))
+        return PlanOption(
+            a_by, b_by, k, label, plan.num_params(stats.d_in, stats.d_out), loss, plan,
+            tuple(float(x) for x in errors), j,
+        )  # fmt: skip
+
     for a_by, a_lab in local.items():
         for b_by, b_lab in local.items():
             if refines(b_lab, a_lab):  # shared-A family (also equal groupings)
@@ -252,24 +325,20 @@ def module_options(
             seen.add((a_lab, b_lab))
             plan = SharingPlan(a_lab, b_lab)
             for k, label in rank_list:
-                loss = max(total - cap[k], 0.0) * module_weight
-                options.append(
-                    PlanOption(
-                        a_by,
-                        b_by,
-                        k,
-                        label,
-                        plan.num_params(stats.d_in, stats.d_out, k),
-                        loss,
-                        plan.with_rank(k),
-                        tuple(
-                            float(x)
-                            for x in np.sqrt(
-                                np.where(metric > 0, res[k] / np.where(metric > 0, metric, 1), 0)
-                            )
-                        ),
-                    )
+                loss = max(total - cap[k], 0.0)  # from the eigenvalues: exact, no cancellation
+                options.append(_option(a_by, b_by, k, label, plan.with_rank(k), res[k], None, loss))
+            one_side = [side for side, by in (("a", a_by), ("b", b_by)) if by == "task"]
+            if nested and len(one_side) == 1:
+                # the side with a factor per task nests a rank-j factor in the shared one
+                shared = a_lab if one_side == ["b"] else b_lab
+                grams = (stats.p, stats.q) if one_side == ["b"] else (stats.q, stats.p)
+                curves = _nested_curves(
+                    *grams, stats.weights, stats.r, shared, [k for k, _ in rank_list], inner
                 )
+                for (k, j), res_kj in curves.items():
+                    label = dict(rank_list)[k]
+                    nested_plan = plan.with_rank(k).with_task_rank(j)
+                    options.append(_option(a_by, b_by, k, label, nested_plan, res_kj, j))
     return options
 
 

@@ -1,0 +1,159 @@
+"""The numbers the issues ask for, computed from result rows (`{method, storage_ratio, score,
+min_task_ratio, ...}`): the HydraOpt front, the front check, the summary."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+__all__ = [
+    "best_hydraopt_at",
+    "format_summary",
+    "front_check",
+    "hydraopt_front",
+    "is_rival",
+    "summarize",
+]
+
+ONE_ADAPTER_RIVALS = (
+    "baseline:linear",
+    "baseline:ties",
+    "baseline:dare_linear",
+    "baseline:dare_ties",
+)
+TRUNCATION = "reference:truncate"
+
+
+def _is(prefix: str, row: dict) -> bool:
+    return row["method"].startswith(prefix)
+
+
+def is_rival(row: dict) -> bool:
+    """What HydraOpt's front must beat: every baseline, and per-task truncation."""
+    return _is("baseline:", row) or _is(TRUNCATION, row)
+
+
+def hydraopt_front(rows: Sequence[dict]) -> list[dict]:
+    """The HydraOpt rows on the storage/score front (best score at each storage or less)."""
+    front, best = [], -math.inf
+    for row in sorted(
+        (r for r in rows if _is("hydraopt:", r)), key=lambda r: (r["storage_ratio"], -r["score"])
+    ):
+        if row["score"] > best:
+            front.append(row)
+            best = row["score"]
+    return front
+
+
+def best_hydraopt_at(rows: Sequence[dict], max_storage: float) -> dict | None:
+    """The best-scoring HydraOpt row with storage `<= max_storage`."""
+    cands = [r for r in rows if _is("hydraopt:", r) and r["storage_ratio"] <= max_storage + 1e-9]
+    return max(cands, key=lambda r: (r["score"], -r["storage_ratio"]), default=None)
+
+
+def front_check(rows: Sequence[dict], tol: float = 1e-9) -> dict:
+    """For every rival row (baselines and per-task truncation), the best HydraOpt row at
+    equal or smaller storage must score at least as high.
+
+    **Returns** `{"passed", "violations", "checked", "closest", "margins"}`: `margins` lists,
+    per rival, the best HydraOpt row at its storage and the margin (HydraOpt - rival)."""
+    violations, margins = [], []
+    rivals = [r for r in rows if is_rival(r)]
+    closest = None  # the rival with the smallest margin (HydraOpt score - rival score)
+    for b in rivals:
+        h = best_hydraopt_at(rows, b["storage_ratio"] + tol)
+        margin = None if h is None else h["score"] - b["score"]
+        margins.append(dict(rival=b["method"], storage=b["storage_ratio"], score=b["score"],
+                            hydraopt=None if h is None else h["method"],
+                            hydraopt_score=None if h is None else h["score"],
+                            margin=margin))  # fmt: skip
+        if h is not None and (closest is None or margin < closest["margin"]):
+            closest = dict(
+                baseline=b["method"], baseline_score=b["score"], hydraopt=h["method"],
+                hydraopt_score=h["score"], margin=margin,
+            )  # fmt: skip
+        if h is None or h["score"] < b["score"] - tol:
+            violations.append(
+                dict(
+                    baseline=b["method"],
+                    baseline_storage=b["storage_ratio"],
+                    baseline_score=b["score"],
+                    hydraopt=None if h is None else h["method"],
+                    hydraopt_storage=None if h is None else h["storage_ratio"],
+                    hydraopt_score=None if h is None else h["score"],
+                )
+            )
+    return dict(
+        passed=not violations, checked=len(rivals), violations=violations, closest=closest,
+        margins=margins,
+    )  # fmt: skip
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Best HydraOpt at <= 0.55 storage, the one-adapter comparison, the front check."""
+    by = {r["method"]: r for r in rows}
+    best_055 = best_hydraopt_at(rows, 0.55)
+    rivals = [by[m] for m in ONE_ADAPTER_RIVALS if m in by]
+    one = None
+    if rivals:
+        one_storage = max(r["storage_ratio"] for r in rivals)
+        h = best_hydraopt_at(rows, one_storage)
+        best_rival = max(rivals, key=lambda r: r["score"])
+        one = dict(
+            storage=one_storage,
+            hydraopt=None if h is None else h["method"],
+            hydraopt_score=None if h is None else h["score"],
+            best_rival=best_rival["method"],
+            best_rival_score=best_rival["score"],
+            passed=h is not None and h["score"] >= best_rival["score"],
+        )
+    return dict(
+        best_hydraopt_at_055=None
+        if best_055 is None
+        else dict(
+            method=best_055["method"], storage=best_055["storage_ratio"], score=best_055["score"]
+        ),
+        one_adapter=one,
+        front_check=front_check(rows),
+        front=[r["method"] for r in hydraopt_front(rows)],
+    )
+
+
+def format_summary(result: dict) -> str:
+    """Human-readable summary lines of one collection's result."""
+    s = summarize(result["rows"])
+    name = result["collection"]
+    lines = []
+    b = s["best_hydraopt_at_055"]
+    if b:
+        lines.append(
+            f"{name}: best HydraOpt at storage <= 0.55: {b['method']} "
+            f"(storage {b['storage']:.4f}) score {b['score']:.4f}"
+        )
+    o = s["one_adapter"]
+    if o and o["hydraopt"] is not None:
+        lines.append(
+            f"{name}: one-adapter storage ({o['storage']:.4f}): "
+            f"{o['hydraopt']} {o['hydraopt_score']:.4f} "
+            f"vs best of linear/ties/dare {o['best_rival']} {o['best_rival_score']:.4f} -> "
+            f"{'PASS' if o['passed'] else 'FAIL'}"
+        )
+    fc = s["front_check"]
+    lines.append(
+        f"{name}: HydraOpt front >= every baseline and per-task truncation at equal or larger "
+        f"storage: {'PASS' if fc['passed'] else 'FAIL'} ({fc['checked']} rivals checked, "
+        f"{len(fc['violations'])} violations)"
+    )
+    if fc.get("closest"):
+        c = fc["closest"]
+        lines.append(
+            f"  closest: {c['hydraopt']} {c['hydraopt_score']:.4f} vs {c['baseline']} "
+            f"{c['baseline_score']:.4f} (margin {c['margin']:+.4f})"
+        )
+    for v in fc["violations"]:
+        lines.append(
+            f"  violation: {v['baseline']} storage {v['baseline_storage']:.4f} score "
+            f"{v['baseline_score']:.4f} > {v['hydraopt']} storage {v['hydraopt_storage']} "
+            f"score {v['hydraopt_score']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""How alike the tasks' factors are: mean pairwise subspace overlap, and drift from init.
+
+For two tasks' factors on one module, the overlap of the row spaces of `A_i`, `A_j`
+(`[r, d_in]`) is `hydraopt_jax.subspace_overlap` (`||Q_i^T Q_j||_F^2 / r`): 1 when the spaces
+coincide, 0 when orthogonal, about `r / d_in` for random subspaces. The B overlap uses the
+column spaces of `B` (`[d_out, r]`).
+
+    python -m benchmarks.quality.overlap benchmarks/testbed/adapters/small_lr_same_seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import pathlib
+
+import numpy as np
+
+__all__ = ["collection_overlap", "drift_from_init", "mean_pairwise_overlap"]
+
+
+def _adapters(collection: str | pathlib.Path) -> dict[str, dict]:
+    """`{task: {module: (A, s B)}}` of every adapter directory in a collection folder."""
+    from hydraopt_jax.io import load_peft_adapter
+
+    out = {}
+    for path in sorted(pathlib.Path(collection).iterdir()):
+        if (path / "adapter_config.json").exists():
+            adapter = load_peft_adapter(path)
+            out[path.name] = adapter.load_factors(list(adapter.modules))
+    return out
+
+
+def mean_pairwise_overlap(factors: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict:
+    """Mean over task pairs and modules of the A (row-space) and B (column-space) overlaps.
+
+    **Arguments**: one `{module: (A [r, d_in], B [d_out, r])}` per task.
+    **Returns**: `{"a": float, "b": float, "a_random": float, "b_random": float,
+    "per_module": {module: (a, b)}}`, where `*_random` is the expectation `r / d` for random
+    subspaces of the same sizes, averaged over modules.
+    """
+    from hydraopt_jax import subspace_overlap
+
+    modules = sorted(set.intersection(*(set(f) for f in factors)))
+    per_module = {}
+    a_rand, b_rand = [], []
+    for m in modules:
+        a_vals, b_vals = [], []
+        for fi, fj in itertools.combinations(factors, 2):
+            (ai, bi), (aj, bj) = fi[m], fj[m]
+            a_vals.append(subspace_overlap(ai.T, aj.T))
+            b_vals.append(subspace_overlap(bi, bj))
+        per_module[m] = (float(np.nanmean(a_vals)), float(np.nanmean(b_vals)))
+        a0, b0 = factors[0][m]
+        a_rand.append(min(1.0, a0.shape[0] / a0.shape[1]))
+        b_rand.append(min(1.0, b0.shape[1] / b0.shape[0]))
+    return dict(
+        a=float(np.mean([v[0] for v in per_module.values()])),
+        b=float(np.mean([v[1] for v in per_module.values()])),
+        a_random=float(np.mean(a_rand)),
+        b_random=float(np.mean(b_rand)),
+        per_module=per_module,
+    )
+
+
+def collection_overlap(collection: str | pathlib.Path) -> dict:
+    """`mean_pairwise_overlap` of every adapter directory in a collection folder."""
+    return mean_pairwise_overlap(list(_adapters(collection).values()))
+
+
+def drift_from_init(collection: str | pathlib.Path, initial_factors, seeds: dict) -> dict:
+    """Mean over tasks and modules of `||A - A0|| / ||A0||` and of the A0/A row-space
+    overlap. `initial_factors(seed) -> {module: A0}`: the `lora_A` PEFT initialises under
+    that seed; `seeds`: each task's training seed."""
+    from hydraopt_jax import subspace_overlap
+
+    rel, ovl = [], []
+    init_by_seed: dict[int, dict] = {}
+    for name, factors in _adapters(collection).items():
+        init = init_by_seed.setdefault(seeds[name], initial_factors(seeds[name]))
+        for module, (a, _) in factors.items():
+            a0 = init[module]
+            rel.append(np.linalg.norm(a - a0) / np.linalg.norm(a0))
+            ovl.append(subspace_overlap(a.T, a0.T))
+    return dict(a_relative_drift=float(np.mean(rel)), a_init_overlap=float(np.mean(ovl)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Mean pairwise A/B subspace overlap.")
+    parser.add_argument("collections", nargs="+", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    for c in args.collections:
+        o = collection_overlap(c)
+        print(
+            f"{c.name}: A overlap {o['a']:.3f} (random {o['a_random']:.3f}), "
+            f"B overlap {o['b']:.3f} (random {o['b_random']:.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Merge and score every method of a testbed on one collection, and the shared command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import report
+from .analysis import format_summary, summarize
+from .collection import Collection
+from .methods import Grid, Method, merge_method
+
+__all__ = ["Testbed", "evaluate_collection", "main", "make_row", "score_accuracies"]
+
+ROW_KEYS = ("method", "collection", "storage_ratio", "score", "min_task_ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class Testbed:
+    """What the harness needs from a testbed.
+
+    - `name`: prefix of its result files (`<name>_<collection>.json`, `<name>.md`,
+      `<name>.png` in `results`); `title`, `command`: for the report.
+    - `collections`, `quick_collections`, `quick_tasks`: what a full and a `--quick` run use.
+    - `load`: `(collection name, tasks or None) -> Collection`.
+    - `load_base`: `() -> base model`; `scorer`: `base -> (task, lora or None) -> accuracy`.
+    - `calibrate`: `(base, Collection) -> {module: E[x x^T]}` on training-distribution inputs.
+    - `grid`: the methods; `reuse_own`: score the `lora` row from the manifest's own
+      accuracies (1.0 by definition) instead of evaluating it again.
+    """
+
+    name: str
+    title: str
+    command: str
+    results: pathlib.Path
+    collections: tuple[str, ...]
+    quick_collections: tuple[str, ...]
+    quick_tasks: Callable[[], list[str]]
+    load: Callable[[str, Sequence[str] | None], Collection]
+    load_base: Callable[[], Any]
+    scorer: Callable[[Any], Callable[[str, dict | None], float]]
+    calibrate: Callable[[Any, Collection], dict]
+    grid: Grid
+    reuse_own: bool = False
+    calibration: dict = dataclasses.field(default_factory=dict)
+
+    def write_reports(self, out_dir: pathlib.Path | None = None):
+        """`<name>.md` and `<name>.png` from every result file in `out_dir`."""
+        out_dir = pathlib.Path(out_dir or self.results)
+        results = report.load_results(out_dir, self.name, self.collections)
+        if not results:
+            return None
+        md = out_dir / f"{self.name}.md"
+        md.write_text(report.markdown(results, self.title, self.command))
+        png = out_dir / f"{self.name}.png"
+        report.save_chart(results, png, self.title)
+        return md, png
+
+    def order(self) -> dict[str, int]:
+        return {m.name: i for i, m in enumerate(self.grid.methods(sweep=True))}
+
+
+def score_accuracies(
+    accuracy: dict[str, float], own_accuracy: dict[str, float]
+) -> tuple[float, float, dict[str, float]]:
+    """`(score, min_task_ratio, ratios)`: mean and min over tasks of merged / own accuracy."""
+    ratios = {t: accuracy[t] / own_accuracy[t] for t in accuracy}
+    values = list(ratios.values())
+    return float(np.mean(values)), float(np.min(values)), ratios
+
+
+def make_row(method: str, collection: str, storage: float, score: float, worst: float) -> dict:
+    return dict(
+        method=method,
+        collection=collection,
+        storage_ratio=round(float(storage), 6),
+        score=round(float(score), 6),
+        min_task_ratio=round(float(worst), 6),
+    )
+
+
+def evaluate_collection(
+    testbed: Testbed,
+    collection: str,
+    *,
+    tasks: Sequence[str] | None = None,
+    methods: Sequence[Method] | None = None,
+    base_model=None,
+    log: Callable[[str], None] = lambda s: None,
+    previous: dict | None = None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Merge and score every method on one collection.
+
+    `previous`: an earlier (partial) result of the same collection and tasks; its methods are
+    reused, not recomputed. `on_progress(result)` is called after every method with the
+    partial result (`"complete": False`), e.g. to write it.
+
+    **Returns** `{"collection", "tasks", "rows", "details", "config", "summary", "complete"}`;
+    `rows` are `{method, collection, storage_ratio, score, min_task_ratio}` dicts.
+    """
+    coll = testbed.load(collection, tasks)
+    base_model = testbed.load_base() if base_model is None else base_model
+    score = testbed.scorer(base_model)
+    methods = testbed.grid.methods() if methods is None else list(methods)
+    covs = None
+    rows, details = [], {}
+    done = {}
+    if previous is not None and previous.get("tasks") == coll.tasks:
+        done = {r["method"]: r for r in previous["rows"]}
+    wanted = {m.name for m in methods}
+    kept = [r for r in (previous or {}).get("rows", []) if r["method"] not in wanted]
+    kept = [r for r in kept if r["method"] in previous.get("details", {})] if kept else []
+    order = testbed.order()
+
+    def result(complete: bool) -> dict:
+        all_rows = sorted(rows + kept, key=lambda r: order.get(r["method"], len(order)))
+        all_details = {r["method"]: previous["details"][r["method"]] for r in kept} | details
+        return dict(
+            collection=coll.name,
+            tasks=coll.tasks,
+            complete=complete,
+            rows=all_rows,
+            details=all_details,
+            config=dict(
+                calibration=testbed.calibration,
+                rank=coll.rank,
+                weights="relative",
+                own_accuracy=coll.own_accuracy,
+            ),
+            summary=summarize(all_rows),
+        )
+
+    for method in methods:
+        if method.name in done and method.name in previous.get("details", {}):
+            rows.append(done[method.name])
+            details[method.name] = previous["details"][method.name]
+            log(f"[{coll.name}] {method.name:36s} (reused from the previous result)")
+            continue
+        if method.activation and covs is None:
+            t0 = time.perf_counter()
+            covs = testbed.calibrate(base_model, coll)
+            log(f"[{coll.name}] activation covariances: {time.perf_counter() - t0:.1f} s")
+        merged = merge_method(method, coll, covs)
+        t0 = time.perf_counter()
+        if method.kind == "lora" and testbed.reuse_own:
+            accuracy = dict(coll.own_accuracy)
+        else:
+            accuracy = {t: float(score(t, lora)) for t, lora in merged.loras.items()}
+        eval_s = time.perf_counter() - t0
+        value, worst, _ = score_accuracies(accuracy, coll.own_accuracy)
+        rows.append(make_row(method.name, coll.name, merged.storage_ratio, value, worst))
+        details[method.name] = dict(
+            num_params=merged.num_params,
+            original_params=merged.original_params,
+            accuracy=accuracy,
+            relative_error_mean=float(np.mean(list(merged.relative_error.values()))),
+            merge_seconds=round(merged.seconds, 3),
+            eval_seconds=round(eval_s, 3),
+        )
+        err = details[method.name]["relative_error_mean"]
+        log(
+            f"[{coll.name}] {method.name:36s} storage {merged.storage_ratio:7.4f}  "
+            f"score {value:.4f}  min {worst:.4f}  rel.err {err:.3f}  "
+            f"({merged.seconds:.1f} s merge, {eval_s:.1f} s eval)"
+        )
+        if on_progress is not None:
+            on_progress(result(False))
+    return result(True)
+
+
+def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
+    """`python -m benchmarks.<testbed>`: score every method on the testbed's collections.
+
+    A full run writes `<results>/<name>_<collection>.json` and regenerates `<name>.md` and
+    `<name>.png` from every result file there. `--quick` writes nothing unless `--out` is
+    given. Progress goes to stderr; with `--json` stdout holds only the JSON list of rows.
+    """
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{testbed.name}",
+        description=(doc or main.__doc__).splitlines()[0],
+    )
+    parser.add_argument("--collection", action="append", help="collection name (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="reduced grid (CI)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON to stdout")
+    parser.add_argument("--methods", help="comma-separated method names (default: all)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: all / quick grid)")
+    parser.add_argument("--out", type=pathlib.Path, help=f"results folder ({testbed.results})")
+    parser.add_argument("--no-write", action="store_true", help="write no files")
+    parser.add_argument("--report", action="store_true", help="only rebuild md + png from the JSON")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the methods of an existing result file"
+    )
+    args = parser.parse_args(argv)
+    out_dir = args.out or testbed.results
+    if args.report:
+        written = testbed.write_reports(out_dir)
+        if written is None:
+            print(f"no {testbed.name}_*.json in {out_dir}", file=sys.stderr)
+            return 2
+        for res in report.load_results(out_dir, testbed.name, testbed.collections):
+            print(format_summary(res))
+        return 0
+
+    real_stdout = sys.stdout
+    write = not args.no_write and (not args.quick or args.out is not None)
+    rows = []
+    # keep stdout clean for --json: anything a library prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        collections = args.collection or list(
+            testbed.quick_collections if args.quick else testbed.collections
+        )
+        tasks = (
+            args.tasks.split(",") if args.tasks else (testbed.quick_tasks() if args.quick else None)
+        )
+        methods = testbed.grid.by_name(
+            args.methods.split(",") if args.methods else None, sweep=not args.quick
+        )
+        base = testbed.load_base()
+        summaries = []
+        for name in collections:
+            t0 = time.perf_counter()
+            previous = None
+            existing = out_dir / f"{testbed.name}_{name}.json"
+            if args.resume and existing.exists():
+                previous = json.loads(existing.read_text())
+            result = evaluate_collection(
+                testbed, name, tasks=tasks, methods=methods, base_model=base, previous=previous,
+                log=lambda s: print(s, file=sys.stderr, flush=True),
+                on_progress=(lambda r: report.write_result(r, out_dir, testbed.name))
+                if write else None,
+            )  # fmt: skip
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            result["quick"] = bool(args.quick)
+            rows += result["rows"]
+            summaries.append(format_summary(result))
+            print(summaries[-1], file=sys.stderr, flush=True)
+            if write:
+                path = report.write_result(result, out_dir, testbed.name)
+                print(f"wrote {path} ({result['seconds']} s)", file=sys.stderr, flush=True)
+        if write:
+            written = testbed.write_reports(out_dir)
+            if written:
+                print("wrote", *written, file=sys.stderr, flush=True)
+    if args.json:
+        real_stdout.write(json.dumps(rows) + "\n")
+    else:
+        print("\n".join(summaries))
+    return 0

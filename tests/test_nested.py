@@ -1,0 +1,203 @@
+"""Nested ranks: a shared factor of rank `k` with, per task, a rank-`j_t` factor inside it.
+
+Against a dense float64 reference of the nested objective; the ordering it must respect
+(per-task truncation at rank `j` <= nested `(k, j)` <= shared at rank `j`, all in one
+weighted loss); storage; `j_t = k` is the plain plan; bundles, plan files and PEFT export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import hydraopt_jax as hj
+from hydraopt_jax import SharingPlan
+from tests.helpers.references import dense_updates, random_collection, relative_weights
+
+
+def dense_nested_start(A, B, plan: SharingPlan, weights) -> float:
+    """DENSE REFERENCE of the closed-form start (shared-A side, one A-group): `Ah` = the top-k
+    right singular vectors of the stacked `sqrt(w_t) dW_t`, then each task's best rank-`j_t`
+    factor inside `Ah`'s span (truncated SVD of `dW_t Ah^T`). Returns the weighted loss."""
+    dense, w, k = dense_updates(A, B), np.asarray(weights, np.float64), plan.rank
+    stacked = np.concatenate([np.sqrt(w[t]) * dense[t] for t in range(len(w))], axis=0)
+    ah = np.linalg.svd(stacked, full_matrices=False)[2][:k]
+    loss = 0.0
+    for t, j in enumerate(plan.task_rank):
+        u, s, vt = np.linalg.svd(dense[t] @ ah.T, full_matrices=False)
+        approx = (u[:, :j] * s[:j]) @ vt[:j] @ ah
+        loss += w[t] * np.sum((dense[t] - approx) ** 2)
+    return loss
+
+
+def dense_loss(A, B, sol, weights) -> float:
+    dense, total, weights = dense_updates(A, B), 0.0, np.asarray(weights, np.float64)
+    for t in range(A.shape[0]):
+        a, b = (np.asarray(x, np.float64) for x in sol.task_factors(t))
+        total += weights[t] * np.sum((dense[t] - b @ a) ** 2)
+    return total
+
+
+def test_closed_form_start_equals_the_dense_reference(rng):
+    A, B = random_collection(rng, num_tasks=5, rank=4, d_in=30, d_out=18)
+    plan = SharingPlan.shared_a(5, 6).with_task_rank([1, 2, 3, 2, 1])
+    sol = hj.merge(A, B, plan)
+    w = relative_weights(A, B)
+    assert sol.core == "nested" and int(sol.steps) == 0
+    np.testing.assert_allclose(float(sol.loss), dense_nested_start(A, B, plan, w), rtol=1e-8)
+    np.testing.assert_allclose(float(sol.loss), dense_loss(A, B, sol, w), rtol=1e-8)
+    dense = dense_updates(A, B)
+    for t in range(5):
+        a, b = (np.asarray(x, np.float64) for x in sol.task_factors(t))
+        error = np.linalg.norm(dense[t] - b @ a) / np.linalg.norm(dense[t])
+        np.testing.assert_allclose(float(sol.relative_error[t]), error, rtol=1e-7)
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_als_and_adam_refine_the_start_and_agree_with_the_dense_loss(rng, side):
+    A, B = random_collection(rng, num_tasks=6, rank=4, d_in=24, d_out=20, drift=0.6)
+    base = SharingPlan.shared_a(6, 5) if side == "a" else SharingPlan.shared_b(6, 5)
+    plan = base.with_task_rank(2)
+    w = relative_weights(A, B)
+    start = hj.merge(A, B, plan)
+    als = hj.merge(A, B, plan, "als", max_steps=300, tol=1e-12)
+    adam = hj.merge(A, B, plan, "adam", max_steps=3000, tol=1e-12, init=start)
+    for sol in (start, als, adam):
+        np.testing.assert_allclose(float(sol.loss), dense_loss(A, B, sol, w), rtol=1e-7)
+    assert float(als.loss) < float(start.loss) * (1 - 1e-4)  # refinement pays here
+    assert float(adam.loss) <= float(start.loss)
+    assert float(adam.loss) <= float(als.loss) * 1.01  # both find (about) the same optimum
+
+
+def test_als_never_increases_the_loss(rng):
+    A, B = random_collection(rng, num_tasks=5, rank=3, drift=0.8)
+    plan = SharingPlan.from_labels([0, 0, 1, 1, 1], None, 4).with_task_rank([1, 2, 1, 2, 1])
+    losses = [float(hj.merge(A, B, plan, "als", max_steps=n, tol=-1.0).loss) for n in range(6)]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:], strict=False))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    num_tasks=st.integers(2, 6),
+    r=st.integers(1, 4),
+    extra=st.integers(0, 4),
+    j=st.integers(1, 4),
+    side=st.sampled_from("ab"),
+    seed=st.integers(0, 2**16),
+)
+@pytest.mark.slow
+def test_nested_sits_between_truncation_and_sharing_at_rank_j(num_tasks, r, extra, j, side, seed):
+    """Per-task truncation at rank `j` <= nested `(k, j)` <= shared at rank `j`: the top-`j`
+    shared subspace lies inside the top-`k` one, and truncation is the unrestricted optimum."""
+    j = min(j, r)
+    k = j + extra
+    rng = np.random.default_rng(seed)
+    A, B = random_collection(rng, num_tasks=num_tasks, rank=r, d_in=14, d_out=11, drift=0.5)
+    shared = SharingPlan.shared_a if side == "a" else SharingPlan.shared_b
+    truncation = float(hj.merge(A, B, SharingPlan.separate(num_tasks, j)).loss)
+    nested = float(hj.merge(A, B, shared(num_tasks, k).with_task_rank(j)).loss)
+    sharing = float(hj.merge(A, B, shared(num_tasks, j)).loss)
+    scale = float(num_tasks)  # the loss at zero, with relative weights
+    assert truncation <= nested + 1e-9 * scale
+    assert nested <= sharing + 1e-9 * scale
+
+
+def test_task_rank_equal_to_k_is_the_plain_plan(rng):
+    A, B = random_collection(rng, num_tasks=4, rank=3)
+    plain = hj.merge(A, B, SharingPlan.shared_a(4, 3))
+    same = hj.merge(A, B, SharingPlan.shared_a(4, 3).with_task_rank(3))
+    assert same.core is None and same.cores is None and same.plan == plain.plan
+    np.testing.assert_array_equal(same.shared_a, plain.shared_a)
+    np.testing.assert_array_equal(same.shared_b, plain.shared_b)
+
+
+def test_storage_counts_the_shared_factor_once_and_each_tasks_inner_factor():
+    plan = SharingPlan.shared_a(4, 16).with_task_rank([1, 2, 2, 4])
+    assert plan.num_params(576, 192) == 16 * 576 + 9 * (192 + 16)
+    mirror = SharingPlan.shared_b(4, 16).with_task_rank(2)
+    assert mirror.num_params(576, 192) == 192 * 16 + 8 * (576 + 16)
+    assert plan.name == "shared_a+nested" and plan.nested_side == "b"
+    assert mirror.nested_side == "a"
+
+
+def test_bad_nested_plans_are_refused_with_what_arrived():
+    with pytest.raises(ValueError, match=r"task_rank \[3, 9\] exceeds the shared rank 4"):
+        SharingPlan.shared_a(2, 4).with_task_rank([3, 9])
+    with pytest.raises(ValueError, match="one side with a factor per task"):
+        SharingPlan.full_merge(3, 4).with_task_rank(2)
+    with pytest.raises(ValueError, match="one integer >= 1 per task"):
+        SharingPlan.shared_a(3, 4).with_task_rank([1, 2])
+
+
+def test_merge_adapters_leaves_absent_tasks_out_of_nested_plans(rng):
+    A, B = random_collection(rng, num_tasks=4, rank=3, dtype=np.float32)
+    ranks = (3, 0, 2, 3)
+    A[1], B[1] = 0, 0
+    plan = SharingPlan.shared_a(4, 5).with_task_rank([2, 1, 1, 2])
+    sols = hj.merge_adapters({"m": (A, B, ranks)}, plan)
+    sol = sols["m"]
+    assert sol.task_ids == (0, 2, 3) and sol.plan.task_rank == (2, 1, 2)
+    np.testing.assert_allclose(
+        float(sol.loss), dense_loss(A[[0, 2, 3]], B[[0, 2, 3]], sol, sol.weights), rtol=1e-5
+    )
+
+
+def test_plan_files_carry_nested_ranks():
+    from hydraopt_jax.planner import plans_from_config
+
+    tasks = ["qa_fr", "qa_de", "chat_fr"]
+    spec = {"a": "shared", "rank": 8, "task_rank": {"qa_*": 2}}
+    plan = plans_from_config(spec, tasks, ["m"])
+    assert plan.task_rank == (2, 2, 8) and plan.rank == 8
+    assert plans_from_config(
+        {"a": "shared", "rank": 8, "task_rank": 3}, tasks, ["m"]
+    ).task_rank == (3, 3, 3)
+    from hydraopt_jax.io import AdapterError
+
+    with pytest.raises(AdapterError, match="exceeds the shared rank 8"):
+        plans_from_config({"a": "shared", "rank": 8, "task_rank": 9}, tasks, ["m"])
+    with pytest.raises(AdapterError, match="needs one side with a factor per task|one side"):
+        plans_from_config({"a": "shared", "b": "shared", "rank": 8, "task_rank": 2}, tasks, ["m"])
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_export_gives_peft_adapters_of_rank_j_exact_against_the_bundle(tmp_path, side):
+    """A nested bundle exported: each task's adapter has rank `j_t` (`lora_A = V_t^T Ah`,
+    `lora_B = U_t`, or the mirror image), PEFT loads it, and its deltas equal the bundle's
+    reconstruction; `bfloat16` export works too."""
+    from hydraopt_jax.io import export_peft, load_bundle, load_collection, load_peft_adapter
+    from tests.helpers.peft_models import (
+        as_update,
+        llama_adapters,
+        peft_deltas,
+        rel_err,
+        tiny_llama,
+    )
+
+    collection = load_collection(llama_adapters())
+    shared = SharingPlan.shared_a if side == "a" else SharingPlan.shared_b
+    plan = shared(collection.num_tasks, 4).with_task_rank([1, 2, 3])
+    bundle = hj.merge_collection(collection, plan, out=tmp_path / "bundle")
+    back = load_bundle(tmp_path / "bundle")
+    assert {m.core for m in back.modules.values()} == {"nested"}
+    export_peft(back, tmp_path / "peft")
+    for t, task in enumerate(collection.names):
+        config = json.loads((tmp_path / "peft" / task / "adapter_config.json").read_text())
+        adapter = load_peft_adapter(tmp_path / "peft" / task)
+        for spec in adapter.modules.values():
+            assert spec.rank == [1, 2, 3][t]
+        deltas = peft_deltas(tiny_llama(), tmp_path / "peft" / task)
+        for name, (delta, fan, kind) in deltas.items():
+            module = bundle.modules[name]
+            a, b = module.task_factors(module.task_ids.index(t))
+            assert rel_err(as_update(delta, fan, kind), b.astype(np.float64) @ a) < 1e-6
+        assert config["r"] == config["lora_alpha"] == [1, 2, 3][t]
+    export_peft(back, tmp_path / "bf16", dtype="bfloat16")
+    deltas = peft_deltas(tiny_llama(), tmp_path / "bf16" / collection.names[2])
+    module = bundle.modules[next(iter(deltas))]
+    a, b = module.task_factors(module.task_ids.index(2))
+    delta, fan, kind = next(iter(deltas.values()))
+    assert rel_err(as_update(delta, fan, kind), b.astype(np.float64) @ a) < 2e-2
