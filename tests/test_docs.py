@@ -1,4 +1,5 @@
-"""The README's merge -> export -> load-in-PEFT example runs as written."""
+"""The documents run as written: the README's set-up commands and merge -> export ->
+load-in-PEFT example, and the executed notebook."""
 
 from __future__ import annotations
 

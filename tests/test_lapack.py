@@ -1,7 +1,5 @@
 """Programs with several LAPACK calls finish on a small CPU (see `hydraopt_jax._lapack`).
 
-pytestmark = pytest.mark.slow  # subprocesses / notebooks: seconds each
-
 Before `after`, a full merge of 16 modules at d = 2048 deadlocked on every run on a 2-core
 machine (the QR forming Q and the SVD of R in `top_right_singular_vectors` ran at once, each
 blocking one of the two pool threads; that function now uses an eigh chain instead, and the
@@ -17,6 +15,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytestmark = pytest.mark.slow  # a child process pinned to 2 CPUs
 
 CHILD = r"""
 import os
