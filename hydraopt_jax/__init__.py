@@ -14,6 +14,7 @@ _apply_cpu_workarounds()  # before any computation: see _xla_flags.py
 from . import baselines as baselines
 from . import io as io
 from . import planner as planner
+from . import serve as serve
 from ._loss import dense_loss_reference as dense_loss_reference
 from ._loss import task_weights as task_weights
 from ._merge import SolverError as SolverError

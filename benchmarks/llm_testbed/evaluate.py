@@ -127,14 +127,15 @@ def load_adapter(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 class Scorer:
     """Held-out exact match of one base model on the grid's tasks, with tokenization cached."""
 
-    def __init__(self, model, tokenizer, split: str = "test"):
-        self.model, self.tokenizer, self.split = model, tokenizer, split
+    def __init__(self, model, tokenizer, split: str = "test", limit: int | None = None):
+        self.model, self.tokenizer, self.split, self.limit = model, tokenizer, split, limit
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._encoded: dict[str, list] = {}
 
     def encoded(self, task: T.Task):
         if task.name not in self._encoded:
-            self._encoded[task.name] = tokenize(self.tokenizer, T.heldout(task, self.split))
+            pairs = T.heldout(task, self.split)[: self.limit]
+            self._encoded[task.name] = tokenize(self.tokenizer, pairs)
         return self._encoded[task.name]
 
     def accuracy(self, task: T.Task | str, lora: dict | None) -> float:

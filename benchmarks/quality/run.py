@@ -35,7 +35,8 @@ class Testbed:
     - `load_base`: `() -> base model`; `scorer`: `base -> (task, lora or None) -> accuracy`.
     - `calibrate`: `(base, Collection) -> {module: E[x x^T]}` on training-distribution inputs.
     - `grid`: the methods; `reuse_own`: score the `lora` row from the manifest's own
-      accuracies (1.0 by definition) instead of evaluating it again.
+      accuracies (1.0 by definition) instead of evaluating it again; `quick_methods`: the
+      methods of `--quick` (default: the grid without sweeps).
     """
 
     name: str
@@ -52,6 +53,7 @@ class Testbed:
     grid: Grid
     reuse_own: bool = False
     calibration: dict = dataclasses.field(default_factory=dict)
+    quick_methods: tuple[str, ...] | None = None  # --quick: these (default: the quick grid)
 
     def write_reports(self, out_dir: pathlib.Path | None = None):
         """`<name>.md` and `<name>.png` from every result file in `out_dir`."""
@@ -227,9 +229,10 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         tasks = (
             args.tasks.split(",") if args.tasks else (testbed.quick_tasks() if args.quick else None)
         )
-        methods = testbed.grid.by_name(
-            args.methods.split(",") if args.methods else None, sweep=not args.quick
-        )
+        names = args.methods.split(",") if args.methods else None
+        if names is None and args.quick and testbed.quick_methods:
+            names = list(testbed.quick_methods)
+        methods = testbed.grid.by_name(names, sweep=not args.quick)
         base = testbed.load_base()
         summaries = []
         for name in collections:

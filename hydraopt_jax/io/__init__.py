@@ -2,11 +2,13 @@
 and Orbax checkpoints out.
 
 Layout: `peft` (reading and checking one adapter), `collection` (many adapters, read one
-shape group at a time), `export` (PEFT adapters from a bundle), `bundle`, `torch`,
-`checkpoint` (Orbax `Solution` checkpoints), `resume` (a long merge's checkpoints),
-`memory` (the memory guard), `_files` (errors, safetensors, atomic directories).
+shape group at a time), `export` (PEFT adapters from a bundle), `bundle`, `torch`, `flax`
+(Flax NNX LoRAs in and out), `checkpoint` (Orbax `Solution` checkpoints), `resume` (a long
+merge's checkpoints), `memory` (the memory guard), `_files` (errors, safetensors, atomic
+directories).
 """
 
+from . import flax as flax
 from ._files import AdapterError as AdapterError
 from ._files import read_yaml as read_yaml
 from ._files import write_safetensors as write_safetensors

@@ -12,7 +12,7 @@ from .._host import aligned_zeros
 from ._files import AdapterError, check_task_name, kill_point
 from .peft import PeftAdapter, load_peft_adapter
 
-__all__ = ["AdapterCollection", "ModuleInfo", "load_collection"]
+__all__ = ["AdapterCollection", "ModuleInfo", "collection_from_adapters", "load_collection"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,13 @@ def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> Adapt
             )
         seen[name] = d
     adapters = tuple(load_peft_adapter(d, name) for d, name in zip(dirs, names, strict=False))
+    return collection_from_adapters(adapters)
+
+
+def collection_from_adapters(adapters) -> AdapterCollection:
+    """An `AdapterCollection` of `PeftAdapter`s (one per task, distinct names): each module
+    adapted by several tasks must have the same kind and `(d_in, d_out)` in each."""
+    adapters = tuple(adapters)
     modules: dict[str, ModuleInfo] = {}
     owner: dict[str, PeftAdapter] = {}
     ranks: dict[str, list[int]] = {}

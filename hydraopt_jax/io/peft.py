@@ -40,6 +40,7 @@ __all__ = [
     "AdapterError",
     "ModuleSpec",
     "PeftAdapter",
+    "adapter_from_tensors",
     "get_pattern_key",
     "load_peft_adapter",
     "parse_adapter",
@@ -100,10 +101,13 @@ class PeftAdapter:
     carried_keys: tuple[str, ...]
     tensor_dtypes: dict[str, str]
     _tensors: dict[str, np.ndarray] | None = dataclasses.field(default=None, repr=False)
+    source: str | None = None  # what errors name for an adapter held in memory
 
     @property
     def weights_file(self) -> str:
-        return str(self.path / WEIGHTS_NAME) if self.path is not None else f"<{self.name}>"
+        if self.path is not None:
+            return str(self.path / WEIGHTS_NAME)
+        return self.source or f"<{self.name}>"
 
     @property
     def base_model(self) -> str | None:
@@ -435,4 +439,21 @@ def load_peft_adapter(path, name: str | None = None) -> PeftAdapter:
         modules=modules,
         carried_keys=carried,
         tensor_dtypes={k: v[1] for k, v in header.items()},
+    )
+
+
+def adapter_from_tensors(name: str, config: dict, tensors: Mapping[str, np.ndarray], where: str):
+    """A `PeftAdapter` held in memory from PEFT-layout `tensors` and its `config`, checked
+    like a directory (the same one-line errors, naming `where`)."""
+    header = {key: (tuple(v.shape), str(v.dtype)) for key, v in tensors.items()}
+    modules, carried = parse_adapter(name, config, header, where, f"<config {name}>")
+    return PeftAdapter(
+        name=name,
+        path=None,
+        config=config,
+        modules=modules,
+        carried_keys=carried,
+        tensor_dtypes={k: v[1] for k, v in header.items()},
+        _tensors=dict(tensors),
+        source=where,
     )

@@ -19,7 +19,7 @@ import numpy as np
 
 from ._files import AdapterError
 from .export import export_peft_tensors
-from .peft import PeftAdapter, parse_adapter
+from .peft import PeftAdapter, adapter_from_tensors
 
 __all__ = ["from_torch_state_dict", "to_torch_state_dict"]
 
@@ -80,20 +80,8 @@ def from_torch_state_dict(state_dict: Mapping, config, *, name: str = "adapter")
 
     **Returns:** a `PeftAdapter` (copies of the tensors, original dtypes kept).
     """
-    config = _config_dict(config)
     tensors = {key: _to_numpy(value) for key, value in state_dict.items()}
-    header = {key: (tuple(v.shape), str(v.dtype)) for key, v in tensors.items()}
-    where = f"<state_dict {name}>"
-    modules, carried = parse_adapter(name, config, header, where, f"<config {name}>")
-    return PeftAdapter(
-        name=name,
-        path=None,
-        config=config,
-        modules=modules,
-        carried_keys=carried,
-        tensor_dtypes={k: v[1] for k, v in header.items()},
-        _tensors=tensors,
-    )
+    return adapter_from_tensors(name, _config_dict(config), tensors, f"<state_dict {name}>")
 
 
 def to_torch_state_dict(source, task: str | None = None, dtype=None) -> dict:

@@ -165,15 +165,18 @@ def _task_ranks(value, tasks: Sequence[str], rank, where) -> tuple[int, ...] | N
     return (_positive_int(value, "task_rank", where),) * len(tasks)
 
 
-def plan_from_config(spec, tasks: Sequence[str], where="plan") -> SharingPlan:
-    """A `SharingPlan` over `tasks` from one parsed plan mapping (module docstring)."""
+def _check_mapping(spec, keys, where) -> None:
+    """`spec` is a mapping with no key outside `keys`, else `AdapterError(where)`."""
     if not isinstance(spec, dict):
         raise AdapterError(where, f"a plan file must be a YAML mapping, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - PLAN_KEYS)
+    unknown = sorted(set(spec) - keys)
     if unknown:
-        raise AdapterError(
-            where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(PLAN_KEYS))}"
-        )
+        raise AdapterError(where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(keys))}")
+
+
+def plan_from_config(spec, tasks: Sequence[str], where="plan") -> SharingPlan:
+    """A `SharingPlan` over `tasks` from one parsed plan mapping (module docstring)."""
+    _check_mapping(spec, PLAN_KEYS, where)
     rank = spec.get("rank")
     if rank is not None:
         rank = _positive_int(rank, "rank", where)
@@ -203,13 +206,7 @@ def plans_from_config(
     `rank` (from `--rank`) replaces the top-level `rank`; modules whose override sets its
     own `rank` keep it.
     """
-    if not isinstance(spec, dict):
-        raise AdapterError(where, f"a plan file must be a YAML mapping, got {type(spec).__name__}")
-    unknown = sorted(set(spec) - FILE_KEYS)
-    if unknown:
-        raise AdapterError(
-            where, f"unknown key {unknown[0]!r}; expected {', '.join(sorted(FILE_KEYS))}"
-        )
+    _check_mapping(spec, FILE_KEYS, where)
     base = {k: v for k, v in spec.items() if k != "modules"}
     if rank is not None:
         base["rank"] = rank

@@ -1,0 +1,79 @@
+"""The real-LLM testbed (`benchmarks/llm_testbed`): its task grid, and the whole pipeline
+on SmolLM2-135M in quick mode (train 4 tasks for 8 steps, merge, score)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from benchmarks.llm_testbed import tasks as T
+
+
+def test_grid_is_five_applications_by_eight_languages():
+    tasks = T.all_tasks()
+    assert len(tasks) == 40 and len({t.name for t in tasks}) == 40
+    assert [t.index for t in tasks] == list(range(40))
+    assert T.task_from_name("qa_ja") == T.Task("qa", "ja")
+    with pytest.raises(ValueError, match="unknown task"):
+        T.task_from_name("qa_xx")
+
+
+@pytest.mark.parametrize("language", T.LANGUAGES)
+def test_vocabularies_are_real_words_split_disjointly(language):
+    v = T.vocabulary(language)
+    train, val, test = (set(v[s]) for s in T.SPLITS)
+    assert not (train & val or train & test or val & test)
+    assert len(test) >= 30 and len(train) >= 100
+    for word in v["test"]:
+        if language in ("ja", "ko", "zh"):  # the script's own characters, no Latin filler
+            assert not re.search(r"[A-Za-z0-9]", word), word
+        else:
+            assert re.fullmatch(r"[^\W\d_]{3,8}", word), word
+
+
+@pytest.mark.parametrize("application", T.APPLICATIONS)
+def test_each_example_has_one_answer_and_held_out_inputs_use_held_out_words(application):
+    task = T.Task(application, "de")
+    test = T.heldout(task)
+    assert len(test) == T.NUM_TEST and len({p for p, _ in test}) == T.NUM_TEST
+    assert test == T.heldout(task)  # deterministic
+    train_words = set(T.vocabulary("de")["train"])
+    for prompt, answer in test:
+        assert prompt.startswith("<|im_start|>user\n" + T.INSTRUCTIONS[application])
+        assert answer.endswith(T.ANSWER_END)
+        text = prompt.split("\n")[2].removesuffix("<|im_end|>")
+        assert not set(text.split()) & train_words
+    # the answer is a function of the text: the generator agrees with its own rule
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        text, answer = T.make_example(task, T.vocabulary("de")["train"], rng)
+        words = text.split("\n")[0].split()
+        if application == "correction":
+            assert answer.split() == [w for i, w in enumerate(words) if i == 0 or w != words[i - 1]]
+        elif application == "summarisation":
+            assert words.count(answer) == 3
+        elif application == "qa":
+            asked = text.split("after ")[1].rstrip("?")
+            assert words[words.index(asked) + 1] == answer
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers / PEFT deprecations
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_quick_pipeline_on_smollm2(capsys):
+    """Quick mode: the GGUF model dequantised (once per cache), 4 tasks trained for 8 steps,
+    the reduced method grid merged through the package and scored (< 3 minutes on 2 cores)."""
+    from benchmarks.llm_testbed.__main__ import main
+
+    assert main(["--quick", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by = {r["method"]: r for r in rows}
+    assert by["lora"]["score"] == 1.0 and by["lora"]["storage_ratio"] == 1.0
+    for name in ("hydraopt:shared-a", "hydraopt:plan@0.10", "hydraopt:plan+nested@0.025",
+                 "reference:truncate-r/16", "baseline:ties"):  # fmt: skip
+        assert 0.0 <= by[name]["score"] <= 1.5 and 0 < by[name]["storage_ratio"] < 1
+    assert by["hydraopt:plan+nested@0.025"]["storage_ratio"] <= 0.025 + 1e-9
