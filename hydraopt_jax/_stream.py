@@ -16,10 +16,16 @@ What `hydraopt merge` does, as a library call:
   resumed with `resume=True` ends with the factors of an uninterrupted one. A checkpoint made
   from other inputs, plan or flags is refused, and so is a fresh run while one exists. The
   checkpoint is removed once the bundle is written.
+* **Several processes.** In a JAX multi-controller run (`jax.distributed.initialize()`), or
+  given `process=(index, count)`, each process reads and solves only its share of the
+  modules (`split_modules`, balanced by size), writes it as a part beside the output
+  (`io.parts`), and process 0 writes the bundle from all parts, atomically. Killed anywhere,
+  the run leaves no bundle; resumed, it reuses the parts and checkpoints already written.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,9 +36,10 @@ from ._solve import default_max_steps
 from .io import AdapterCollection, AdapterError, Bundle, check_bundle_output, save_bundle
 from .io._files import kill_point
 from .io.memory import budget, estimate_module_bytes, plan_batches
+from .io.parts import load_part, parts_dir, remove_parts, save_part, wait_for_parts
 from .io.resume import RunCheckpoint, checkpoint_dir, fingerprint
 
-__all__ = ["DEFAULT_CHECKPOINT_EVERY", "PlanError", "merge_collection"]
+__all__ = ["DEFAULT_CHECKPOINT_EVERY", "PlanError", "merge_collection", "split_modules"]
 
 DEFAULT_CHECKPOINT_EVERY = 50
 
@@ -90,6 +97,38 @@ def _check_closed_form(collection, plans) -> None:
             )
 
 
+def split_modules(collection: AdapterCollection, plans, count: int) -> list[list[str]]:
+    """The modules of each of `count` processes: a deterministic split balanced by each
+    module's estimated solve memory (the largest first, to the least loaded process), in
+    the collection's order within each process."""
+    if count == 1:
+        return [list(collection.modules)]
+    sizes: dict[str, int] = {}
+    for names in collection.shape_groups().values():
+        sizes.update(_module_bytes(collection, plans, names))
+    load, share = [0] * count, [[] for _ in range(count)]
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        p = min(range(count), key=lambda i: (load[i], i))
+        load[p] += sizes[name]
+        share[p].append(name)
+    order = {name: i for i, name in enumerate(collection.modules)}
+    return [sorted(names, key=order.get) for names in share]
+
+
+def _resolve_process(process) -> tuple[int, int]:
+    """`(index, count)`: given, or this process's place in a JAX multi-controller run."""
+    if process is not None:
+        index, count = (int(x) for x in process)
+        if not (count >= 1 and 0 <= index < count):
+            raise ValueError(
+                f"process must be (index, count) with 0 <= index < count, got {process}"
+            )
+        return index, count
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
 def merge_collection(
     collection: AdapterCollection,
     plan: SharingPlan | Mapping[str, SharingPlan] | str = "shared-a",
@@ -106,6 +145,8 @@ def merge_collection(
     plan_source: str | None = None,
     meta: Mapping[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    process: tuple[int, int] | None = None,
+    part_timeout: float | None = None,
 ) -> Bundle:
     """Merge a collection read from disk, streaming it group by group (module docstring).
 
@@ -121,14 +162,22 @@ def merge_collection(
     - `weights`: `"relative"` or `"uniform"`; `max_steps`: iterative solvers' step budget.
     - `dtype`: the bundle's stored dtype (`"float32"`, `"bfloat16"`, `"float16"`).
     - `max_memory`: bytes one solve may use (default 80% of the available memory).
-    - `resume`, `checkpoint_every`: continue an interrupted run from its checkpoint; the
-      chunk length of iterative solves (0: no checkpoints).
+    - `resume`, `checkpoint_every`: continue an interrupted run from its checkpoint (and,
+      with several processes, its parts); the chunk length of iterative solves (0: none).
     - `plan_source`: where the plan came from (a plan file, a plan name), recorded with it.
     - `meta`: extra JSON-able entries for `hydraopt.json`.
     - `progress`: called as `progress(description, groups_done, groups_total)`.
+    - `process`: `(index, count)` of this process in a multi-process merge (default: its
+      place in a JAX multi-controller run, `jax.process_index()` / `process_count()`, which
+      is `(0, 1)` in a plain one). Each process reads and solves only its share of the
+      modules (`split_modules`) and writes it as a part beside `out`; process 0 waits for
+      every part (a JAX barrier in a multi-controller run, else polling the files for up
+      to `part_timeout` seconds), then writes the bundle. `out` must be on a file system all
+      processes see.
 
-    **Returns:** the `io.Bundle` (saved to `out` when given). Raises `io.AdapterError` for a
-    bad input (naming it), `PlanError` for a plan that does not suit the solver, and
+    **Returns:** the `io.Bundle` (saved to `out` when given); on processes other than 0 of
+    a multi-process merge, only the modules that process solved. Raises `io.AdapterError`
+    for a bad input (naming it), `PlanError` for a plan that does not suit the solver, and
     `SolverError` when a solve diverges.
 
     ```python
@@ -141,6 +190,9 @@ def merge_collection(
             f"merge_collection takes an io.AdapterCollection, got {type(collection).__name__}; "
             "merge arrays in memory with merge_adapters"
         )
+    index, count = _resolve_process(process)
+    if count > 1 and out is None:
+        raise ValueError("a multi-process merge needs out= (its processes meet in files there)")
     plans = plans_by_module(collection, plan, rank)
     if solver == "exact":
         _check_closed_form(collection, plans)
@@ -149,31 +201,52 @@ def merge_collection(
     summary = plan_summary(plan, plans)
     iterative = solver != "exact"
     total_steps = default_max_steps(solver) if max_steps is None else max_steps
+    flags = {
+        "solver": solver,
+        "steps": total_steps,
+        "weighting": weights,
+        "checkpoint_every": checkpoint_every if iterative else None,
+    }
+    if count > 1:
+        flags["processes"] = count
+    print_ = None if out is None else fingerprint(collection, summary, flags)
+    described = summary if plan_source is None else {**summary, "source": plan_source}
+    full_meta = {"solver": solver, "weighting": weights, "plan": described, **(meta or {})}
+    names = split_modules(collection, plans, count)[index]
+    done = None
+    if count > 1:
+        done = load_part(out, index, count, print_, collection.num_tasks)
+        if done is not None and not resume:
+            raise AdapterError(
+                parts_dir(out),
+                f"part {index} of an interrupted run exists; pass --resume to continue it, or "
+                "delete it to start over",
+            )
+    part = None if count == 1 else f"process-{index:04d}"
     checkpoint = None
-    if out is not None and ((iterative and checkpoint_every > 0) or checkpoint_dir(out).exists()):
-        flags = {
-            "solver": solver,
-            "steps": total_steps,
-            "weighting": weights,
-            "checkpoint_every": checkpoint_every if iterative else None,
-        }
-        checkpoint = RunCheckpoint.open(out, fingerprint(collection, summary, flags), resume=resume)
+    if (
+        done is None
+        and out is not None
+        and ((iterative and checkpoint_every > 0) or checkpoint_dir(out).exists())
+    ):
+        checkpoint = RunCheckpoint.open(out, print_, resume=resume, part=part)
         if not (iterative and checkpoint_every > 0):
             checkpoint = None  # a matching checkpoint with nothing to resume: ignored
-    described = summary if plan_source is None else {**summary, "source": plan_source}
-    bundle = Bundle.empty(
-        collection,
-        dtype=dtype,
-        meta={"solver": solver, "weighting": weights, "plan": described, **(meta or {})},
-    )
+    bundle = Bundle.empty(collection, dtype=dtype, meta=full_meta, carried=count == 1)
     created = checkpoint is not None and not checkpoint.resumed
     try:
-        _solve_all(
-            collection, plans, solver, weights, total_steps, checkpoint, checkpoint_every,
-            max_memory, bundle, out, progress,
-        )  # fmt: skip
-        if out is not None:
-            save_bundle(bundle, out)
+        if done is None:
+            _solve_all(
+                collection, plans, names, solver, weights, total_steps, checkpoint,
+                checkpoint_every, max_memory, bundle, out, progress,
+            )  # fmt: skip
+        else:
+            bundle.modules.update(done)
+        if count == 1:
+            if out is not None:
+                save_bundle(bundle, out)
+        elif done is None:
+            save_part(out, index, count, print_, bundle.modules)
     except AdapterError:
         # a bad input found while solving (e.g. NaN in a later group): leave nothing behind
         if created:
@@ -181,16 +254,50 @@ def merge_collection(
         raise
     if checkpoint is not None:
         checkpoint.remove()
+    if count == 1:
+        return bundle
+    return _assemble(collection, out, index, count, print_, bundle, dtype, full_meta, part_timeout)
+
+
+def _assemble(collection, out, index, count, print_, mine, dtype, meta, timeout) -> Bundle:
+    """After every process wrote its part, process 0 writes the bundle from all parts."""
+    import jax
+
+    if jax.process_count() == count:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("hydraopt: every part written")
+    elif index == 0:
+        wait_for_parts(out, count, timeout)
+    if index != 0:
+        return mine
+    bundle = Bundle.empty(collection, dtype=dtype, meta=meta)
+    modules = dict(mine.modules)  # its own part is in memory
+    for i in range(1, count):
+        part = load_part(out, i, count, print_, collection.num_tasks)
+        if part is None:
+            raise AdapterError(parts_dir(out), f"part {i} of {count} is missing")
+        modules.update(part)
+    bundle.modules.update({m: modules[m] for m in collection.modules if m in modules})
+    save_bundle(bundle, out)
+    remove_parts(out)
+    with contextlib.suppress(OSError):
+        checkpoint_dir(out).rmdir()  # empty once every process removed its own
     return bundle
 
 
 def _solve_all(
-    collection, plans, solver, weights, total_steps, checkpoint, checkpoint_every, max_memory,
-    bundle, out, progress,
+    collection, plans, names, solver, weights, total_steps, checkpoint, checkpoint_every,
+    max_memory, bundle, out, progress,
 ) -> None:  # fmt: skip
-    """Solve every shape group (in memory-sized units, chunked and checkpointed if
-    iterative) and add the solutions to `bundle`."""
-    groups = collection.shape_groups()
+    """Solve the shape groups of the modules `names` (in memory-sized units, chunked and
+    checkpointed if iterative) and add the solutions to `bundle`."""
+    mine = set(names)
+    groups = {
+        key: tuple(n for n in group if n in mine)
+        for key, group in collection.shape_groups().items()
+        if any(n in mine for n in group)
+    }
     kinds = {name: info.kind for name, info in collection.modules.items()}
     limit, source = budget(max_memory)
     # Split every group before solving any, so a module that cannot fit fails at once.

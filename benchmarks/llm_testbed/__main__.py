@@ -9,7 +9,7 @@
 The adapters must exist (`python -m benchmarks.llm_testbed.train --collection same_seed`,
 hours on 2 cores; resumable). A full run writes `benchmarks/results/llm_testbed_<collection>
 .json` and regenerates `llm_testbed.md` and `llm_testbed.png`. `--quick` trains the 4-task,
-8-step collection into `_cache/quick/` when it is missing and scores the reduced grid on 16
+10-step collection into `_cache/quick/` when it is missing and scores the reduced grid on 16
 test examples per task; it writes nothing unless `--out` is given.
 """
 

@@ -127,7 +127,7 @@ TESTBED = Testbed(
         "hydraopt:full-merge",
         "hydraopt:shared-a@k=r,j=r/8",
         "hydraopt:plan@0.10",
-        "hydraopt:plan+nested@0.025",
+        "hydraopt:plan+nested@0.10",
         "baseline:ties",
         "baseline:svd",
     ),
@@ -138,7 +138,7 @@ QUICK_ADAPTERS = HERE / "_cache" / "quick"
 
 
 def quick_testbed() -> Testbed:
-    """The `--quick` testbed: the 4-task collection `train.py --quick` trains (8 steps each)
+    """The `--quick` testbed: the 4-task collection `train.py --quick` trains (10 steps each)
     into `_cache/quick/`, scored on 16 test examples per task."""
     import dataclasses
 

@@ -74,9 +74,12 @@ class Testbed:
 def score_accuracies(
     accuracy: dict[str, float], own_accuracy: dict[str, float]
 ) -> tuple[float, float, dict[str, float]]:
-    """`(score, min_task_ratio, ratios)`: mean and min over tasks of merged / own accuracy."""
-    ratios = {t: accuracy[t] / own_accuracy[t] for t in accuracy}
-    values = list(ratios.values())
+    """`(score, min_task_ratio, ratios)`: mean and min over tasks of merged / own accuracy.
+    A task whose own LoRA scores 0 cannot be scored (its ratio is NaN, left out)."""
+    ratios = {
+        t: accuracy[t] / own_accuracy[t] if own_accuracy[t] > 0 else float("nan") for t in accuracy
+    }
+    values = [v for v in ratios.values() if v == v]
     return float(np.mean(values)), float(np.min(values)), ratios
 
 

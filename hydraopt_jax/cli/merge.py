@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -98,6 +100,24 @@ def merge(
             "larger shape groups are solved in module sub-batches.",
         ),
     ] = None,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            "--distributed",
+            help="Run as one process of a JAX multi-controller job, its cluster detected "
+            "(SLURM, TPU, ...): each process solves its share of the modules.",
+        ),
+    ] = False,
+    coordinator: Annotated[
+        str | None,
+        typer.Option(help="Multi-process run: the coordinator's HOST:PORT (process 0's)."),
+    ] = None,
+    num_processes: Annotated[
+        int | None, typer.Option(min=1, help="Multi-process run: the number of processes.")
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option(min=0, help="Multi-process run: this process's index.")
+    ] = None,
 ):
     """Merge adapters into a bundle (OUT/hydraopt.json + OUT/factors.safetensors)."""
     from .. import SolverError, merge_collection
@@ -117,6 +137,8 @@ def merge(
     check_bundle_output(out)
     claim_output(out)
     start = time.perf_counter()
+    with _native_stdout_to_stderr(json_out):
+        _join(distributed, coordinator, num_processes, process_id)
     collection = load(dirs, names)
     sharing, source = resolve_plan(plan, config, collection, rank)
     console = stderr_console()
@@ -127,11 +149,12 @@ def merge(
             bar.update(task, description=description, completed=done)
 
         try:
-            bundle = merge_collection(
-                collection, sharing, solver, out=out, weights=weighting, max_steps=steps,
-                dtype=dtype, max_memory=memory_limit, resume=resume,
-                checkpoint_every=checkpoint_every, plan_source=source, progress=progress,
-            )  # fmt: skip
+            with _native_stdout_to_stderr(json_out):
+                bundle = merge_collection(
+                    collection, sharing, solver, out=out, weights=weighting, max_steps=steps,
+                    dtype=dtype, max_memory=memory_limit, resume=resume,
+                    checkpoint_every=checkpoint_every, plan_source=source, progress=progress,
+                )  # fmt: skip
         except PlanError as err:
             raise CliError(
                 source,
@@ -144,6 +167,13 @@ def merge(
                 "check the adapters' scales" if solver == "exact" else "try --solver exact or als"
             )
             raise CliError(f"--solver {solver}", f"{err}; {hint}") from None
+    import jax
+
+    from ..io import tensor_bytes_read
+
+    if jax.process_index() != 0:  # its modules are in the part process 0 assembled
+        _print_part(bundle, json_out, time.perf_counter() - start)
+        return
     summary = {
         "storage_ratio": bundle.storage_ratio,
         "num_params": bundle.num_params,
@@ -155,11 +185,80 @@ def merge(
         "bytes": bundle.num_params * {"float32": 4, "bfloat16": 2, "float16": 2}[dtype],
         "dtype": dtype,
         "out": str(out),
+        "tensor_bytes_read": tensor_bytes_read(),
     }
     if json_out:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         _print_summary(summary, len(bundle.modules))
+
+
+@contextlib.contextmanager
+def _native_stdout_to_stderr(active: bool):
+    """Native code's stdout (file descriptor 1) sent to stderr for the block: gloo announces
+    its connections there, and `--json` promises stdout holds one JSON object."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _join(distributed: bool, coordinator, num_processes, process_id) -> None:
+    """Join a JAX multi-controller run (`jax.distributed.initialize`), if asked to."""
+    explicit = (coordinator, num_processes, process_id)
+    if not distributed and all(x is None for x in explicit):
+        return
+    if not distributed and any(x is None for x in explicit):
+        raise CliError(
+            "--coordinator",
+            "a multi-process run needs --coordinator, --num-processes and "
+            "--process-id together (or --distributed to detect the cluster)",
+        )
+    if process_id is not None and process_id >= num_processes:
+        raise CliError("--process-id", f"{process_id} is not below --num-processes {num_processes}")
+    import jax
+
+    # processes of one CPU host meet through gloo (JAX's CPU collectives)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = (
+        {}
+        if distributed
+        else dict(
+            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
+        )
+    )
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as err:
+        where = "--distributed" if distributed else "--coordinator"
+        raise CliError(where, f"cannot join the multi-process run ({err})") from None
+
+
+def _print_part(bundle, json_out: bool, seconds: float) -> None:
+    import jax
+
+    from ..io import tensor_bytes_read
+
+    info = {
+        "process": jax.process_index(),
+        "of": jax.process_count(),
+        "modules": list(bundle.modules),
+        "tensor_bytes_read": tensor_bytes_read(),
+        "seconds": seconds,
+    }
+    if json_out:
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        print(f"process {info['process']} of {info['of']}: solved {len(info['modules'])} "
+              f"modules ({info['tensor_bytes_read']:,} bytes of factors read)")  # fmt: skip
 
 
 def _print_summary(summary: dict, num_modules: int) -> None:

@@ -11,6 +11,7 @@ directories).
 from . import flax as flax
 from ._files import AdapterError as AdapterError
 from ._files import read_yaml as read_yaml
+from ._files import tensor_bytes_read as tensor_bytes_read
 from ._files import write_safetensors as write_safetensors
 from .bundle import Bundle as Bundle
 from .bundle import BundleModule as BundleModule
@@ -26,6 +27,7 @@ from .collection import load_collection as load_collection
 from .export import EXPORT_MARKER as EXPORT_MARKER
 from .export import export_peft as export_peft
 from .export import export_peft_config as export_peft_config
+from .parts import parts_dir as parts_dir
 from .peft import PeftAdapter as PeftAdapter
 from .peft import get_pattern_key as get_pattern_key
 from .peft import load_peft_adapter as load_peft_adapter

@@ -40,6 +40,7 @@ __all__ = [
     "kill_point",
     "read_json",
     "read_yaml",
+    "tensor_bytes_read",
     "remove_empty_dirs",
     "write_error",
     "read_safetensors_header",
@@ -214,6 +215,15 @@ def read_safetensors_header(path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise AdapterError(path, f"not a readable safetensors file ({_one_line(err)})") from None
 
 
+_TENSOR_BYTES_READ = [0]
+
+
+def tensor_bytes_read() -> int:
+    """Bytes of tensor data this process has read from safetensors files so far (a process
+    of a multi-process merge reads only its own modules' factors)."""
+    return _TENSOR_BYTES_READ[0]
+
+
 def read_safetensors(path, keys) -> dict[str, np.ndarray]:
     """Load only `keys` from a safetensors file (lazily, via `safe_open`)."""
     from safetensors import safe_open
@@ -223,6 +233,7 @@ def read_safetensors(path, keys) -> dict[str, np.ndarray]:
         with safe_open(str(path), framework="np") as f:
             for key in keys:
                 out[key] = f.get_tensor(key)
+                _TENSOR_BYTES_READ[0] += out[key].nbytes
     except Exception as err:
         raise AdapterError(path, f"cannot read tensors ({_one_line(err)})") from None
     return out

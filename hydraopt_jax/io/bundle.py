@@ -39,14 +39,7 @@ import numpy as np
 
 from .._loss import plan_residual_norms_sq
 from .._plan import SharingPlan
-from .._solution import (
-    CORE_KINDS,
-    factor_pair,
-    factor_shapes,
-    plain_factors,
-    stored_params,
-    task_relative_errors,
-)
+from .._solution import plain_factors, task_relative_errors
 from ._files import (
     AdapterError,
     atomic_dir,
@@ -59,6 +52,7 @@ from ._files import (
     write_json,
     write_safetensors,
 )
+from .bundle_module import META_NAME, BundleModule, module_from_json, module_tensors
 
 __all__ = [
     "FORMAT_VERSION",
@@ -72,72 +66,7 @@ __all__ = [
 
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
-META_NAME = "hydraopt.json"
 FACTORS_NAME = "factors.safetensors"
-
-
-@dataclasses.dataclass
-class BundleModule:
-    """The merged factors of one module and how well they reconstruct each task."""
-
-    name: str
-    kind: str
-    d_in: int
-    d_out: int
-    task_ids: tuple[int, ...]
-    task_ranks: tuple[int, ...]
-    plan: SharingPlan
-    shared_a: np.ndarray  # [K_A, k_a, d_in] in the bundle dtype
-    shared_b: np.ndarray  # [K_B, d_out, k_b]
-    relative_error: tuple[float, ...]
-    task_sq_norms: tuple[float, ...]
-    loss: float = float("nan")
-    steps: int = 0
-    result: int = 0
-    cores: np.ndarray | None = None  # [T_m, k_b, k_a]
-    core: str | None = None
-
-    @property
-    def rank(self) -> int:
-        """The shared rank `k`."""
-        return int(self.plan.rank)
-
-    @property
-    def num_params(self) -> int:
-        return stored_params(self.plan, self.core, self.d_in, self.d_out)
-
-    def task_factors(self, local: int) -> tuple[np.ndarray, np.ndarray]:
-        """`(A_hat [j, d_in], B_hat [d_out, j])` of the module's task `local` in float32."""
-        f32 = np.float32
-        cores = None if self.cores is None else np.asarray(self.cores, f32)
-        a, b = factor_pair(
-            np.asarray(self.shared_a, f32), np.asarray(self.shared_b, f32), cores,
-            self.plan, self.core, local,
-        )  # fmt: skip
-        return np.ascontiguousarray(a), np.ascontiguousarray(b)
-
-    @property
-    def original_params(self) -> int:
-        return int(sum(self.task_ranks)) * (self.d_in + self.d_out)
-
-    def to_json(self) -> dict:
-        return {
-            "kind": self.kind,
-            "d_in": self.d_in,
-            "d_out": self.d_out,
-            "rank": self.rank,
-            "task_ids": list(self.task_ids),
-            "task_ranks": list(self.task_ranks),
-            "plan": self.plan.to_dict(),
-            "core": self.core,
-            "relative_error": [_num(e) for e in self.relative_error],
-            "task_sq_norms": [_num(e) for e in self.task_sq_norms],
-            "loss": _num(self.loss),
-            "steps": int(self.steps),
-            "result": int(self.result),
-            "num_params": self.num_params,
-            "original_params": self.original_params,
-        }
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "core"))
@@ -149,11 +78,6 @@ def _stored_errors_sq(A, B, stored_a, stored_b, stored_cores, plan: SharingPlan,
     cores = None if stored_cores is None else stored_cores.astype(f32)
     sa, sb, plain = plain_factors(stored_a.astype(f32), stored_b.astype(f32), cores, plan, core)
     return plan_residual_norms_sq(A.astype(f32), B.astype(f32), sa, sb, plain)
-
-
-def _num(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 @dataclasses.dataclass
@@ -171,21 +95,26 @@ class Bundle:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def empty(cls, collection, *, dtype="float32", meta: Mapping | None = None) -> Bundle:
+    def empty(
+        cls, collection, *, dtype="float32", meta: Mapping | None = None, carried: bool = True
+    ) -> Bundle:
         """A bundle for `collection` (an `AdapterCollection`) with no modules yet.
 
-        Carried tensors (`modules_to_save`, ...) are read here, once.
+        Carried tensors (`modules_to_save`, ...) are read here, once (not with
+        `carried=False`: a part of a multi-process merge holds modules only).
         """
-        carried = {}
+        tensors = {}
         for adapter in collection.adapters:
-            carried[adapter.name] = (
-                adapter.read_tensors(adapter.carried_keys) if adapter.carried_keys else {}
+            tensors[adapter.name] = (
+                adapter.read_tensors(adapter.carried_keys)
+                if carried and adapter.carried_keys
+                else {}
             )
         return cls(
             tasks=collection.names,
             modules={},
             task_configs={a.name: dict(a.config) for a in collection.adapters},
-            carried=carried,
+            carried=tensors,
             base_model=collection.base_model,
             dtype=dtype_name(to_dtype(dtype)),
             meta=dict(meta or {}),
@@ -336,10 +265,7 @@ def save_bundle(bundle: Bundle, out_dir) -> Path:
     """
     tensors = {}
     for name, module in bundle.modules.items():
-        tensors[f"modules/{name}/shared_a"] = module.shared_a
-        tensors[f"modules/{name}/shared_b"] = module.shared_b
-        if module.cores is not None:
-            tensors[f"modules/{name}/cores"] = module.cores
+        tensors.update(module_tensors(name, module))
     for task, carried in bundle.carried.items():
         for key, value in carried.items():
             tensors[f"carried/{task}/{key}"] = value
@@ -431,58 +357,7 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
         return tensors.pop(key)
 
     for name, m in meta["modules"].items():
-        a = pop(f"modules/{name}/shared_a")
-        b = pop(f"modules/{name}/shared_b")
-        plan = SharingPlan.from_dict({**m["plan"], "rank": m["rank"]})
-        core = m.get("core")
-        if core not in CORE_KINDS or (core == "nested") != plan.nested:
-            raise ValueError(f"module {name}: core {core!r} does not fit its plan")
-        cores = pop(f"modules/{name}/cores") if core is not None else None
-        expect = factor_shapes(plan, core, m["d_in"], m["d_out"])
-        found = {"shared_a": a.shape, "shared_b": b.shape,
-                 "cores": None if cores is None else cores.shape}  # fmt: skip
-        if any(tuple(found[k]) != expect[k] for k in found if expect[k] is not None):
-            raise AdapterError(
-                factors_file,
-                f"module {name}: shapes {_shapes(found)}, expected {_shapes(expect)} from "
-                f"{META_NAME}",
-            )
-        task_ids = tuple(int(t) for t in m["task_ids"])
-        if plan.num_tasks != len(task_ids) or any(not 0 <= t < len(tasks) for t in task_ids):
-            raise AdapterError(
-                meta_file,
-                f"module {name}: task_ids {list(task_ids)} do not fit the plan or the "
-                f"{len(tasks)} tasks",
-            )
-        for field in ("task_ranks", "relative_error", "task_sq_norms"):
-            if field in m and len(m[field]) != len(task_ids):
-                raise ValueError(
-                    f"module {name}: {field} has {len(m[field])} entries for {len(task_ids)} tasks"
-                )
-        if m["kind"] not in ("linear", "embedding"):
-            raise ValueError(f"module {name}: unknown kind {m['kind']!r}")
-        modules[name] = BundleModule(
-            name=name,
-            kind=m["kind"],
-            d_in=int(m["d_in"]),
-            d_out=int(m["d_out"]),
-            task_ids=task_ids,
-            task_ranks=tuple(int(r) for r in m["task_ranks"]),
-            plan=plan,
-            shared_a=a,
-            shared_b=b,
-            relative_error=tuple(
-                float("nan") if e is None else float(e) for e in m["relative_error"]
-            ),
-            task_sq_norms=tuple(
-                float("nan") if e is None else float(e) for e in m.get("task_sq_norms", [])
-            ),
-            loss=float("nan") if m.get("loss") is None else float(m["loss"]),
-            steps=int(m.get("steps", 0)),
-            result=int(m.get("result", 0)),
-            cores=cores,
-            core=core,
-        )
+        modules[name] = module_from_json(name, m, pop, len(tasks), meta_file, factors_file)
     carried = {t: {} for t in tasks}
     for task, keys in meta.get("carried", {}).items():
         if task not in carried:
@@ -492,7 +367,3 @@ def _parse_meta(meta: dict, tensors: dict, meta_file: Path):
         for key in keys:
             carried[task][key] = pop(f"carried/{task}/{key}")
     return tasks, modules, task_configs, carried, dtype
-
-
-def _shapes(shapes: Mapping) -> str:
-    return ", ".join(f"{k} {list(v)}" for k, v in shapes.items() if v is not None)

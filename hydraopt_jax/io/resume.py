@@ -126,13 +126,14 @@ class RunCheckpoint:
 
     # ------------------------------------------------------------------ opening
     @classmethod
-    def open(cls, out, print_: Mapping, *, resume: bool) -> RunCheckpoint:
+    def open(cls, out, print_: Mapping, *, resume: bool, part: str | None = None) -> RunCheckpoint:
         """The run's checkpoint: an existing one if `resume` (after checking it), else new.
+        `part`: a sub-directory of one process of a multi-process run.
 
         Raises `AdapterError` (naming the checkpoint) if one exists and `resume` is false,
         or if it cannot be read or was made from other inputs, plan or flags.
         """
-        path = checkpoint_dir(out)
+        path = checkpoint_dir(out) if part is None else checkpoint_dir(out) / part
         if not path.exists():
             return cls(path, print_)
         if not resume:
