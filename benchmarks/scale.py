@@ -84,7 +84,7 @@ CHILD = r"""
 import json, resource, sys, time
 import jax, numpy as np
 import hydraopt_jax as hj
-from hydraopt_jax.io.peft import load_collection
+from hydraopt_jax.io import load_collection
 dirs = sys.argv[1:]
 t0 = time.perf_counter()
 coll = load_collection(dirs)
@@ -210,11 +210,83 @@ def part_b(tmp: Path, num_tasks: int, layers: int) -> None:
     shutil.rmtree(tmp / "b_out", ignore_errors=True)
 
 
+PROCESS_CHILD = r"""
+import json, re, sys, time
+start = time.perf_counter()
+from hydraopt_jax.cli import main
+rc = main(sys.argv[1:])
+peak = int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
+print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - start, "peak_rss_mb": peak}),
+      file=sys.stderr)
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(dirs: list[str], out: Path, count: int) -> list[dict]:
+    """`hydraopt merge` as `count` processes of one multi-controller run (localhost); each
+    child's wall time and peak RSS (VmHWM) and its `--json` line."""
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HYDRAOPT_CACHE_DIR="")
+    port = _free_port()
+    procs = []
+    for i in range(count):
+        flags = [] if count == 1 else ["--coordinator", f"localhost:{port}", "--num-processes",
+                                       str(count), "--process-id", str(i)]  # fmt: skip
+        cmd = [sys.executable, "-c", PROCESS_CHILD, "merge", *dirs, "--out", str(out),
+               "--plan", "shared-a", "--json", *flags]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env))  # fmt: skip
+    rows = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        child = json.loads(stderr.strip().splitlines()[-1])
+        if child["rc"] != 0:
+            raise RuntimeError(stderr[-2000:])
+        rows.append({**child, **json.loads(stdout.strip().splitlines()[-1])})
+    return rows
+
+
+def part_c(tmp: Path, num_tasks: int, layers: int) -> None:
+    d, r = 4096, 16
+    print(f"\n## (c) {num_tasks} adapters at d = {d}, r = {r}, q_proj on {layers} layers, "
+          "shared-a, hydraopt merge on 1, 2, 4 processes (localhost)")  # fmt: skip
+    start = time.perf_counter()
+    dirs, mb = generate(tmp / "c", num_tasks, layers, {"q_proj": (d, d)}, r)
+    print(f"generated {num_tasks} PEFT dirs ({mb:.0f} MB of float32 factors) in "
+          f"{time.perf_counter() - start:.1f} s (not timed below)")  # fmt: skip
+    one_peak = None
+    for count in (1, 2, 4):
+        out = tmp / f"c_out{count}"
+        start = time.perf_counter()
+        rows = run_processes(dirs, out, count)
+        wall = time.perf_counter() - start
+        peaks = [row["peak_rss_mb"] for row in rows]
+        one_peak = one_peak or max(peaks)
+        read = [row["tensor_bytes_read"] / 2**20 for row in rows]
+        print(f"{count} process(es): wall {wall:.1f} s; per-process peak RSS "
+              f"{', '.join(f'{p:.0f}' for p in peaks)} MB (max {max(peaks) / one_peak:.2f}x the "
+              f"one-process peak); adapter factors read per process "
+              f"{', '.join(f'{x:.0f}' for x in read)} MB")  # fmt: skip
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"  {load_average()}")
+    shutil.rmtree(tmp / "c", ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["a", "b"])
+    parser.add_argument("--only", choices=["a", "b", "c"])
     parser.add_argument("--tasks-b", type=int, default=1000)
     parser.add_argument("--layers-b", type=int, default=2)
+    parser.add_argument("--tasks-c", type=int, default=1000)
+    parser.add_argument("--layers-c", type=int, default=4)
     parser.add_argument("--tmp", default=None, help="scratch dir (default: a new temp dir)")
     args = parser.parse_args()
     header(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; scale")
@@ -224,6 +296,8 @@ def main() -> None:
             part_a(tmp)
         if args.only in (None, "b"):
             part_b(tmp, args.tasks_b, args.layers_b)
+        if args.only in (None, "c"):
+            part_c(tmp, args.tasks_c, args.layers_c)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,6 +26,7 @@ What `hydraopt merge` does, as a library call:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +35,8 @@ from ._plan import SharingPlan
 from ._solution import RESULTS, Solution
 from ._solve import default_max_steps
 from .io import AdapterCollection, AdapterError, Bundle, check_bundle_output, save_bundle
-from .io._files import kill_point
+from .io._files import kill_point, map_safetensors
+from .io.bundle_module import module_tensors
 from .io.memory import budget, estimate_module_bytes, plan_batches
 from .io.parts import load_part, parts_dir, remove_parts, save_part, wait_for_parts
 from .io.resume import RunCheckpoint, checkpoint_dir, fingerprint
@@ -176,9 +178,10 @@ def merge_collection(
       processes see.
 
     **Returns:** the `io.Bundle` (saved to `out` when given); on processes other than 0 of
-    a multi-process merge, only the modules that process solved. Raises `io.AdapterError`
-    for a bad input (naming it), `PlanError` for a plan that does not suit the solver, and
-    `SolverError` when a solve diverges.
+    a multi-process merge, only the modules that process solved; on process 0, the bundle
+    with its factors memory-mapped from `out` (assembled one tensor at a time). Raises
+    `io.AdapterError` for a bad input (naming it), `PlanError` for a plan that does not suit
+    the solver, and `SolverError` when a solve diverges.
 
     ```python
     collection = hj.io.load_collection(["adapters/fr_qa", "adapters/de_qa"])
@@ -279,8 +282,12 @@ def _assemble(collection, out, index, count, print_, mine, dtype, meta, timeout)
             raise AdapterError(parts_dir(out), f"part {i} of {count} is missing")
         modules.update(part)
     bundle.modules.update({m: modules[m] for m in collection.modules if m in modules})
-    save_bundle(bundle, out)
+    save_bundle(bundle, out)  # one tensor at a time: the parts' factors are fetched lazily
     remove_parts(out)
+    mapped = map_safetensors(out / "factors.safetensors")
+    for name, module in bundle.modules.items():  # arrays again, read from OUT on use
+        arrays = {key.rsplit("/", 1)[1]: mapped[key] for key in module_tensors(name, module)}
+        bundle.modules[name] = dataclasses.replace(module, **arrays)
     with contextlib.suppress(OSError):
         checkpoint_dir(out).rmdir()  # empty once every process removed its own
     return bundle

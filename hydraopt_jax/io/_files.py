@@ -19,6 +19,7 @@ checkpoint (`chunk:K`) or while writing (`write`). Never set it outside tests.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,9 @@ import numpy as np
 __all__ = [
     "AdapterError",
     "DTYPES",
+    "LazyTensor",
+    "lazy_safetensors",
+    "map_safetensors",
     "atomic_dir",
     "check_output_path",
     "check_task_name",
@@ -145,24 +149,112 @@ def dtype_name(dtype) -> str:
     return str(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor `write_safetensors` fetches only when it writes it (`get()`), so that a file
+    larger than memory can be written one tensor at a time."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    get: Callable[[], np.ndarray]
+
+
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
+}
+
+
+_NUMPY_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
+def lazy_safetensors(path) -> dict[str, LazyTensor]:
+    """Every tensor of a safetensors file as a `LazyTensor` (read when fetched)."""
+    header = read_safetensors_header(path)
+    out = {}
+    for key, (shape, dtype) in header.items():
+        if dtype not in _NUMPY_DTYPES:
+            raise AdapterError(path, f"tensor {key} has dtype {dtype}, not readable here")
+        out[key] = LazyTensor(
+            shape, _NUMPY_DTYPES[dtype], lambda k=key: read_safetensors(path, [k])[k]
+        )
+    return out
+
+
+def map_safetensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory map: arrays that occupy
+    memory only as far as they are read."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    out = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = _NUMPY_DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        if end == begin:
+            out[key] = np.zeros(shape, dtype)
+            continue
+        out[key] = np.memmap(path, dtype=dtype, mode="r", offset=8 + size + begin, shape=shape)
+    return out
+
+
 def write_safetensors(
-    path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+    path, tensors: Mapping[str, np.ndarray | LazyTensor], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write `tensors` to `path`, each made C-contiguous first (see the module docstring).
+    """Write `tensors` to `path` in the safetensors format, one tensor at a time.
 
-    The only safetensors writer in the package; fsyncs the file before returning.
+    The only safetensors writer in the package. Each tensor is written C-contiguous (see the
+    module docstring); a `LazyTensor` is fetched just before it is written and released
+    after, so the writer holds one tensor, not the file. Fsyncs the file before returning.
     """
-    from safetensors.numpy import save_file
-
-    contiguous = {}
+    entries, header, offset = [], {}, 0
     for key, value in tensors.items():
-        array = np.asarray(value)
-        # Not `np.ascontiguousarray` alone: it keeps 0-d arrays and views of C-contiguous
-        # memory as they are, which is fine; what matters is that the bytes are in C order.
-        contiguous[key] = np.ascontiguousarray(array)
-        assert contiguous[key].flags["C_CONTIGUOUS"]
-    save_file(contiguous, str(path), metadata=dict(metadata) if metadata else None)
-    _fsync_file(path)
+        if isinstance(value, LazyTensor):
+            shape, dtype, get = tuple(value.shape), np.dtype(value.dtype), value.get
+        else:
+            array = np.asarray(value)
+            shape, dtype, get = array.shape, array.dtype, (lambda a=array: a)
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"write_safetensors: {key} has dtype {dtype}, not storable")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        entries.append((key, shape, dtype, get))
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for key, shape, dtype, get in entries:
+            # Not `np.ascontiguousarray` alone: it keeps 0-d arrays and views of C-contiguous
+            # memory as they are, which is fine; what matters is that the bytes are in C order.
+            array = np.ascontiguousarray(get())
+            if array.shape != shape or array.dtype != dtype:
+                raise ValueError(
+                    f"write_safetensors: {key} is {array.dtype}{list(array.shape)}, "
+                    f"announced {dtype}{list(shape)}"
+                )
+            f.write(array.reshape(-1).view(np.uint8).data)
+            del array
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_json(path):

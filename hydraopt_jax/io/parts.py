@@ -23,9 +23,8 @@ from pathlib import Path
 from ._files import (
     AdapterError,
     atomic_dir,
+    lazy_safetensors,
     read_json,
-    read_safetensors,
-    read_safetensors_header,
     write_json,
     write_safetensors,
 )
@@ -71,8 +70,9 @@ def save_part(out, index: int, count: int, print_: Mapping, modules: Mapping[str
 
 
 def load_part(out, index: int, count: int, print_: Mapping, num_tasks: int):
-    """Part `index` of `count` as `{module: BundleModule}`, or `None` if it is not written
-    yet. `AdapterError` (naming the part) if it was made by another run."""
+    """Part `index` of `count` as `{module: BundleModule}` whose factors are `LazyTensor`s
+    (read when the bundle is written), or `None` if it is not written yet. `AdapterError`
+    (naming the part) if it was made by another run."""
     path = _part_path(out, index, count)
     if not _is_part(path):
         return None
@@ -84,7 +84,7 @@ def load_part(out, index: int, count: int, print_: Mapping, num_tasks: int):
             "a part of another run (other inputs, plan, flags or process count); delete "
             f"{parts_dir(out)} to start over",
         )
-    tensors = read_safetensors(factors_file, list(read_safetensors_header(factors_file)))
+    tensors = lazy_safetensors(factors_file)  # fetched one at a time when the bundle is written
 
     def pop(key):
         if key not in tensors:
