@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..quality.calibration import input_covariances
 from ..quality.collection import Collection, load_collection
 from ..quality.methods import Grid
 from ..quality.run import Testbed
@@ -102,35 +103,12 @@ def activation_covariances(
     import torch
 
     stream = T.TrainStream([T.task_from_name(t) for t in coll.tasks], batch_size, seed=seed)
-    named = dict(base_model.named_modules())
-    sums = {m: np.zeros((coll.A[m].shape[2],) * 2) for m in coll.modules}
-    count = 0
-    current_mask: list[np.ndarray] = []
 
-    def hook(name):
-        def fn(_module, inputs):
-            x = inputs[0].detach().double().numpy().reshape(-1, inputs[0].shape[-1])
-            x = x[current_mask[0]]
-            sums[name] += x.T @ x
+    def batch():
+        ids, _labels, mask = stream.next_batch()
+        return torch.from_numpy(ids), torch.from_numpy(mask)
 
-        return fn
-
-    handles = [named[m].register_forward_pre_hook(hook(m)) for m in coll.modules]
-    try:
-        with torch.no_grad():
-            for _ in range(batches):
-                ids, _labels, mask = stream.next_batch()
-                current_mask[:] = [mask.reshape(-1).astype(bool)]
-                base_model(
-                    input_ids=torch.from_numpy(ids),
-                    attention_mask=torch.from_numpy(mask),
-                    use_cache=False,
-                )
-                count += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: (s / count).astype(np.float32) for m, s in sums.items()}
+    return input_covariances(base_model, coll.modules, (batch() for _ in range(batches)))
 
 
 def _scorer(base_model):
