@@ -47,9 +47,6 @@ def test_readme_merge_export_load_example(tmp_path):
     shutil.rmtree("/tmp/hydraopt-example", ignore_errors=True)
 
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
 NOTEBOOK = ROOT / "notebooks" / "tradeoff.ipynb"
 
 
