@@ -23,7 +23,7 @@ processes held both cores (absolute times are therefore slow; the ratios are sid
     per-row gather (S-LoRA/Punica)       224.00       2286         1.00   5,242,880             1.000    0.0000
     loop over tasks                      201.61       2540         1.11   5,242,880             1.000    0.0000
 
-One shared A projects the whole batch in one GEMM (then a per-row `k x k`-sized B step);
+One shared A projects the whole batch in one GEMM (then each row meets its own B);
 grouping rows by task turns even the unmerged `separate` form into dense GEMMs, 2.6x the
 per-row gather on this CPU. "rel. err" is the merge's mean relative reconstruction error.
 """
