@@ -17,6 +17,8 @@ import contextlib
 import numpy as np
 import torch
 
+from ..quality.torch_lora import load_adapter as load_adapter
+from ..quality.torch_lora import lora_modules
 from . import tasks as T
 
 EVAL_BATCH = 64
@@ -87,7 +89,6 @@ def lora_applied(model, lora: dict | None):
 
     **Arguments**: `lora` `{module: (A [k, d_in], B [d_out, k])}` with the scale folded in.
     """
-    modules = dict(model.named_modules())
     handles = []
 
     def branch(a, b):
@@ -98,30 +99,14 @@ def lora_applied(model, lora: dict | None):
         return hook
 
     try:
-        for name, (a, b) in (lora or {}).items():
-            if name not in modules:
-                raise KeyError(f"LoRA module {name!r} is not a module of the base model")
-            weight = modules[name].weight
-            a = torch.as_tensor(np.asarray(a, dtype=np.float32))
-            b = torch.as_tensor(np.asarray(b, dtype=np.float32))
-            if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
-                raise ValueError(
-                    f"LoRA for {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
-                    f"weight {tuple(weight.shape)}"
-                )
-            handles.append(modules[name].register_forward_hook(branch(a, b)))
+        for module, a, b in lora_modules(model, lora):
+            handles.append(module.register_forward_hook(branch(a, b)))
         yield model
     finally:
         for h in handles:
             h.remove()
 
 
-def load_adapter(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A PEFT adapter directory as `{module: (A, s B)}`, read by `hydraopt_jax.io`."""
-    from hydraopt_jax.io import load_peft_adapter
-
-    adapter = load_peft_adapter(path)
-    return adapter.load_factors(list(adapter.modules))
 
 
 class Scorer:

@@ -20,7 +20,6 @@ for 10 steps into `_cache/quick/` (for the test suite).
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ import time
 
 import numpy as np
 
+from ..quality.torch_lora import lora_training
 from . import evaluate as E
 from . import model as M
 from . import tasks as T
@@ -71,18 +71,11 @@ def lora_seed(task: T.Task, collection: str) -> int:
 
 def train_lora(base, tokenizer, task: T.Task, seed: int, hp: dict = TRAIN, log=print):
     """A fresh PEFT LoRA fine-tuned on `task`; returns `(peft_model, stats)`."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)  # fixes the lora_A init (kaiming-uniform) and dropout
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **LORA))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    steps, warmup = hp["steps"], hp["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
-    )
+    steps = hp["steps"]
+    model, _params, opt, sched = lora_training(
+        base, LORA, seed, lr=hp["lr"], weight_decay=hp["weight_decay"], steps=steps,
+        warmup=hp["warmup"],
+    )  # fmt: skip
     stream = T.TrainStream(task, hp["batch_size"], seed=0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t0 = time.perf_counter()

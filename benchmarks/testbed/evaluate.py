@@ -15,25 +15,15 @@ engine) and decodes greedily on the task's held-out test set.
 from __future__ import annotations
 
 import copy
-import pathlib
 
 import numpy as np
 import torch
 
+from ..quality.torch_lora import load_adapter as load_adapter_factors  # noqa: F401 (API)
+from ..quality.torch_lora import lora_modules
 from . import tasks as T
 
 _PREFIX = "base_model.model."
-
-
-def load_adapter_factors(
-    adapter_dir: str | pathlib.Path,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A PEFT LoRA directory as `{module: (A [r, d_in], s B [d_out, r])}`, read by
-    `hydraopt_jax.io` (the package's loader: PEFT's own scale and pattern rules)."""
-    from hydraopt_jax.io import load_peft_adapter
-
-    adapter = load_peft_adapter(adapter_dir)
-    return adapter.load_factors(list(adapter.modules))
 
 
 def apply_lora(base_model, lora: dict | None, scale: float = 1.0):
@@ -41,20 +31,9 @@ def apply_lora(base_model, lora: dict | None, scale: float = 1.0):
     model = copy.deepcopy(base_model).eval()
     if not lora:
         return model
-    modules = dict(model.named_modules())
     with torch.no_grad():
-        for name, (a, b) in lora.items():
-            if name not in modules:
-                raise KeyError(f"LoRA module {name!r} is not a module of the base model")
-            weight = modules[name].weight
-            a = torch.as_tensor(np.asarray(a, dtype=np.float32))
-            b = torch.as_tensor(np.asarray(b, dtype=np.float32))
-            if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
-                raise ValueError(
-                    f"LoRA for {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
-                    f"weight {tuple(weight.shape)}"
-                )
-            weight += scale * (b @ a)
+        for module, a, b in lora_modules(model, lora):
+            module.weight += scale * (b @ a)
     return model
 
 

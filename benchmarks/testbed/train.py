@@ -20,7 +20,6 @@ accuracies. Tasks whose adapter directory already exists are skipped (resumable)
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import pathlib
 import time
@@ -28,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from ..quality.torch_lora import lora_training
 from . import evaluate as E
 from . import model as M
 from . import tasks as T
@@ -86,18 +86,12 @@ def lora_seed(task: T.Task, seed_variant: str) -> int:
 
 def train_lora(base_model, task: T.Task, regime: str, seed: int, log=print):
     """Fine-tune a fresh LoRA on `task`; returns the `PeftModel` and training stats."""
-    from peft import LoraConfig, get_peft_model
-
     hp = REGIMES[regime]
-    torch.manual_seed(seed)  # fixes the lora_A init (kaiming-uniform); lora_B starts at 0
-    model = get_peft_model(copy.deepcopy(base_model), LoraConfig(task_type="CAUSAL_LM", **LORA))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    steps, warmup = hp["steps"], hp["warmup"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup)))
-    )
+    steps = hp["steps"]
+    model, params, opt, sched = lora_training(
+        base_model, LORA, seed, lr=hp["lr"], weight_decay=hp["weight_decay"], steps=steps,
+        warmup=hp["warmup"],
+    )  # fmt: skip
     stream = T.TrainStream([task], hp["batch_size"], seed=seed)
     val_inputs = T.heldout_inputs(task, "val")
     t0 = time.time()

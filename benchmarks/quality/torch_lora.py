@@ -1,0 +1,59 @@
+"""The PyTorch side the testbeds share: reading an adapter, putting `{module: (A, B)}`
+factors on a model's layers, and the LoRA fine-tuning setup. (torch is imported on use.)"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["load_adapter", "lora_modules", "lora_training"]
+
+
+def load_adapter(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A PEFT LoRA directory as `{module: (A [r, d_in], s B [d_out, r])}`, read by
+    `hydraopt_jax.io` (the package's loader: PEFT's own scale and pattern rules)."""
+    from hydraopt_jax.io import load_peft_adapter
+
+    adapter = load_peft_adapter(path)
+    return adapter.load_factors(list(adapter.modules))
+
+
+def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, object]]:
+    """`(module, A, B)` for each entry of `lora` `{name: (A [k, d_in], B [d_out, k])}`, as
+    float32 torch tensors, checked against the module's weight."""
+    import torch
+
+    modules = dict(model.named_modules())
+    for name, (a, b) in (lora or {}).items():
+        if name not in modules:
+            raise KeyError(f"LoRA module {name!r} is not a module of the base model")
+        weight = modules[name].weight
+        a = torch.as_tensor(np.asarray(a, dtype=np.float32))
+        b = torch.as_tensor(np.asarray(b, dtype=np.float32))
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"LoRA for {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
+                f"weight {tuple(weight.shape)}"
+            )
+        yield modules[name], a, b
+
+
+def lora_training(base, lora_config: dict, seed: int, *, lr: float, weight_decay: float,
+                  steps: int, warmup: int):  # fmt: skip
+    """`(model, params, optimizer, scheduler)`: a PEFT LoRA on a copy of `base` (the seed
+    fixes the `lora_A` init, kaiming-uniform, and dropout; `lora_B` starts at 0), AdamW and
+    a linear warm-up then linear decay to 0 at `steps`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **lora_config))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+    )
+    return model, params, opt, sched
