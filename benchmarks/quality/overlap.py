@@ -16,19 +16,18 @@ import pathlib
 
 import numpy as np
 
+from .torch_lora import load_adapter
+
 __all__ = ["collection_overlap", "drift_from_init", "mean_pairwise_overlap"]
 
 
 def _adapters(collection: str | pathlib.Path) -> dict[str, dict]:
     """`{task: {module: (A, s B)}}` of every adapter directory in a collection folder."""
-    from hydraopt_jax.io import load_peft_adapter
-
-    out = {}
-    for path in sorted(pathlib.Path(collection).iterdir()):
-        if (path / "adapter_config.json").exists():
-            adapter = load_peft_adapter(path)
-            out[path.name] = adapter.load_factors(list(adapter.modules))
-    return out
+    return {
+        path.name: load_adapter(path)
+        for path in sorted(pathlib.Path(collection).iterdir())
+        if (path / "adapter_config.json").exists()
+    }
 
 
 def mean_pairwise_overlap(factors: list[dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict:
