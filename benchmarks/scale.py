@@ -290,6 +290,8 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="scratch dir (default: a new temp dir)")
     args = parser.parse_args()
     header(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; scale")
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="hydraopt-scale-", dir=args.tmp))
     try:
         if args.only in (None, "a"):
