@@ -229,7 +229,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(dirs: list[str], out: Path, count: int) -> list[dict]:
+def run_processes(
+    dirs: list[str], out: Path, count: int, max_memory: str | None = None
+) -> list[dict]:
     """`hydraopt merge` as `count` processes of one multi-controller run (localhost); each
     child's wall time and peak RSS (VmHWM) and its `--json` line."""
     import subprocess
@@ -241,7 +243,8 @@ def run_processes(dirs: list[str], out: Path, count: int) -> list[dict]:
         flags = [] if count == 1 else ["--coordinator", f"localhost:{port}", "--num-processes",
                                        str(count), "--process-id", str(i)]  # fmt: skip
         cmd = [sys.executable, "-c", PROCESS_CHILD, "merge", *dirs, "--out", str(out),
-               "--plan", "shared-a", "--json", *flags]  # fmt: skip
+               "--plan", "shared-a", "--json", *flags,
+               *(["--max-memory", max_memory] if max_memory else [])]  # fmt: skip
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, env=env))  # fmt: skip
     rows = []
@@ -254,10 +257,11 @@ def run_processes(dirs: list[str], out: Path, count: int) -> list[dict]:
     return rows
 
 
-def part_c(tmp: Path, num_tasks: int, layers: int) -> None:
+def part_c(tmp: Path, num_tasks: int, layers: int, max_memory: str | None = None) -> None:
     d, r = 4096, 16
+    budget = f"--max-memory {max_memory} each" if max_memory else "default memory budget"
     print(f"\n## (c) {num_tasks} adapters at d = {d}, r = {r}, q_proj on {layers} layers, "
-          "shared-a, hydraopt merge on 1, 2, 4 processes (localhost)")  # fmt: skip
+          f"shared-a, hydraopt merge on 1, 2, 4 processes (localhost), {budget}")  # fmt: skip
     start = time.perf_counter()
     dirs, mb = generate(tmp / "c", num_tasks, layers, {"q_proj": (d, d)}, r)
     print(f"generated {num_tasks} PEFT dirs ({mb:.0f} MB of float32 factors) in "
@@ -266,14 +270,15 @@ def part_c(tmp: Path, num_tasks: int, layers: int) -> None:
     for count in (1, 2, 4):
         out = tmp / f"c_out{count}"
         start = time.perf_counter()
-        rows = run_processes(dirs, out, count)
+        rows = run_processes(dirs, out, count, max_memory)
         wall = time.perf_counter() - start
         peaks = [row["peak_rss_mb"] for row in rows]
         one_peak = one_peak or max(peaks)
         read = [row["tensor_bytes_read"] / 2**20 for row in rows]
         print(f"{count} process(es): wall {wall:.1f} s; per-process peak RSS "
               f"{', '.join(f'{p:.0f}' for p in peaks)} MB (max {max(peaks) / one_peak:.2f}x the "
-              f"one-process peak); adapter factors read per process "
+              f"one-process peak); tensor bytes read per process (its adapters; process 0 also the "
+              f"others' parts) "
               f"{', '.join(f'{x:.0f}' for x in read)} MB")  # fmt: skip
         shutil.rmtree(out, ignore_errors=True)
     print(f"  {load_average()}")
@@ -287,6 +292,8 @@ def main() -> None:
     parser.add_argument("--layers-b", type=int, default=2)
     parser.add_argument("--tasks-c", type=int, default=1000)
     parser.add_argument("--layers-c", type=int, default=4)
+    parser.add_argument("--max-memory-c", default=None,
+                        help="--max-memory of each (c) process (default: the guard's)")  # fmt: skip
     parser.add_argument("--tmp", default=None, help="scratch dir (default: a new temp dir)")
     args = parser.parse_args()
     header(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}; scale")
@@ -299,7 +306,7 @@ def main() -> None:
         if args.only in (None, "b"):
             part_b(tmp, args.tasks_b, args.layers_b)
         if args.only in (None, "c"):
-            part_c(tmp, args.tasks_c, args.layers_c)
+            part_c(tmp, args.tasks_c, args.layers_c, args.max_memory_c)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -227,6 +227,29 @@ def task_loras(coll: Collection, solutions: dict) -> dict[str, dict]:
     return loras
 
 
+# The planner's options of one collection per objective: every budget's plan is chosen from
+# the same options (`plan_budget` = `collection_options` + `choose`), so they are computed
+# once per run rather than once per budget.
+# One entry at a time: `(collection, covariances, weighting, nested)` (held, so that their
+# identities stay theirs) and the options.
+_OPTIONS: list = [None, None]
+
+
+def _planner_options(coll: Collection, method: Method, act: dict | None) -> tuple:
+    from hydraopt_jax.planner import collection_options
+
+    key = _OPTIONS[0]
+    if not (key and key[0] is coll and key[1] is act and key[2:] == (method.module_weighting,
+                                                                       method.nested)):  # fmt: skip
+        _OPTIONS[:] = [None, None]  # free the previous options first (per-module curves)
+        _OPTIONS[1] = collection_options(
+            coll.factors(), task_names=coll.tasks, task_attributes=coll.attributes(),
+            activation_covs=act, module_weights=method.module_weighting, nested=method.nested,
+        )  # fmt: skip
+        _OPTIONS[0] = (coll, act, method.module_weighting, method.nested)
+    return _OPTIONS[1]
+
+
 def merge_method(method: Method, coll: Collection, covs: dict | None = None) -> Merged:
     """Run `method` on every module of `coll` at once."""
     from hydraopt_jax import merge_adapters, task_relative_errors
@@ -250,13 +273,9 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None) -> 
             coll.factors(), build_plan(method, coll), method.solver, activation_covs=act
         )
     elif method.kind == "planner":
-        from hydraopt_jax import plan_budget
+        from hydraopt_jax.planner import choose
 
-        chosen = plan_budget(
-            coll.factors(), method.budget, task_names=coll.tasks,
-            task_attributes=coll.attributes(), activation_covs=act,
-            module_weights=method.module_weighting, nested=method.nested,
-        )  # fmt: skip
+        chosen = choose(*_planner_options(coll, method, act), method.budget)
         solutions = merge_adapters(coll.factors(), chosen.plans, activation_covs=act)
     elif method.kind == "baseline":
         from hydraopt_jax.baselines import run_baseline
