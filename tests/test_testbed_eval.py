@@ -187,6 +187,28 @@ def test_lora_scores_exactly_one_and_separate_reproduces_own(base_model):
     assert result["details"]["hydraopt:separate"]["relative_error_mean"] < 1e-4
 
 
+def test_resume_reuses_rows_of_the_same_tasks_only(base_model):
+    lora, separate = EM.GRID.by_name(["lora", "hydraopt:separate"])
+    first = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[lora, separate], base_model=base_model
+    )
+    logs = []
+    again = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[lora], base_model=base_model,
+        previous=first, log=logs.append,
+    )  # fmt: skip
+    assert again["rows"] == first["rows"]  # lora reused, separate kept from the previous
+    assert again["details"] == first["details"]
+    assert any("reused" in line for line in logs)
+    # a previous result on other tasks is not mixed in: only the method asked for is there
+    other = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS[:1], methods=[lora], base_model=base_model,
+        previous=first, log=logs.append,
+    )  # fmt: skip
+    assert [r["method"] for r in other["rows"]] == ["lora"]
+    assert other["tasks"] == TWO_TASKS[:1] and "hydraopt:separate" not in other["details"]
+
+
 def test_collection_loading_and_activation_covariances(base_model):
     coll = EM.load_testbed_collection(COLLECTION, TWO_TASKS)
     assert coll.tasks == TWO_TASKS and coll.rank == 8 and len(coll.modules) == 14

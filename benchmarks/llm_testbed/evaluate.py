@@ -107,8 +107,6 @@ def lora_applied(model, lora: dict | None):
             h.remove()
 
 
-
-
 class Scorer:
     """Held-out exact match of one base model on the grid's tasks, with tokenization cached."""
 

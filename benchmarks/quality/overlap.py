@@ -18,15 +18,16 @@ import numpy as np
 
 from .torch_lora import load_adapter
 
-__all__ = ["collection_overlap", "drift_from_init", "mean_pairwise_overlap"]
+__all__ = ["collection_overlap", "drift_from_init", "load_adapters", "mean_pairwise_overlap"]
 
 
-def _adapters(collection: str | pathlib.Path) -> dict[str, dict]:
-    """`{task: {module: (A, s B)}}` of every adapter directory in a collection folder."""
+def load_adapters(collection: str | pathlib.Path, tasks=None) -> dict[str, dict]:
+    """`{task: {module: (A, s B)}}` of every adapter directory in a collection folder (of
+    those named in `tasks`, when given: e.g. the finished rows of a training manifest)."""
     return {
         path.name: load_adapter(path)
         for path in sorted(pathlib.Path(collection).iterdir())
-        if (path / "adapter_config.json").exists()
+        if (path / "adapter_config.json").exists() and (tasks is None or path.name in tasks)
     }
 
 
@@ -64,19 +65,22 @@ def mean_pairwise_overlap(factors: list[dict[str, tuple[np.ndarray, np.ndarray]]
 
 def collection_overlap(collection: str | pathlib.Path) -> dict:
     """`mean_pairwise_overlap` of every adapter directory in a collection folder."""
-    return mean_pairwise_overlap(list(_adapters(collection).values()))
+    return mean_pairwise_overlap(list(load_adapters(collection).values()))
 
 
 def drift_from_init(collection: str | pathlib.Path, initial_factors, seeds: dict) -> dict:
     """Mean over tasks and modules of `||A - A0|| / ||A0||` and of the A0/A row-space
     overlap. `initial_factors(seed) -> {module: A0}`: the `lora_A` PEFT initialises under
-    that seed; `seeds`: each task's training seed."""
+    that seed (called once per distinct seed); `seeds`: the training seed of each task to
+    measure (adapters of other tasks in the folder are left out)."""
     from hydraopt_jax import subspace_overlap
 
     rel, ovl = [], []
     init_by_seed: dict[int, dict] = {}
-    for name, factors in _adapters(collection).items():
-        init = init_by_seed.setdefault(seeds[name], initial_factors(seeds[name]))
+    for name, factors in load_adapters(collection, seeds).items():
+        if seeds[name] not in init_by_seed:
+            init_by_seed[seeds[name]] = initial_factors(seeds[name])
+        init = init_by_seed[seeds[name]]
         for module, (a, _) in factors.items():
             a0 = init[module]
             rel.append(np.linalg.norm(a - a0) / np.linalg.norm(a0))

@@ -119,12 +119,13 @@ def evaluate_collection(
     methods = testbed.grid.methods() if methods is None else list(methods)
     covs = None
     rows, details = [], {}
-    done = {}
-    if previous is not None and previous.get("tasks") == coll.tasks:
-        done = {r["method"]: r for r in previous["rows"]}
+    if previous is not None and previous.get("tasks") != coll.tasks:
+        log(f"[{coll.name}] the previous result is on other tasks: nothing of it is reused")
+        previous = None
+    previous = previous or {"rows": [], "details": {}}
+    done = {r["method"]: r for r in previous["rows"] if r["method"] in previous["details"]}
     wanted = {m.name for m in methods}
-    kept = [r for r in (previous or {}).get("rows", []) if r["method"] not in wanted]
-    kept = [r for r in kept if r["method"] in previous.get("details", {})] if kept else []
+    kept = [r for m, r in done.items() if m not in wanted]
     order = testbed.order()
 
     def result(complete: bool) -> dict:
@@ -146,7 +147,7 @@ def evaluate_collection(
         )
 
     for method in methods:
-        if method.name in done and method.name in previous.get("details", {}):
+        if method.name in done:
             rows.append(done[method.name])
             details[method.name] = previous["details"][method.name]
             log(f"[{coll.name}] {method.name:36s} (reused from the previous result)")
