@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import sys
 import time
 
@@ -56,14 +57,21 @@ def _build_cache(folder: pathlib.Path, log=None) -> None:
     state = {
         k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
     }  # tied to embed_tokens
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # one temporary folder per process: two runs starting together (two collections trained
+    # side by side) both build it, the first rename wins and the other's copy is dropped
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     save_file(state, str(tmp / WEIGHTS))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        raise FileExistsError(f"{folder} appeared while it was being built")
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / WEIGHTS).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process cached it first
+        return
     if log:
         log(f"cached float32 SmolLM2-135M in {folder} ({time.perf_counter() - t0:.0f} s)")
 
