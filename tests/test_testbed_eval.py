@@ -200,6 +200,14 @@ def test_resume_reuses_rows_of_the_same_tasks_only(base_model):
     assert again["rows"] == first["rows"]  # lora reused, separate kept from the previous
     assert again["details"] == first["details"]
     assert any("reused" in line for line in logs)
+    # the partial result written after each method already carries every previous row
+    partial = []
+    evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[separate, lora], base_model=base_model,
+        previous=dict(first, rows=first["rows"][:1]), on_progress=partial.append,
+    )  # fmt: skip
+    assert [r["method"] for r in partial[0]["rows"]] == ["lora", "hydraopt:separate"]
+    assert partial[0]["complete"] is False
     # a previous result on other tasks is not mixed in: only the method asked for is there
     other = evaluate_collection(
         TESTBED, COLLECTION, tasks=TWO_TASKS[:1], methods=[lora], base_model=base_model,

@@ -124,11 +124,11 @@ def evaluate_collection(
         previous = None
     previous = previous or {"rows": [], "details": {}}
     done = {r["method"]: r for r in previous["rows"] if r["method"] in previous["details"]}
-    wanted = {m.name for m in methods}
-    kept = [r for m, r in done.items() if m not in wanted]
     order = testbed.order()
 
     def result(complete: bool) -> dict:
+        # every previous row not (yet) redone is carried: an interrupted resumed run loses none
+        kept = [r for m, r in done.items() if m not in details]
         all_rows = sorted(rows + kept, key=lambda r: order.get(r["method"], len(order)))
         all_details = {r["method"]: previous["details"][r["method"]] for r in kept} | details
         return dict(
