@@ -42,6 +42,16 @@ def test_row_keys():
     assert json.loads(json.dumps(row)) == row
 
 
+def test_methods_option_splits_at_commas_between_names_only():
+    from benchmarks.quality.run import split_methods
+
+    text = "lora,hydraopt:shared-a@k=r,j=r/4,reference:truncate-r/2,baseline:ties"
+    names = split_methods(text)
+    assert names == ["lora", "hydraopt:shared-a@k=r,j=r/4", "reference:truncate-r/2",
+                     "baseline:ties"]  # fmt: skip
+    assert [m.name for m in EM.GRID.by_name(names, sweep=True)] == names
+
+
 def test_method_grid_names():
     from hydraopt_jax.baselines import BASELINES
 

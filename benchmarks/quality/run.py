@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,14 @@ from .analysis import format_summary, summarize
 from .collection import Collection
 from .methods import Grid, Method, merge_method
 
-__all__ = ["Testbed", "evaluate_collection", "main", "make_row", "score_accuracies"]
+__all__ = [
+    "Testbed",
+    "evaluate_collection",
+    "main",
+    "make_row",
+    "score_accuracies",
+    "split_methods",
+]
 
 ROW_KEYS = ("method", "collection", "storage_ratio", "score", "min_task_ratio")
 
@@ -184,6 +192,12 @@ def evaluate_collection(
     return result(True)
 
 
+def split_methods(text: str) -> list[str]:
+    """`--methods`: names separated by commas; a comma inside a name (`shared-a@k=r,j=r/8`)
+    does not split it, since every name starts with `lora` or a `kind:` prefix."""
+    return [n for n in re.split(r",(?=\s*(?:lora\b|[a-z]+:))", text) if n.strip()]
+
+
 def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
     """`python -m benchmarks.<testbed>`: score every method on the testbed's collections.
 
@@ -233,7 +247,7 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         tasks = (
             args.tasks.split(",") if args.tasks else (testbed.quick_tasks() if args.quick else None)
         )
-        names = args.methods.split(",") if args.methods else None
+        names = split_methods(args.methods) if args.methods else None
         if names is None and args.quick and testbed.quick_methods:
             names = list(testbed.quick_methods)
         methods = testbed.grid.by_name(names, sweep=not args.quick)
