@@ -51,7 +51,7 @@ solver held scaled copies of B, a broadcast of the shared A and a transposed cop
 backend made for `jnp.all(jnp.isfinite(B_hat))` (now one fused reduction, `_loss.all_finite`).
 Now the loader's aligned buffer is used in place and the output (500 MB of per-task B) is the
 only other large array; XLA's own temporaries for this solve are 32 MB
-(`compiled.memory_analysis()`; `tests/test_reliability_memory.py` keeps them under a tenth of
+(`compiled.memory_analysis()`; `tests/test_io_memory.py` keeps them under a tenth of
 the inputs).
 """
 

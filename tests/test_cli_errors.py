@@ -724,15 +724,15 @@ checkpoint. Ctrl-C exits with status 130 (an interrupted iterative merge keeps i
 checkpoint for `--resume`); an internal error (a bug) exits with status 1 and one line
 (`HYDRAOPT_DEBUG=1` shows the traceback).
 
-The messages below are the real ones, produced by `tests/test_reliability_errors.py` on
+The messages below are the real ones, produced by `tests/test_cli_errors.py` on
 three small adapters `in/task0`, `in/task1`, `in/task2` (a broken copy is `in/bad`), run
 from their parent directory; regenerate with
-`HYDRAOPT_WRITE_ERRORS_DOC=1 pytest tests/test_reliability_errors.py`.
+`HYDRAOPT_WRITE_ERRORS_DOC=1 pytest tests/test_cli_errors.py`.
 
 | case | message |
 | --- | --- |
 {rows}
 
-Corrupted inputs are also fuzzed (`tests/test_reliability_fuzz.py`): random edits of
+Corrupted inputs are also fuzzed (`tests/test_io_peft_fuzz.py`): random edits of
 `adapter_config.json` and random damage to safetensors headers are refused the same way.
 """

@@ -31,6 +31,24 @@ def test_setup_commands_and_ci_agree():
     assert _block_after("## Set up", "bash", 0).strip() == "pip install . && hydraopt demo"
 
 
+DOCUMENTS = ("README.md", "docs/*.md", "benchmarks/*/README.md", "benchmarks/*.py")
+REPO_PATH = re.compile(
+    r"\b(?:tests|benchmarks|docs|notebooks|hydraopt_jax)/[\w./-]+\.(?:py|md|png|json|ipynb|sh)\b"
+)
+
+
+def test_every_repository_path_the_documents_name_exists():
+    named = {
+        (doc.relative_to(ROOT), path)
+        for pattern in DOCUMENTS
+        for doc in ROOT.glob(pattern)
+        for path in REPO_PATH.findall(doc.read_text())
+    }
+    assert len(named) > 20
+    missing = sorted(f"{doc}: {path}" for doc, path in named if not (ROOT / path).exists())
+    assert not missing, missing
+
+
 def test_readme_merge_export_load_example(tmp_path):
     shutil.rmtree("/tmp/hydraopt-example", ignore_errors=True)
     script = _block_after("## From PEFT adapters to PEFT adapters", "bash")
