@@ -42,6 +42,13 @@ def test_row_keys():
     assert json.loads(json.dumps(row)) == row
 
 
+def test_budget_tags_keep_two_decimals_and_every_digit_of_the_budget():
+    from benchmarks.quality.methods import budget_tag
+
+    tags = [budget_tag(b) for b in (0.3, 0.025, 0.0625, 0.125, 0.5)]
+    assert tags == ["0.30", "0.025", "0.0625", "0.125", "0.50"]
+
+
 def test_methods_option_splits_at_commas_between_names_only():
     from benchmarks.quality.run import split_methods
 

@@ -38,11 +38,11 @@ QUICK_COLLECTIONS = ("same_seed",)
 QUICK_TEST_EXAMPLES = 16
 
 # Planner budgets: one adapter's storage (1/40 = 0.025), the small storages the issues aim
-# at (0.04-0.10), just below each per-task truncation's storage (r/16: 0.0625, r/8: 0.125,
-# r/4: 0.25, r/2: 0.5), 0.30 and the paper's 0.55. The plain, activation-aware and
-# size-weighted planners run at a subset; the planner with nested ranks at all of them.
+# at (0.04-0.10), just below and at each per-task truncation's storage (r/16: 0.0625,
+# r/8: 0.125, r/4: 0.25, r/2: 0.5), 0.30 and the paper's 0.55. The plain, activation-aware
+# and size-weighted planners run at a subset; the planner with nested ranks at all of them.
 PLANNER_BUDGETS = (0.025, 0.07, 0.10, 0.25, 0.55)
-NESTED_BUDGETS = (0.025, 0.04, 0.06, 0.07, 0.10, 0.12, 0.25, 0.30, 0.50, 0.55)
+NESTED_BUDGETS = (0.025, 0.04, 0.06, 0.0625, 0.07, 0.10, 0.12, 0.125, 0.25, 0.30, 0.50, 0.55)
 GRID = Grid(
     planner_budgets=PLANNER_BUDGETS,
     quick_planner_budgets=(0.10,),

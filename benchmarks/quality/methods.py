@@ -89,9 +89,10 @@ def rank_tag(mult: float) -> str:
 
 
 def budget_tag(budget: float) -> str:
-    """`0.3 -> "0.30"`, `0.025 -> "0.025"`: two decimals, three where needed."""
-    tag = f"{budget:.3f}"
-    return tag[:-1] if tag.endswith("0") else tag
+    """`0.3 -> "0.30"`, `0.025 -> "0.025"`, `0.0625 -> "0.0625"`: two decimals, up to four
+    where needed."""
+    whole, frac = f"{budget:.4f}".split(".")
+    return f"{whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
 @dataclasses.dataclass(frozen=True)
