@@ -107,7 +107,7 @@ def quick_tasks() -> list[str]:
 
 TESTBED = Testbed(
     name="llm_testbed",
-    title="Real-LLM testbed (SmolLM2-135M, 5 applications x 8 languages): storage vs score",
+    title="Real-LLM testbed (SmolLM2-135M LoRAs, applications x languages): storage vs score",
     command="python -m benchmarks.llm_testbed",
     results=RESULTS,
     collections=COLLECTIONS,
