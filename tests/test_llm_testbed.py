@@ -77,3 +77,23 @@ def test_quick_pipeline_on_smollm2(capsys):
                  "reference:truncate-r/16", "baseline:ties"):  # fmt: skip
         assert 0.0 <= by[name]["score"] <= 1.5 and 0 < by[name]["storage_ratio"] < 1
     assert by["hydraopt:plan+nested@0.10"]["storage_ratio"] <= 0.10 + 1e-9
+
+
+def test_update_spectrum_shares_from_the_factors():
+    from benchmarks.llm_testbed.stats import spectrum_shares
+
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=(48, 1)), rng.normal(size=(1, 32))
+    a_rank1 = np.vstack([v, 2 * v, 0 * v, -v])  # [r = 4, d_in]: B A = (B [:, 0] + ...) v
+    b = rng.normal(size=(48, 4))
+    s = np.array([3.0, 2.0, 1.0, 0.5])
+    qa, _ = np.linalg.qr(rng.normal(size=(32, 4)))
+    qb, _ = np.linalg.qr(rng.normal(size=(48, 4)))
+    shares = spectrum_shares(
+        {"t0": {"m": (a_rank1, b)}, "t1": {"m": (qa.T, qb * s)}, "t2": {"m": (v, u)}}
+    )
+    energy = s**2 / np.sum(s**2)
+    # rank-1 updates hold everything in their top direction; the mean is over the three
+    np.testing.assert_allclose(shares[1], (1 + energy[0] + 1) / 3, rtol=1e-10)
+    np.testing.assert_allclose(shares[2], (1 + energy[:2].sum() + 1) / 3, rtol=1e-10)
+    np.testing.assert_allclose(shares[8], 1.0, rtol=1e-12)
