@@ -11,7 +11,8 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
   factors and the column-space overlap of the `B` factors (`benchmarks.quality.overlap`;
   `r / d` for random subspaces);
 * drift of `A` from its initialisation (`||A - A0|| / ||A0||`, and the A0/A overlap), with
-  `A0` re-created from the recorded seed exactly as PEFT initialised it;
+  `A0` re-created from the recorded seed exactly as training initialised it
+  (`quality.torch_lora.initial_lora_a`);
 * update spectrum: the share of `||dW_t||_F^2` (`dW_t = s B_t A_t`) in its top 1, 2, 4 and 8
   singular directions, mean over tasks and modules (computed from the `r x r` core of two
   thin QRs, never a dense `dW`).
@@ -20,12 +21,12 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 import numpy as np
 
 from ..quality import overlap as O
+from ..quality.torch_lora import initial_lora_a
 from . import model as M
 from . import train as TR
 
@@ -45,24 +46,6 @@ def spectrum_shares(factors: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
     return {j: float(np.mean(v)) for j, v in shares.items()}
 
 
-def initial_a_factors(base):
-    """`seed -> {module: A0}`: the `lora_A` PEFT initialises on `base` under that seed."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    def initial(seed: int) -> dict[str, np.ndarray]:
-        torch.manual_seed(seed)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **TR.LORA))
-        out = {}
-        for name, module in model.named_modules():
-            if name.endswith(".lora_A.default"):
-                key = name.removeprefix("base_model.model.").removesuffix(".lora_A.default")
-                out[key] = module.weight.detach().numpy().copy()
-        return out
-
-    return initial
-
-
 def collection_stats(name: str, base) -> dict:
     folder = TR.ADAPTERS / name
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -73,7 +56,7 @@ def collection_stats(name: str, base) -> dict:
     base_acc = [row["base_accuracy"] for row in rows.values()]
     seconds = [row["seconds"] for row in rows.values()]
     overlap = O.mean_pairwise_overlap(list(factors.values()))
-    drift = O.drift_from_init(folder, initial_a_factors(base), seeds)
+    drift = O.drift_from_init(factors, lambda seed: initial_lora_a(base, TR.LORA, seed), seeds)
     return dict(
         collection=name,
         tasks=len(rows),

@@ -68,16 +68,16 @@ def collection_overlap(collection: str | pathlib.Path) -> dict:
     return mean_pairwise_overlap(list(load_adapters(collection).values()))
 
 
-def drift_from_init(collection: str | pathlib.Path, initial_factors, seeds: dict) -> dict:
+def drift_from_init(adapters: dict[str, dict], initial_factors, seeds: dict) -> dict:
     """Mean over tasks and modules of `||A - A0|| / ||A0||` and of the A0/A row-space
-    overlap. `initial_factors(seed) -> {module: A0}`: the `lora_A` PEFT initialises under
-    that seed (called once per distinct seed); `seeds`: the training seed of each task to
-    measure (adapters of other tasks in the folder are left out)."""
+    overlap. `adapters`: `{task: {module: (A, B)}}` (`load_adapters`);
+    `initial_factors(seed) -> {module: A0}`: the `lora_A` PEFT initialises under that seed
+    (called once per distinct seed); `seeds`: each task's training seed."""
     from hydraopt_jax import subspace_overlap
 
     rel, ovl = [], []
     init_by_seed: dict[int, dict] = {}
-    for name, factors in load_adapters(collection, seeds).items():
+    for name, factors in adapters.items():
         if seeds[name] not in init_by_seed:
             init_by_seed[seeds[name]] = initial_factors(seeds[name])
         init = init_by_seed[seeds[name]]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["load_adapter", "lora_modules", "lora_training"]
+__all__ = ["initial_lora_a", "load_adapter", "lora_modules", "lora_training", "seeded_peft_model"]
 
 
 def load_adapter(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -40,16 +40,35 @@ def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, obj
         yield modules[name], a, b
 
 
-def lora_training(base, lora_config: dict, seed: int, *, lr: float, weight_decay: float,
-                  steps: int, warmup: int):  # fmt: skip
-    """`(model, params, optimizer, scheduler)`: a PEFT LoRA on a copy of `base` (the seed
-    fixes the `lora_A` init, kaiming-uniform, and dropout; `lora_B` starts at 0), AdamW and
-    a linear warm-up then linear decay to 0 at `steps`."""
+def seeded_peft_model(base, lora_config: dict, seed: int):
+    """A PEFT LoRA on a copy of `base`, created right after `torch.manual_seed(seed)`: the
+    seed fixes the `lora_A` init (kaiming-uniform) and, in training, dropout; `lora_B`
+    starts at 0."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **lora_config))
+    return get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **lora_config))
+
+
+def initial_lora_a(base, lora_config: dict, seed: int) -> dict[str, np.ndarray]:
+    """`{module: A0}`: the `lora_A` PEFT initialises on `base` under `seed` (what training
+    under that seed started from), module names without PEFT's prefix."""
+    prefix, suffix = "base_model.model.", ".lora_A.default.weight"
+    return {
+        k[len(prefix) : -len(suffix)]: v.detach().numpy().copy()
+        for k, v in seeded_peft_model(base, lora_config, seed).named_parameters()
+        if k.endswith(suffix)
+    }
+
+
+def lora_training(base, lora_config: dict, seed: int, *, lr: float, weight_decay: float,
+                  steps: int, warmup: int):  # fmt: skip
+    """`(model, params, optimizer, scheduler)`: `seeded_peft_model`, AdamW and a linear
+    warm-up then linear decay to 0 at `steps`."""
+    import torch
+
+    model = seeded_peft_model(base, lora_config, seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

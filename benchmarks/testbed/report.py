@@ -10,30 +10,11 @@ import pathlib
 
 import numpy as np
 
-from ..quality.overlap import collection_overlap, drift_from_init
+from ..quality.overlap import drift_from_init, load_adapters, mean_pairwise_overlap
+from ..quality.torch_lora import initial_lora_a
+from . import model as M
 from . import tasks as T
-from .train import ADAPTERS
-
-
-def initial_factors(seed: int) -> dict[str, np.ndarray]:
-    """The `lora_A` that PEFT initialises under `torch.manual_seed(seed)` (B starts at 0)."""
-    import copy
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from . import model as M
-    from .train import LORA
-
-    base = M.load_base_model()  # before seeding: building the model consumes the torch RNG
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **LORA))
-    prefix, suffix = "base_model.model.", ".lora_A.default.weight"
-    return {
-        k[len(prefix) : -len(suffix)]: v.detach().numpy().copy()
-        for k, v in peft_model.named_parameters()
-        if k.endswith(suffix)
-    }
+from .train import ADAPTERS, LORA
 
 
 def per_kind_overlap(per_module: dict) -> dict:
@@ -52,7 +33,9 @@ def summarise(collection: pathlib.Path) -> dict:
         for app in T.APPLICATIONS
         if any(n.startswith(app + "_") for n in entries)
     }
-    overlap = collection_overlap(collection)
+    adapters = load_adapters(collection, entries)
+    overlap = mean_pairwise_overlap(list(adapters.values()))
+    base = M.load_base_model()
     return dict(
         collection=collection.name,
         num_tasks=len(own),
@@ -66,7 +49,11 @@ def summarise(collection: pathlib.Path) -> dict:
         random_a=overlap["a_random"],
         random_b=overlap["b_random"],
         per_kind=per_kind_overlap(overlap["per_module"]),
-        **drift_from_init(collection, initial_factors, {n: e["seed"] for n, e in entries.items()}),
+        **drift_from_init(
+            adapters,
+            lambda seed: initial_lora_a(base, LORA, seed),
+            {n: e["seed"] for n, e in entries.items()},
+        ),
     )
 
 
