@@ -212,7 +212,11 @@ def merge_collection(
     }
     if count > 1:
         flags["processes"] = count
-    print_ = None if out is None else fingerprint(collection, summary, flags)
+    wants_checkpoint = out is not None and (
+        (iterative and checkpoint_every > 0) or checkpoint_dir(out).exists()
+    )
+    # What parts and checkpoints must match (hashes every input file): only when either is used.
+    print_ = fingerprint(collection, summary, flags) if count > 1 or wants_checkpoint else None
     described = summary if plan_source is None else {**summary, "source": plan_source}
     full_meta = {"solver": solver, "weighting": weights, "plan": described, **(meta or {})}
     names = split_modules(collection, plans, count)[index]
@@ -227,11 +231,7 @@ def merge_collection(
             )
     part = None if count == 1 else f"process-{index:04d}"
     checkpoint = None
-    if (
-        done is None
-        and out is not None
-        and ((iterative and checkpoint_every > 0) or checkpoint_dir(out).exists())
-    ):
+    if done is None and wants_checkpoint:
         checkpoint = RunCheckpoint.open(out, print_, resume=resume, part=part)
         if not (iterative and checkpoint_every > 0):
             checkpoint = None  # a matching checkpoint with nothing to resume: ignored
