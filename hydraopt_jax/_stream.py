@@ -75,8 +75,9 @@ def plan_summary(plan, plans: Mapping[str, SharingPlan]) -> dict:
     return {"name": first.name, **first.to_dict()}
 
 
-def _module_bytes(collection, plans, names) -> dict[str, int]:
-    """The memory guard's estimate for each module of one shape group (see io/memory.py)."""
+def _module_bytes(collection, plans, names, exact: bool = False) -> dict[str, int]:
+    """The memory guard's estimate for each module of one shape group (see io/memory.py);
+    `exact`: solved in closed form."""
     r_max = max(max(collection.modules[n].ranks) for n in names)
     out = {}
     for name in names:
@@ -85,7 +86,7 @@ def _module_bytes(collection, plans, names) -> dict[str, int]:
         k = plan.rank or max(info.ranks)
         out[name] = estimate_module_bytes(
             collection.num_tasks, r_max, info.d_in, info.d_out, k,
-            plan.num_a_groups, plan.num_b_groups,
+            plan.num_a_groups, plan.num_b_groups, exact=exact,
         )  # fmt: skip
     return out
 
@@ -315,7 +316,10 @@ def _solve_all(
         batches = checkpoint.batches(key) if checkpoint is not None else None
         if batches is None or sorted(n for b in batches for n in b) != sorted(module_names):
             batches = plan_batches(
-                module_names, _module_bytes(collection, plans, module_names), limit, source
+                module_names,
+                _module_bytes(collection, plans, module_names, exact=solver == "exact"),
+                limit,
+                source,
             )
         splits[key] = batches
     for g, ((kind, d_in, d_out), module_names) in enumerate(groups.items()):

@@ -563,7 +563,7 @@ CASES = {
     "bad --max-memory": lambda: (_ok("--max-memory", "lots"), ["--max-memory", "'lots'"]),
     "--max-memory past 8 EiB": lambda: (_ok("--max-memory", "1e400"), ["--max-memory", "'1e400'"]),
     "module does not fit --max-memory": lambda: (
-        _ok("--max-memory", "10kB"),
+        _ok("--max-memory", "5kB"),
         [K0, "needs about", "--max-memory"],
     ),
     "--names count": lambda: (_ok("--names", "a,b"), ["--names", "2 names for 3"]),

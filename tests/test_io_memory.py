@@ -13,6 +13,7 @@ from tests.helpers.files import bundle_arrays, listing, write_collection
 
 Q_BYTES = 27264  # estimate for one 24 -> 24 module of the helpers' collection (T=3, r=4)
 K_BYTES = 19200  # one 24 -> 12 module
+Q_EXACT, K_EXACT = 12672, 9216  # the same, solved in closed form (what `merge` runs by default)
 
 
 def test_parse_size_and_estimate():
@@ -25,6 +26,8 @@ def test_parse_size_and_estimate():
             memory.parse_size(bad)
     assert memory.estimate_module_bytes(3, 4, 24, 24, 4, 1, 3) == Q_BYTES
     assert memory.estimate_module_bytes(3, 4, 24, 12, 4, 1, 3) == K_BYTES
+    assert memory.estimate_module_bytes(3, 4, 24, 24, 4, 1, 3, exact=True) == Q_EXACT
+    assert memory.estimate_module_bytes(3, 4, 24, 12, 4, 1, 3, exact=True) == K_EXACT
     sizes = {"a": 5, "b": 5, "c": 5, "d": 9}
     assert memory.plan_batches(list(sizes), sizes, 10, "x") == [("a", "b"), ("c",), ("d",)]
     assert memory.plan_batches(list(sizes), sizes, 100, "x") == [("a", "b", "c", "d")]
@@ -55,8 +58,8 @@ def test_sub_batches_give_the_same_factors(tmp_path, loads, capsys, monkeypatch)
     assert _merge(dirs, tmp_path / "whole") == 0
     assert sorted(len(b) for b in loads) == [2, 3]  # two shape groups, loaded whole
     loads.clear()
-    # 40 kB: the 24 -> 24 modules (27.3 kB each) one at a time, 24 -> 12 (19.2 kB) in pairs
-    assert _merge(dirs, tmp_path / "split", "--max-memory", "40kB") == 0
+    # 20 kB: the 24 -> 24 modules (12.7 kB each) one at a time, 24 -> 12 (9.2 kB) in pairs
+    assert _merge(dirs, tmp_path / "split", "--max-memory", "20kB") == 0
     assert sorted(len(b) for b in loads) == [1, 1, 1, 2]
     whole, split = bundle_arrays(tmp_path / "whole"), bundle_arrays(tmp_path / "split")
     assert sorted(whole) == sorted(split)
@@ -64,7 +67,7 @@ def test_sub_batches_give_the_same_factors(tmp_path, loads, capsys, monkeypatch)
         np.testing.assert_allclose(split[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # without the flag the budget is a fraction of the available memory
     loads.clear()
-    monkeypatch.setattr(memory, "available_memory", lambda: int(30_000 / 0.8))
+    monkeypatch.setattr(memory, "available_memory", lambda: int(15_000 / 0.8))
     assert _merge(dirs, tmp_path / "avail") == 0
     assert sorted(len(b) for b in loads) == [1, 1, 1, 1, 1]
     assert listing(tmp_path) == ["avail", "in", "split", "whole"]
@@ -101,3 +104,34 @@ def test_solver_temporaries_stay_a_small_fraction_of_a_large_group():
     B = jax.ShapeDtypeStruct((modules, T, d, r), jnp.float32)
     memory = solve.lower(A, B, traced).compile().memory_analysis()
     assert memory.temp_size_in_bytes < 0.1 * memory.argument_size_in_bytes
+
+
+@pytest.mark.parametrize(
+    ("plan_name", "solver"),
+    [("shared-a", "exact"), ("shared-b", "exact"), ("full-merge", "exact"), ("shared-a", "adam")],
+)
+def test_the_estimate_covers_what_the_compiled_solve_holds(plan_name, solver):
+    """The guard's estimate for a module (closed form: `exact=True`) is at least the solve's
+    arguments + outputs + XLA temporaries, as XLA accounts them, plus one copy of the
+    outputs (the bundle's), so a batch that fits the estimate fits the machine."""
+    import jax
+    import jax.numpy as jnp
+
+    from hydraopt_jax import SharingPlan, _solve
+
+    T, r, d_in, d_out, modules = 40, 16, 512, 256, 3
+    plan = SharingPlan.named(plan_name, T, rank=r)
+    statics, traced = _solve.solver_arguments(
+        plan, solver, None, "relative", 10, 1e-6, "relaxed", "auto", jnp.float32
+    )
+    solve = _solve.batched_solver(tuple(sorted(traced)), **statics)
+    A = jax.ShapeDtypeStruct((modules, T, r, d_in), jnp.float32)
+    B = jax.ShapeDtypeStruct((modules, T, d_out, r), jnp.float32)
+    held = solve.lower(A, B, traced).compile().memory_analysis()
+    needed = (
+        held.argument_size_in_bytes + 2 * held.output_size_in_bytes + held.temp_size_in_bytes
+    )
+    estimate = modules * memory.estimate_module_bytes(
+        T, r, d_in, d_out, r, plan.num_a_groups, plan.num_b_groups, exact=solver == "exact"
+    )
+    assert needed <= estimate

@@ -136,8 +136,8 @@ class Bundle:
                 arrays["cores"] = np.asarray(sol.cores, dtype=np.float32)
             if not all(np.all(np.isfinite(x)) for x in arrays.values()):
                 raise ValueError(f"module {name}: the solver returned non-finite factors")
-            with np.errstate(over="ignore", invalid="ignore"):
-                stored = {key: x.astype(dtype) for key, x in arrays.items()}
+            with np.errstate(over="ignore", invalid="ignore"):  # float32: the result itself
+                stored = {key: x.astype(dtype, copy=False) for key, x in arrays.items()}
             if not all(np.all(np.isfinite(x)) for x in stored.values()):
                 biggest = float(max(np.max(np.abs(x)) for x in arrays.values()))
                 raise ValueError(
