@@ -26,51 +26,70 @@ Errors: every one-adapter output is compared with the exact mean update
 Only ratios measured side by side mean anything here (2 shared CPU cores).
 
 Recorded run (acceptance figure; `PYTHONPATH=. python benchmarks/speed.py --reps 3`), at commit
-6722389 on the 2-core development machine, otherwise idle:
+36c21db on the 2-core development machine while two LLM-testbed trainings ran at nice 19
+(load average 4-5; they yield the CPU but share caches and memory bandwidth):
 
     # OPENBLAS_NUM_THREADS=1; speed: 16 adapters x 16 modules, d_in = d_out = 2048, r = k = 16; torch 2.13.0+cpu (2 threads)
     # jax 0.10.2 on cpu x1, 2 CPU cores, python 3.11.7
 
     ## in process (median of 3; PEFT ties_svd: 1); ratio = time(PEFT svd) / time(method)
     method                            rank  median s  x vs PEFT svd  compile s  err vs mean
-    PEFT linear                         16     0.069          263.4          -    1.50e+01 
-    PEFT cat                           256     0.197           91.4          -    0.00e+00 
-    PEFT svd                            16    18.049            1.0          -    4.54e-02 
-    PEFT ties_svd                       16    75.635            0.2          -    1.78e+00 
-    hydraopt full-merge (exact)         16     0.231           78.2       1.00    4.54e-02 
-    hydraopt shared-a (exact)           16     0.306           59.0       0.64    9.59e-02*
-    hydraopt baseline linear            16     0.113          159.1       0.51    1.50e+01 
-    hydraopt baseline svd               16     0.713           25.3       0.08    4.54e-02 
-    hydraopt baseline ties              16     0.580           31.1       0.47    2.37e+00 
+    PEFT linear                         16     0.107          193.2          -    1.50e+01 
+    PEFT cat                           256     0.190          108.5          -    0.00e+00 
+    PEFT svd                            16    20.621            1.0          -    4.54e-02 
+    PEFT ties_svd                       16    78.908            0.3          -    1.78e+00 
+    hydraopt full-merge (exact)         16     0.309           66.7       0.73    4.54e-02 
+    hydraopt shared-a (exact)           16     0.315           65.4       0.64    9.59e-02*
+    hydraopt baseline linear            16     0.137          150.2       0.79    1.50e+01 
+    hydraopt baseline svd               16     0.635           32.5       0.21    4.54e-02 
+    hydraopt baseline ties              16     0.504           40.9       0.79    2.37e+00 
 
-    ## cold commands (fresh process: imports, load, compile, solve, write; median of 3, PEFT: 1)
-    command                             median s  x vs PEFT svd in process  x vs PEFT svd fresh process
-    PEFT svd (fresh process)               28.56                       0.6                          1.0
-    merge full-merge, empty cache           2.68                       6.7                         10.6
-    merge full-merge, warm cache            1.94                       9.3                         14.7
-    merge shared-a, empty cache             3.03                       6.0                          9.4
-    merge shared-a, warm cache              2.44                       7.4                         11.7
+    ## cold commands (fresh process: imports, load, compile, solve, write; median of 3, each run listed)
+    command                             median s  x vs PEFT svd in process  x vs PEFT svd fresh process  each run: s (x vs PEFT svd fresh process)
+    PEFT svd (fresh process)               31.85                       0.6                          1.0  31.85 (1.0x), 31.80 (1.0x), 34.80 (0.9x)
+    merge full-merge, empty cache           2.68                       7.7                         11.9  2.68 (11.9x), 2.56 (12.4x), 2.82 (11.3x)
+    merge full-merge, warm cache            1.89                      10.9                         16.9  1.89 (16.9x), 1.84 (17.3x), 2.05 (15.5x)
+    merge shared-a, empty cache             2.56                       8.1                         12.5  2.56 (12.5x), 2.53 (12.6x), 2.58 (12.4x)
+    merge shared-a, warm cache              2.00                      10.3                         15.9  2.00 (15.9x), 1.95 (16.3x), 2.12 (15.0x)
+    error vs the exact mean of the command's full-merge bundle: 4.54e-02 (warm cache), 4.54e-02 (empty cache)
 
     * shared-a keeps one adapter per task: its error is the mean per-task relative error.
 
 Against the targets (16 adapters x 16 modules at d = 2048, equal error 4.54e-2 against the
-exact mean for PEFT `svd` and our full merge): in process 78.2x (target 50x: met; two runs
-earlier this session, at 61dfa9f and 39bdbdd, gave 74.6x and 82.0x; runs at 989561d / 5b54f4e 73.0x,
-68.8x and 73.6x; PEFT svd at 17.4-22.1 s, our full merge at 0.23-0.27 s); as a cold command
-14.7x with a warm compilation cache (every run after the first with these shapes; 12.7x and
-16.1x in those two runs, 13.9-16.2x earlier) and 10.6x with an empty one (8.8x and 10.5x,
-9.8-11.2x earlier): the very first run with new shapes is around the 10x target (8.8-11.2x
-over six runs), every later one above it (12.7-16.2x). Before commits d710b13 / 5b54f4e
-the in-process figure was 41-50x (0.42-0.52 s): the per-task residuals are now taken from
-the Gram identity when every residual is large (a merge without task-specific factors; QR
-otherwise, see `_loss.reported_residuals`), and each virtual task's triangular factor from a
-Cholesky of its small Gram instead of a Householder QR (`_solvers/_linalg.gram_factor`, with
-a QR fallback when the Cholesky fails). Only ratios from one idle run compare: an earlier record
-(commit 44ba5aa, 202x) was taken at load 8-14, which slowed PEFT's dense SVD 15x and ours
-far less. Where our time goes now (full merge, warm, in process, ~0.21-0.27 s): the
-batched 256 x 256 eigh 50 ms, GEMMs of the Grams and products ~90 ms, relayout copies
-~25 ms, stacking the inputs ~20 ms; a cold command adds ~0.7 s importing JAX, ~0.45 s
-tracing and ~0.75 s compiling (the last two only without a warm cache).
+exact mean for PEFT `svd` and our full merge, checked on the command's own bundle too):
+
+* **First run of the command (empty compilation cache), >= 10x a fresh PEFT process in each
+  of three runs:** 11.9x, 12.4x, 11.3x here (2.56-2.82 s against 31.8-34.8 s). Two earlier
+  runs this session, before the two cuts below were both in: 12.7x, 11.8x, 12.7x and 9.9x,
+  10.6x, 10.9x (idle-machine runs in earlier sessions: 8.8-11.2x). Against PEFT's merge
+  *inside* an already-loaded process (no imports, no loading) the first run is 7.7-8.7x.
+* With a warm cache (every later run with these shapes): 15.5-17.3x a fresh PEFT process
+  (13.9-16.1x in the two earlier runs).
+* In process: 66.7x here; 85.4x and 84.6x in the two earlier runs this session (69-82x over
+  six idle runs in earlier sessions; PEFT svd 17.4-22.1 s, our full merge 0.21-0.31 s).
+
+Where a first run's 2.0-2.7 s go (cProfile of `hydraopt merge --plan full-merge`, empty
+cache, at cfd8469): starting Python and importing the command 0.78 s (JAX alone 0.39 s);
+typer's argument parsing 0.1 s (it builds pydantic validators); modules imported on first use
+0.33 s (scipy's BLAS/LAPACK tables that jaxlib's CPU LAPACK kernels load, 0.10 s; typer's
+pydantic adapters 0.08 s; rich, psutil); tracing 0.09 s, lowering 0.13 s and XLA's
+compilation 0.51 s of the one solve program (339 StableHLO ops, 8 LAPACK calls); the solve
+itself ~0.2 s; reading 64 MB 0.05 s; writing 0.02 s. Cut since: two tiny programs compiled
+only to convert the solver's unused scalar arguments (`_solve._scalar`, 0.04 s), and SHA-256
+of every input file (0.04-0.07 s), now computed only when a checkpoint or a multi-process part
+needs the run's fingerprint. XLA flags (`--xla_llvm_disable_expensive_passes`,
+`--xla_backend_optimization_level=0`) did not shorten the compile by more than 0.08 s and
+slowed the solve. What remains is JAX's own start-up and compiler.
+
+Before commits d710b13 / 5b54f4e the in-process figure was 41-50x (0.42-0.52 s): the per-task
+residuals are now taken from the Gram identity when every residual is large (a merge without
+task-specific factors; QR otherwise, see `_loss.reported_residuals`), and each virtual task's
+triangular factor from a Cholesky of its small Gram instead of a Householder QR
+(`_solvers/_linalg.gram_factor`, with a QR fallback when the Cholesky fails). Only ratios from
+one run compare: an earlier record (commit 44ba5aa, 202x) was taken at load 8-14, which slowed
+PEFT's dense SVD 15x and ours far less. Where our in-process time goes (full merge, warm,
+~0.21-0.27 s idle): the batched 256 x 256 eigh 50 ms, GEMMs of the Grams and products ~90 ms,
+relayout copies ~25 ms, stacking the inputs ~20 ms.
 """
 
 from __future__ import annotations
