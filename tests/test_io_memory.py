@@ -128,9 +128,7 @@ def test_the_estimate_covers_what_the_compiled_solve_holds(plan_name, solver):
     A = jax.ShapeDtypeStruct((modules, T, r, d_in), jnp.float32)
     B = jax.ShapeDtypeStruct((modules, T, d_out, r), jnp.float32)
     held = solve.lower(A, B, traced).compile().memory_analysis()
-    needed = (
-        held.argument_size_in_bytes + 2 * held.output_size_in_bytes + held.temp_size_in_bytes
-    )
+    needed = held.argument_size_in_bytes + 2 * held.output_size_in_bytes + held.temp_size_in_bytes
     estimate = modules * memory.estimate_module_bytes(
         T, r, d_in, d_out, r, plan.num_a_groups, plan.num_b_groups, exact=solver == "exact"
     )

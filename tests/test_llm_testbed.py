@@ -97,3 +97,39 @@ def test_update_spectrum_shares_from_the_factors():
     np.testing.assert_allclose(shares[1], (1 + energy[0] + 1) / 3, rtol=1e-10)
     np.testing.assert_allclose(shares[2], (1 + energy[:2].sum() + 1) / 3, rtol=1e-10)
     np.testing.assert_allclose(shares[8], 1.0, rtol=1e-12)
+
+
+def test_answer_scores_are_exact_match_and_the_answers_likelihood():
+    """On a tiny random Llama: an example is correct when every answer token is the argmax,
+    and its NLL is the mean cross-entropy of its answer tokens (each example alone, float32
+    logits), whatever the padding of its batch."""
+    import torch
+    import transformers
+
+    from benchmarks.llm_testbed.evaluate import answer_scores
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    rng = np.random.default_rng(0)
+    encoded = [
+        (rng.integers(1, 32, size=n).tolist(), rng.integers(1, 32, size=m).tolist())
+        for n, m in [(3, 1), (5, 2), (2, 4), (6, 1)]
+    ]
+    # an answer the model gets right: its own greedy continuation
+    prompt = encoded[0][0]
+    with torch.no_grad():
+        greedy = model(torch.tensor([prompt])).logits[0, -1].argmax().item()
+    encoded.append((prompt, [greedy]))
+    correct, nll = answer_scores(model, encoded, pad_id=0, batch_size=3)
+    for i, (p, a) in enumerate(encoded):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model.model(torch.tensor([p + a])).last_hidden_state[0, len(p) - 1 : -1]
+        logits = hidden.float() @ model.lm_head.weight.float().T
+        expected = torch.nn.functional.cross_entropy(logits, torch.tensor(a)).item()
+        assert nll[i] == pytest.approx(expected, abs=0.05)
+        assert correct[i] == float(logits.argmax(-1).tolist() == a)
+    assert correct[-1] == 1.0 and np.all(nll > 0)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from benchmarks.quality import analysis, report
-from benchmarks.quality.run import ROW_KEYS, evaluate_collection, make_row, score_accuracies
+from benchmarks.quality.run import (
+    ROW_KEYS,
+    evaluate_collection,
+    make_row,
+    score_accuracies,
+    split_scores,
+)
 from benchmarks.testbed import evaluate_methods as EM
 
 TESTBED = EM.TESTBED
@@ -34,6 +40,12 @@ def test_score_is_mean_and_min_of_ratios():
     score, worst, ratios = score_accuracies({"a": 0.5, "b": 0.9}, {"a": 1.0, "b": 0.9})
     assert ratios == {"a": 0.5, "b": 1.0}
     assert score == pytest.approx(0.75) and worst == pytest.approx(0.5)
+
+
+def test_a_scorer_may_return_further_measures_beside_the_accuracy():
+    accuracy, extra = split_scores({"a": 0.5, "b": {"accuracy": 0.75, "answer_nll": 0.25}})
+    assert accuracy == {"a": 0.5, "b": 0.75}
+    assert extra == {"answer_nll": {"b": 0.25}}
 
 
 def test_row_keys():
@@ -167,7 +179,14 @@ def test_markdown_and_chart(tmp_path):
     md, png = TESTBED.write_reports(tmp_path)
     text = md.read_text()
     assert "| **hydraopt:shared-a** | 0.5200 | 0.9700 |" in text
+    assert "answer NLL" not in text
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # further measures in the details get their own column, "-" where a row has none
+    result["details"] = {"hydraopt:shared-a": {"answer_nll_mean": 0.125}}
+    report.write_result(result, tmp_path, "testbed")
+    text = TESTBED.write_reports(tmp_path)[0].read_text()
+    assert "| 0.125 |" not in text and "| 0.1250 |" in text
+    assert "| lora | 1.0000 | 1.0000 | 1.0000 | - | - |" in text
 
 
 def test_combine_results():

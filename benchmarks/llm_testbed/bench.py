@@ -92,7 +92,7 @@ def activation_covariances(base, coll: Collection, *, examples_per_task: int = 4
 
 
 def _scorer(base, limit: int | None = None):
-    return E.Scorer(*base, limit=limit).accuracy
+    return E.Scorer(*base, limit=limit).evaluate
 
 
 def _load_base():
@@ -118,7 +118,7 @@ TESTBED = Testbed(
     scorer=_scorer,
     calibrate=lambda base, coll: activation_covariances(base, coll, **CALIBRATION),
     grid=GRID,
-    reuse_own=True,
+    reuse_own=False,  # the own LoRA's answer likelihoods are the reference
     calibration=CALIBRATION,
     quick_methods=(
         "lora",
@@ -146,4 +146,5 @@ def quick_testbed() -> Testbed:
         TESTBED,
         load=lambda name, tasks: load_llm_collection(QUICK_ADAPTERS / name, tasks),
         scorer=lambda base: _scorer(base, QUICK_TEST_EXAMPLES),
+        reuse_own=True,  # own accuracies were scored on the whole test split, not on 16
     )

@@ -57,17 +57,21 @@ def lm_loss(model, ids, mask, labels):
 
 
 @torch.no_grad()
-def exact_match(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """Per example: 1.0 when every answer token is the argmax given the reference prefix.
+def answer_scores(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH):
+    """`(correct, nll)` per example: `correct` is 1.0 when every answer token is the argmax
+    given the reference prefix; `nll` the mean negative log-likelihood (nats) of its answer
+    tokens, a continuous measure that still moves where exact match is saturated.
 
     The base model runs under bfloat16 autocast (2.4x faster than float32 on this CPU);
     LoRA branches added by `lora_applied` run in float32, so a LoRA's update is never
     rounded to bfloat16 (the rounding of `W + B A` would blur differences between merges).
-    Logits are computed only where an answer token is predicted.
+    Logits are computed only where an answer token is predicted: under autocast for the
+    argmax (as every accuracy of the testbed was scored), and again in float32 for the
+    likelihoods (bfloat16 logits would round them by ~0.1 nat).
     """
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-    correct = np.zeros(len(encoded))
+    correct, nll = np.zeros(len(encoded)), np.zeros(len(encoded))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask, labels = batch_tensors([encoded[i] for i in idx], pad_id)
@@ -77,10 +81,20 @@ def exact_match(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH) -> np
             target = labels[:, 1:]
             where = target != -100
             pred = model.lm_head(hidden[where]).argmax(-1)
+        logits = torch.nn.functional.linear(hidden[where].float(), model.lm_head.weight.float())
+        token_nll = torch.nn.functional.cross_entropy(logits, target[where], reduction="none")
         ok = torch.ones_like(target, dtype=torch.bool)
         ok[where] = pred == target[where]
+        per_row = torch.zeros(target.shape, dtype=torch.float32)
+        per_row[where] = token_nll
         correct[idx] = ok.all(dim=1).float().numpy()
-    return correct
+        nll[idx] = (per_row.sum(dim=1) / where.sum(dim=1).clamp(min=1)).numpy()
+    return correct, nll
+
+
+def exact_match(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
+    """Per example: 1.0 when every answer token is the argmax given the reference prefix."""
+    return answer_scores(model, encoded, pad_id, batch_size)[0]
 
 
 @contextlib.contextmanager
@@ -121,9 +135,16 @@ class Scorer:
             self._encoded[task.name] = tokenize(self.tokenizer, pairs)
         return self._encoded[task.name]
 
-    def accuracy(self, task: T.Task | str, lora: dict | None) -> float:
-        """Exact-match accuracy of `task`'s held-out split with `lora` (None: the base)."""
+    def evaluate(self, task: T.Task | str, lora: dict | None) -> dict[str, float]:
+        """`{"accuracy", "answer_nll"}` on `task`'s held-out split with `lora` (None: the
+        base): exact-match accuracy and the mean over examples of the answers' per-token
+        negative log-likelihood."""
         if isinstance(task, str):
             task = T.task_from_name(task)
         with lora_applied(self.model, lora):
-            return float(exact_match(self.model, self.encoded(task), self.pad_id).mean())
+            correct, nll = answer_scores(self.model, self.encoded(task), self.pad_id)
+        return {"accuracy": float(correct.mean()), "answer_nll": float(nll.mean())}
+
+    def accuracy(self, task: T.Task | str, lora: dict | None) -> float:
+        """Exact-match accuracy of `task`'s held-out split with `lora` (None: the base)."""
+        return self.evaluate(task, lora)["accuracy"]

@@ -102,29 +102,42 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
             name += f" (partial: {len(res['rows'])} methods)"
         out.append(f"| {name} | {len(res['tasks'])} | {best} | {one} | {check} |")
     for res in results:
+        details = res.get("details", {})
+        nll = any("answer_nll_mean" in d for d in details.values())
         out += [
             "",
             f"## {res['collection']}",
             "",
-            "| method | storage | score | min task ratio | rel. error |",
-            "|---|---|---|---|---|",
+            "| method | storage | score | min task ratio | rel. error |"
+            + (" answer NLL |" if nll else ""),
+            "|---|---|---|---|---|" + ("---|" if nll else ""),
         ]
         front = {r["method"] for r in hydraopt_front(res["rows"])}
         for row in sorted(res["rows"], key=lambda r: (r["storage_ratio"], r["method"])):
-            d = res.get("details", {}).get(row["method"], {})
+            d = details.get(row["method"], {})
             err = d.get("relative_error_mean")
             name = f"**{row['method']}**" if row["method"] in front else row["method"]
+            extra = ""
+            if nll:
+                x = d.get("answer_nll_mean")
+                extra = f" {'-' if x is None else f'{x:.4f}'} |"
             out.append(
                 f"| {name} | {row['storage_ratio']:.4f} | {row['score']:.4f} | "
-                f"{row['min_task_ratio']:.4f} | {'-' if err is None else f'{err:.3f}'} |"
+                f"{row['min_task_ratio']:.4f} | {'-' if err is None else f'{err:.3f}'} |{extra}"
             )
     out += [
         "",
         "Bold: on the HydraOpt front. rel. error: each task's relative error of its whole "
         "update (`hydraopt_jax.task_relative_errors`), mean over tasks (`+act`: in the "
         "activation metric).",
-        "",
     ]
+    if any("answer_nll_mean" in d for res in results for d in res.get("details", {}).values()):
+        out.append(
+            "answer NLL: mean over tasks of the answers' per-token negative log-likelihood "
+            "(nats) under the reference prefix; lower is better, and it still moves where "
+            "exact match is saturated."
+        )
+    out.append("")
     return "\n".join(out)
 
 

@@ -10,7 +10,7 @@ import pathlib
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,8 @@ class Testbed:
       `<name>.png` in `results`); `title`, `command`: for the report.
     - `collections`, `quick_collections`, `quick_tasks`: what a full and a `--quick` run use.
     - `load`: `(collection name, tasks or None) -> Collection`.
-    - `load_base`: `() -> base model`; `scorer`: `base -> (task, lora or None) -> accuracy`.
+    - `load_base`: `() -> base model`; `scorer`: `base -> (task, lora or None) -> accuracy`,
+      or a mapping `{"accuracy": ..., other measures}` (kept per task in the details).
     - `calibrate`: `(base, Collection) -> {module: E[x x^T]}` on training-distribution inputs.
     - `grid`: the methods; `reuse_own`: score the `lora` row from the manifest's own
       accuracies (1.0 by definition) instead of evaluating it again; `quick_methods`: the
@@ -56,7 +57,7 @@ class Testbed:
     quick_tasks: Callable[[], list[str]]
     load: Callable[[str, Sequence[str] | None], Collection]
     load_base: Callable[[], Any]
-    scorer: Callable[[Any], Callable[[str, dict | None], float]]
+    scorer: Callable[[Any], Callable[[str, dict | None], float | Mapping[str, float]]]
     calibrate: Callable[[Any, Collection], dict]
     grid: Grid
     reuse_own: bool = False
@@ -89,6 +90,21 @@ def score_accuracies(
     }
     values = [v for v in ratios.values() if v == v]
     return float(np.mean(values)), float(np.min(values)), ratios
+
+
+def split_scores(scores: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, dict]]:
+    """`(accuracy, extra)` from a scorer's per-task results: a float is the accuracy; a
+    mapping holds `"accuracy"` and further measures (`extra[key][task]`)."""
+    accuracy, extra = {}, {}
+    for task, value in scores.items():
+        if isinstance(value, Mapping):
+            accuracy[task] = float(value["accuracy"])
+            for key, x in value.items():
+                if key != "accuracy":
+                    extra.setdefault(key, {})[task] = float(x)
+        else:
+            accuracy[task] = float(value)
+    return accuracy, extra
 
 
 def make_row(method: str, collection: str, storage: float, score: float, worst: float) -> dict:
@@ -167,9 +183,9 @@ def evaluate_collection(
         merged = merge_method(method, coll, covs)
         t0 = time.perf_counter()
         if method.kind == "lora" and testbed.reuse_own:
-            accuracy = dict(coll.own_accuracy)
+            accuracy, extra = dict(coll.own_accuracy), {}
         else:
-            accuracy = {t: float(score(t, lora)) for t, lora in merged.loras.items()}
+            accuracy, extra = split_scores({t: score(t, lora) for t, lora in merged.loras.items()})
         eval_s = time.perf_counter() - t0
         value, worst, _ = score_accuracies(accuracy, coll.own_accuracy)
         rows.append(make_row(method.name, coll.name, merged.storage_ratio, value, worst))
@@ -181,6 +197,9 @@ def evaluate_collection(
             merge_seconds=round(merged.seconds, 3),
             eval_seconds=round(eval_s, 3),
         )
+        for key, per_task in extra.items():  # e.g. answer_nll: per task and the mean
+            details[method.name][key] = per_task
+            details[method.name][f"{key}_mean"] = float(np.mean(list(per_task.values())))
         err = details[method.name]["relative_error_mean"]
         log(
             f"[{coll.name}] {method.name:36s} storage {merged.storage_ratio:7.4f}  "
