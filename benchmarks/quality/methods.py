@@ -7,7 +7,7 @@ the exact solver where a closed form exists, ALS otherwise; `+act`: activation-a
 nested ranks in a shared factor (`hydraopt:shared-a@k=r,j=r/4`: one shared A of rank `r`,
 every task a rank-`r/4` factor inside it); the planner's per-module plans under a budget
 (`plan@B`; `+act`, `+size` for its other objectives, `+nested` when it may also choose
-nested ranks); rank sweeps; and every baseline of `hydraopt_jax.baselines.BASELINES`
+nested ranks, `+nested+act` both); rank sweeps; and every baseline of `hydraopt_jax.baselines.BASELINES`
 (`baseline:<name>`) with fixed default hyperparameters (nothing is tuned on test data).
 """
 
@@ -153,6 +153,12 @@ class Grid:
             Method(f"hydraopt:plan+nested@{budget_tag(b)}", "planner", budget=b, nested=True)
             for b in nested_budgets
         ]
+        if sweep and "act" in self.planner_variants:
+            grid += [
+                Method(f"hydraopt:plan+nested+act@{budget_tag(b)}", "planner", budget=b,
+                       nested=True, activation=True)
+                for b in nested_budgets
+            ]  # fmt: skip
         if sweep:
             grid += [
                 Method(f"hydraopt:shared-a@k={rank_tag(0.5)}", H, "shared_a", 0.5),
