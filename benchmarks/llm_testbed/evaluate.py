@@ -80,11 +80,12 @@ def answer_scores(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH):
             hidden = hidden.last_hidden_state[:, :-1]
             target = labels[:, 1:]
             where = target != -100
-            pred = model.lm_head(hidden[where]).argmax(-1)
-        logits = torch.nn.functional.linear(hidden[where].float(), model.lm_head.weight.float())
-        token_nll = torch.nn.functional.cross_entropy(logits, target[where], reduction="none")
+            answers, expected = hidden[where], target[where]
+            pred = model.lm_head(answers).argmax(-1)
+        logits = torch.nn.functional.linear(answers.float(), model.lm_head.weight.float())
+        token_nll = torch.nn.functional.cross_entropy(logits, expected, reduction="none")
         ok = torch.ones_like(target, dtype=torch.bool)
-        ok[where] = pred == target[where]
+        ok[where] = pred == expected
         per_row = torch.zeros(target.shape, dtype=torch.float32)
         per_row[where] = token_nll
         correct[idx] = ok.all(dim=1).float().numpy()

@@ -22,10 +22,10 @@ moments, gradients) for the iterative solvers. The closed form (`exact=True`) ke
 iterates and uses the loader's buffer in place, so it counts `EXACT_INPUT_COPIES = 3` (that
 buffer, the stacked `[T r, d]` matrices, and one copy where tasks absent from a module are
 left out or a device copies it) and `EXACT_OUTPUT_COPIES = 3` (the result, the bundle's
-copy in its dtype, one transient);
-measured on 1000 adapters at d = 4096 (shared-a), a module's solve held 1.0x its inputs and
-1.3x its outputs. Both are deliberately pessimistic: a plan that fits the estimate fits the
-machine (`tests/test_io_memory.py` checks the estimate against XLA's own accounting).
+copy when it stores another dtype, one transient); measured on 1000 adapters at d = 4096
+(shared-a), a module's solve held 1.0x its inputs and 1.3x its outputs. Both are
+deliberately pessimistic: a plan that fits the estimate fits the machine
+(`tests/test_io_memory.py` checks the estimate against XLA's own accounting).
 """
 
 from __future__ import annotations
