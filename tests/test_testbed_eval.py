@@ -253,6 +253,36 @@ def test_resume_reuses_rows_of_the_same_tasks_only(base_model):
     assert other["tasks"] == TWO_TASKS[:1] and "hydraopt:separate" not in other["details"]
 
 
+def test_redo_re_scores_the_listed_rows_in_place_and_keeps_the_others(base_model):
+    lora, separate = EM.GRID.by_name(["lora", "hydraopt:separate"])
+    first = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[lora, separate], base_model=base_model
+    )
+    # a previous file whose separate row is stale (a detail the harness did not yet record)
+    stale = json.loads(json.dumps(first))
+    del stale["details"]["hydraopt:separate"]["eval_seconds"]
+    stale["details"]["lora"]["marker"] = "kept"
+    logs = []
+    again = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[separate], base_model=base_model,
+        previous=stale, redo={"hydraopt:separate"}, log=logs.append,
+    )  # fmt: skip
+    assert [r["method"] for r in again["rows"]] == ["lora", "hydraopt:separate"]
+    assert again["rows"] == first["rows"]  # re-scored: the same score, storage and worst task
+    assert "eval_seconds" in again["details"]["hydraopt:separate"]  # recomputed, not carried
+    assert again["details"]["lora"]["marker"] == "kept"  # not listed: carried as it was
+    assert not any("reused" in line for line in logs)
+
+
+def test_redo_without_resume_and_methods_is_a_usage_error(capsys):
+    from benchmarks.testbed.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--redo", "--resume", "--no-write"])
+    assert e.value.code == 2
+    assert "--redo needs --resume and --methods" in capsys.readouterr().err
+
+
 def test_collection_loading_and_activation_covariances(base_model):
     coll = EM.load_testbed_collection(COLLECTION, TWO_TASKS)
     assert coll.tasks == TWO_TASKS and coll.rank == 8 and len(coll.modules) == 14

@@ -3,6 +3,7 @@
     python -m benchmarks.llm_testbed                                 # both collections
     python -m benchmarks.llm_testbed --collection same_seed          # one (repeatable)
     python -m benchmarks.llm_testbed --resume --methods hydraopt:plan+nested@0.10
+    python -m benchmarks.llm_testbed --resume --redo --methods lora   # re-score rows in place
     python -m benchmarks.llm_testbed --report                        # md + png from the JSON
     python -m benchmarks.llm_testbed --quick --json                  # CI: trains 4 tasks first
 

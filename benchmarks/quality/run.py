@@ -10,7 +10,7 @@ import pathlib
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -126,13 +126,15 @@ def evaluate_collection(
     base_model=None,
     log: Callable[[str], None] = lambda s: None,
     previous: dict | None = None,
+    redo: Container[str] = (),
     on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Merge and score every method on one collection.
 
     `previous`: an earlier (partial) result of the same collection and tasks; its methods are
-    reused, not recomputed. `on_progress(result)` is called after every method with the
-    partial result (`"complete": False`), e.g. to write it.
+    reused, not recomputed, except those named in `redo` (re-scored in place: e.g. to add a
+    measure to existing rows; the other previous rows are carried). `on_progress(result)` is
+    called after every method with the partial result (`"complete": False`), e.g. to write it.
 
     **Returns** `{"collection", "tasks", "rows", "details", "config", "summary", "complete"}`;
     `rows` are `{method, collection, storage_ratio, score, min_task_ratio}` dicts.
@@ -147,7 +149,11 @@ def evaluate_collection(
         log(f"[{coll.name}] the previous result is on other tasks: nothing of it is reused")
         previous = None
     previous = previous or {"rows": [], "details": {}}
-    done = {r["method"]: r for r in previous["rows"] if r["method"] in previous["details"]}
+    done = {
+        r["method"]: r
+        for r in previous["rows"]
+        if r["method"] in previous["details"] and r["method"] not in redo
+    }
     order = testbed.order()
 
     def result(complete: bool) -> dict:
@@ -240,7 +246,13 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
     parser.add_argument(
         "--resume", action="store_true", help="reuse the methods of an existing result file"
     )
+    parser.add_argument(
+        "--redo", action="store_true",
+        help="with --resume and --methods: re-score the listed methods, keep every other row",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.redo and not (args.resume and args.methods):
+        parser.error("--redo needs --resume and --methods (the rows to re-score)")
     out_dir = args.out or testbed.results
     if args.report:
         written = testbed.write_reports(out_dir)
@@ -280,6 +292,7 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
                 previous = json.loads(existing.read_text())
             result = evaluate_collection(
                 testbed, name, tasks=tasks, methods=methods, base_model=base, previous=previous,
+                redo={m.name for m in methods} if args.redo else (),
                 log=lambda s: print(s, file=sys.stderr, flush=True),
                 on_progress=(lambda r: report.write_result(r, out_dir, testbed.name))
                 if write else None,
