@@ -166,6 +166,31 @@ def test_per_task_truncation_is_a_rival_of_the_front():
     assert margins == {"reference:truncate-r/2": -0.04, "reference:truncate-r/4": 0.05}
 
 
+def test_a_front_failure_is_reported_with_its_paired_standard_error():
+    """The margin of a violation is the mean of the per-task ratio differences; its standard
+    error over tasks says whether it is more than noise."""
+    own = {"t1": 0.5, "t2": 1.0, "t3": 1.0}
+    details = {
+        "hydraopt:plan@0.25": {"accuracy": {"t1": 0.5, "t2": 0.9, "t3": 1.0}},  # 1, .9, 1
+        "reference:truncate-r/4": {"accuracy": {"t1": 0.45, "t2": 1.0, "t3": 1.0}},  # .9, 1, 1
+    }
+    rows = [
+        _row("hydraopt:plan@0.25", 0.25, 29 / 30),
+        _row("reference:truncate-r/4", 0.25, 29 / 30 + 1e-3),
+    ]
+    result = dict(collection="c", tasks=list(own), rows=rows, details=details,
+                  config=dict(own_accuracy=own))  # fmt: skip
+    margin, se = analysis.paired_margin(result, "hydraopt:plan@0.25", "reference:truncate-r/4")
+    diffs = np.array([0.1, -0.1, 0.0])
+    assert margin == pytest.approx(diffs.mean(), abs=1e-12)
+    assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert "paired s.e. over tasks 0.0577" in analysis.format_summary(result)
+    assert "± 0.0577 s.e." in report.markdown([result], "t", "cmd")
+    # without per-task accuracies (rows only) nothing is claimed
+    assert analysis.paired_margin(dict(result, details={}), *details) is None
+    assert "s.e." not in analysis.format_summary(dict(result, details={}))
+
+
 def test_markdown_and_chart(tmp_path):
     rows = [
         _row("lora", 1.0, 1.0),

@@ -4,7 +4,7 @@ min_task_ratio, ...}`): the HydraOpt front, the front check, the summary."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "best_hydraopt_at",
@@ -12,7 +12,9 @@ __all__ = [
     "front_check",
     "hydraopt_front",
     "is_rival",
+    "paired_margin",
     "summarize",
+    "task_ratios",
 ]
 
 ONE_ADAPTER_RIVALS = (
@@ -89,6 +91,28 @@ def front_check(rows: Sequence[dict], tol: float = 1e-9) -> dict:
     )  # fmt: skip
 
 
+def task_ratios(accuracy: Mapping[str, float], own: Mapping[str, float]) -> dict[str, float]:
+    """Merged / own accuracy per task; NaN where the own LoRA scores 0 (cannot be scored)."""
+    return {t: a / own[t] if own[t] > 0 else math.nan for t, a in accuracy.items()}
+
+
+def paired_margin(result: dict, method: str, rival: str) -> tuple[float, float] | None:
+    """`(margin, s.e.)` of `method`'s score minus `rival`'s, paired over tasks: the mean of the
+    per-task ratio differences (equal to the difference of the two scores) and its standard
+    error across tasks. None when the result lacks the per-task accuracies of either."""
+    details, own = result.get("details", {}), result.get("config", {}).get("own_accuracy")
+    acc = [details.get(m, {}).get("accuracy") for m in (method, rival)]
+    if own is None or None in acc:
+        return None
+    ra, rb = (task_ratios(a, own) for a in acc)
+    diffs = [ra[t] - rb[t] for t in ra if t in rb and not math.isnan(ra[t] - rb[t])]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
+
+
 def summarize(rows: Sequence[dict]) -> dict:
     """Best HydraOpt at <= 0.55 storage, the one-adapter comparison, the front check."""
     by = {r["method"]: r for r in rows}
@@ -151,9 +175,11 @@ def format_summary(result: dict) -> str:
             f"{c['baseline_score']:.4f} (margin {c['margin']:+.4f})"
         )
     for v in fc["violations"]:
+        pm = v["hydraopt"] and paired_margin(result, v["hydraopt"], v["baseline"])
         lines.append(
             f"  violation: {v['baseline']} storage {v['baseline_storage']:.4f} score "
             f"{v['baseline_score']:.4f} > {v['hydraopt']} storage {v['hydraopt_storage']} "
             f"score {v['hydraopt_score']}"
+            + (f" (margin {pm[0]:+.4f}, paired s.e. over tasks {pm[1]:.4f})" if pm else "")
         )
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import report
-from .analysis import format_summary, summarize
+from .analysis import format_summary, summarize, task_ratios
 from .collection import Collection
 from .methods import Grid, Method, merge_method
 
@@ -85,9 +85,7 @@ def score_accuracies(
 ) -> tuple[float, float, dict[str, float]]:
     """`(score, min_task_ratio, ratios)`: mean and min over tasks of merged / own accuracy.
     A task whose own LoRA scores 0 cannot be scored (its ratio is NaN, left out)."""
-    ratios = {
-        t: accuracy[t] / own_accuracy[t] if own_accuracy[t] > 0 else float("nan") for t in accuracy
-    }
+    ratios = task_ratios(accuracy, own_accuracy)
     values = [v for v in ratios.values() if v == v]
     return float(np.mean(values)), float(np.min(values)), ratios
 
