@@ -1,0 +1,123 @@
+"""The storage table of the README's "Choosing a plan", built from the committed results.
+
+    python -m benchmarks.llm_testbed.table            # prints the markdown table
+
+Each cell is `label: same_seed / diff_seed` (score, three decimals; `-` where a collection
+has no such row), asides in parentheses. Which methods go where is `ROWS`; every number
+comes from `benchmarks/results/llm_testbed_<collection>.json` (`tests/test_docs.py` checks
+that the README's table is this one).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from ..quality.report import load_results
+
+RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results"
+COLLECTIONS = ("same_seed", "diff_seed")
+COLUMNS = ("truncation", "hydraopt", "merges")
+HEADER = "| storage | per-task truncation (no sharing) | HydraOpt | classic merges |"
+
+# (storage label, {column: [(label, method, asides)]}), asides = ((label, method), ...)
+PLANNER = "planner"
+ACT = "activation-aware"
+
+
+def _planner(budget: str, *asides: tuple[str, str]):
+    return [(PLANNER, f"hydraopt:plan+nested@{budget}", asides)]
+
+
+ROWS: tuple[tuple[str, dict], ...] = (
+    ("0.04", {"hydraopt": _planner("0.04")}),
+    ("0.05 (one adapter)", {
+        "hydraopt": [("`full-merge`", "hydraopt:full-merge", ())],
+        "merges": [("linear", "baseline:linear", ()), ("TIES", "baseline:ties", ()),
+                   ("DARE-TIES", "baseline:dare_ties", ()), ("SVD", "baseline:svd", ())],
+    }),
+    ("0.056", {"hydraopt": [("`shared-a`, each task rank 1 inside",
+                             "hydraopt:shared-a@k=r,j=r/16", ())]}),
+    ("0.06", {"hydraopt": _planner("0.06")}),
+    ("0.0625", {
+        "truncation": [("rank 1", "reference:truncate-r/16", ())],
+        "hydraopt": _planner("0.0625", (ACT, "hydraopt:plan+nested+act@0.0625")),
+    }),
+    ("0.067", {"merges": [("Compress-then-Serve `joint`", "baseline:joint", ()),
+                          ("per-factor `pca`", "baseline:pca", ())]}),
+    ("0.07", {"hydraopt": _planner("0.07")}),
+    ("0.082", {"hydraopt": [("`shared-a`, each task rank 2 inside",
+                             "hydraopt:shared-a@k=r,j=r/8", ())]}),
+    ("0.10", {"hydraopt": _planner("0.10", ("without nested ranks", "hydraopt:plan@0.10"))}),
+    ("0.125", {
+        "truncation": [("rank 2", "reference:truncate-r/8", ())],
+        "hydraopt": _planner("0.125", (ACT, "hydraopt:plan+nested+act@0.125")),
+    }),
+    ("0.25", {
+        "truncation": [("rank 4", "reference:truncate-r/4", ())],
+        "hydraopt": _planner("0.25", (ACT, "hydraopt:plan+nested+act@0.25")),
+    }),
+    ("0.43", {"hydraopt": [("`shared-a`", "hydraopt:shared-a",
+                            ((ACT, "hydraopt:shared-a+act"),))]}),
+    ("0.50", {
+        "truncation": [("rank 8", "reference:truncate-r/2", ())],
+        "hydraopt": _planner("0.50", (ACT, "hydraopt:plan+nested+act@0.50")),
+    }),
+    ("0.55", {"hydraopt": _planner("0.55")}),
+)  # fmt: skip
+
+
+def scores(results: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """`{collection: {method: row}}`."""
+    return {res["collection"]: {r["method"]: r for r in res["rows"]} for res in results}
+
+
+def _pair(by: dict[str, dict[str, dict]], method: str) -> str | None:
+    values = [by.get(c, {}).get(method) for c in COLLECTIONS]
+    if all(v is None for v in values):
+        return None
+    return " / ".join("-" if v is None else f"{v['score']:.3f}" for v in values)
+
+
+def _cell(by, entries) -> str:
+    parts = []
+    for label, method, asides in entries:
+        main = _pair(by, method)
+        if main is None:
+            continue
+        extra = [f"{a}: {p}" for a, m in asides if (p := _pair(by, m)) is not None]
+        parts.append(f"{label}: {main}" + "".join(f" ({e})" for e in extra))
+    return ", ".join(parts)
+
+
+def markdown_table(results: Sequence[dict]) -> str:
+    """The README's table; a row none of whose methods was scored is left out."""
+    by = scores(results)
+    lines = [HEADER, "|---|---|---|---|"]
+    for storage, cells in ROWS:
+        row = [_cell(by, cells.get(col, [])) for col in COLUMNS]
+        if any(row):
+            lines.append(f"| {storage} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def methods_at(storage: str) -> list[str]:
+    """Every method the row labelled `storage` names (for checking the label)."""
+    cells = dict(ROWS)[storage]
+    return [m for entries in cells.values() for _, main, asides in entries
+            for m in (main, *(a[1] for a in asides))]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    results = load_results(RESULTS, "llm_testbed", COLLECTIONS)
+    if not results:
+        print(f"{RESULTS}: no llm_testbed_*.json (run python -m benchmarks.llm_testbed)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
