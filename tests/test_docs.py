@@ -104,14 +104,16 @@ def test_tradeoff_notebook_runs():
 
 
 def test_readme_storage_table_is_the_committed_llm_results():
-    """The README's "Choosing a plan" table is `benchmarks.llm_testbed.table`'s, from the
-    committed results, and each row's storage label is the storage of what it names."""
+    """The README's "Choosing a plan" table (and the LLM testbed README's) is
+    `benchmarks.llm_testbed.table`'s, from the committed results, and each row's storage
+    label is the storage of what it names."""
     from benchmarks.llm_testbed import table
 
     results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
     generated = table.markdown_table(results)
-    start = README.index(table.HEADER)
-    assert README[start : README.index("\n\n", start)] == generated
+    for doc in (README, (ROOT / "benchmarks/llm_testbed/README.md").read_text()):
+        start = doc.index(table.HEADER)
+        assert doc[start : doc.index("\n\n", start)] == generated
     for res in results:
         by = {r["method"]: r for r in res["rows"]}
         for label, _ in table.ROWS:
