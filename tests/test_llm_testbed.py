@@ -133,3 +133,64 @@ def test_answer_scores_are_exact_match_and_the_answers_likelihood():
         assert nll[i] == pytest.approx(expected, abs=0.05)
         assert correct[i] == float(logits.argmax(-1).tolist() == a)
     assert correct[-1] == 1.0 and np.all(nll > 0)
+
+
+def test_output_sensitivities_weigh_each_module_by_its_loss_gradient_and_update():
+    """`w_m` (mean 1) grows with the energy of the module's LoRA output change (4x for a
+    doubled `B`, when the LoRA is too small to move the gradients) and is 0 for a module
+    the LoRAs leave alone; the model's `requires_grad` flags are left as they were."""
+    import torch
+    import transformers
+
+    from benchmarks.quality.calibration import output_sensitivities
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
+    named = dict(model.named_modules())
+    rng = np.random.default_rng(0)
+
+    def lora(scale_b=None):
+        out = {}
+        for m in modules:
+            d_out, d_in = named[m].weight.shape
+            b = 1e-4 * rng.normal(size=(d_out, 2)) * (scale_b or {}).get(m, 1.0)
+            out[m] = (rng.normal(size=(2, d_in)), b)
+        return out
+
+    ids = torch.as_tensor(rng.integers(1, 32, size=(3, 8)))
+    labels = ids.clone()
+    labels[:, :4] = -100  # the answers: the last four tokens
+    batch = (ids, torch.ones_like(ids), labels)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a flag to keep
+
+    rng = np.random.default_rng(1)
+    loras = [lora(), lora()]
+    w = output_sensitivities(model, modules, [(x, batch) for x in loras])
+    assert np.mean(list(w.values())) == pytest.approx(1.0) and min(w.values()) > 0
+    q0, v1 = modules[0], modules[3]
+    doubled = [{m: (a, 2 * b if m == v1 else b) for m, (a, b) in x.items()} for x in loras]
+    w2 = output_sensitivities(model, modules, [(x, batch) for x in doubled])
+    assert (w2[v1] / w2[q0]) / (w[v1] / w[q0]) == pytest.approx(4.0, rel=1e-3)
+    zeroed = [{m: (a, 0 * b if m == q0 else b) for m, (a, b) in x.items()} for x in loras]
+    assert output_sensitivities(model, modules, [(x, batch) for x in zeroed])[q0] == 0.0
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not flags["model.layers.0.mlp.up_proj.weight"] and flags["lm_head.weight"]
+
+
+def test_the_llm_grid_offers_the_fisher_planner_at_every_nested_budget():
+    from benchmarks.llm_testbed.bench import GRID, NESTED_BUDGETS, TESTBED
+    from benchmarks.quality.methods import budget_tag
+    from benchmarks.testbed.evaluate_methods import GRID as TINY
+
+    fisher = {m.name: m for m in GRID.methods() if m.module_weighting == "fisher"}
+    assert set(fisher) == {
+        f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}" for b in NESTED_BUDGETS
+    }
+    assert all(m.nested and m.activation for m in fisher.values())
+    assert TESTBED.sensitivities is not None
+    assert not [m for m in TINY.methods() if m.module_weighting == "fisher"]

@@ -308,6 +308,42 @@ def test_redo_without_resume_and_methods_is_a_usage_error(capsys):
     assert "--redo needs --resume and --methods" in capsys.readouterr().err
 
 
+def test_the_fisher_planner_takes_the_testbeds_module_weights(base_model):
+    """`module_weighting="fisher"` asks the testbed for its output sensitivities once and
+    gives them to the planner: weights all 1 choose what equal weighting chooses."""
+    import dataclasses
+
+    from benchmarks.quality.methods import Method
+
+    def plan(weighting):
+        return Method(f"hydraopt:plan+nested+act{weighting}@0.30", "planner", budget=0.3,
+                      nested=True, activation=True,
+                      module_weighting="fisher" if weighting else "equal")  # fmt: skip
+
+    calls, logs = [], []
+
+    def ones(base, coll):
+        calls.append(coll.tasks)
+        return dict.fromkeys(coll.modules, 1.0)
+
+    testbed = dataclasses.replace(TESTBED, sensitivities=ones)
+    result = evaluate_collection(
+        testbed, COLLECTION, tasks=TWO_TASKS, methods=[plan(""), plan("+fisher")],
+        base_model=base_model, log=logs.append,
+    )  # fmt: skip
+    equal, fisher = result["rows"]
+    assert calls == [TWO_TASKS] and any("output sensitivities" in line for line in logs)
+    assert fisher["storage_ratio"] == equal["storage_ratio"] <= 0.30
+    assert fisher["score"] == equal["score"]
+    d = result["details"]
+    assert d[fisher["method"]]["num_params"] == d[equal["method"]]["num_params"]
+    # a testbed that has no sensitivities says so
+    with pytest.raises(ValueError, match="has no sensitivities"):
+        evaluate_collection(
+            TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[plan("+fisher")], base_model=base_model
+        )
+
+
 def test_collection_loading_and_activation_covariances(base_model):
     coll = EM.load_testbed_collection(COLLECTION, TWO_TASKS)
     assert coll.tasks == TWO_TASKS and coll.rank == 8 and len(coll.modules) == 14

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..quality.calibration import input_covariances
+from ..quality.calibration import output_sensitivities as module_sensitivities
 from ..quality.collection import Collection, load_collection
 from ..quality.methods import Grid
 from ..quality.run import Testbed
@@ -49,6 +50,7 @@ GRID = Grid(
     truncation=(0.5, 0.25, 0.125, 0.0625),
     nested=((1.0, 0.0625), (1.0, 0.125), (1.0, 0.25)),
     nested_budgets=NESTED_BUDGETS,
+    planner_variants=("act", "size", "fisher"),
 )
 CALIBRATION = dict(examples_per_task=4, seed=777)
 
@@ -74,21 +76,33 @@ def load_llm_collection(name: str | pathlib.Path, tasks: Sequence[str] | None = 
     )  # fmt: skip
 
 
-def activation_covariances(base, coll: Collection, *, examples_per_task: int = 4,
-                           seed: int = 777) -> dict[str, np.ndarray]:  # fmt: skip
-    """`{module: E[x x^T]}` of each adapted module's input in the *base* model, over
-    `examples_per_task` training-distribution examples of every task (answer included:
-    the tokens a LoRA acts on), padding excluded."""
-    model, tokenizer = base
+def calibration_batches(tokenizer, coll: Collection, *, examples_per_task: int = 4,
+                        seed: int = 777):  # fmt: skip
+    """`(task, (input_ids, attention_mask, labels))` per task: `examples_per_task`
+    training-distribution examples (answer included: the tokens a LoRA acts on)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for name in coll.tasks:
+        stream = T.TrainStream(T.task_from_name(name), examples_per_task, seed=seed)
+        yield name, E.batch_tensors(E.tokenize(tokenizer, stream.next_batch()), pad)
 
-    def batches():
-        for name in coll.tasks:
-            stream = T.TrainStream(T.task_from_name(name), examples_per_task, seed=seed)
-            ids, mask, _ = E.batch_tensors(E.tokenize(tokenizer, stream.next_batch()), pad)
-            yield ids, mask
 
-    return input_covariances(model, coll.modules, batches())
+def activation_covariances(base, coll: Collection, **calibration) -> dict[str, np.ndarray]:
+    """`{module: E[x x^T]}` of each adapted module's input in the *base* model, over the
+    `calibration_batches` of every task, padding excluded."""
+    model, tokenizer = base
+    batches = calibration_batches(tokenizer, coll, **calibration)
+    return input_covariances(model, coll.modules, ((ids, mask) for _, (ids, mask, _) in batches))
+
+
+def output_sensitivities(base, coll: Collection, **calibration) -> dict[str, float]:
+    """The `+fisher` planner's module weights (`quality.calibration.output_sensitivities`):
+    each task's own LoRA on the base model, on its `calibration_batches`."""
+    model, tokenizer = base
+    return module_sensitivities(
+        model, coll.modules,
+        ((coll.adapters[task], batch)
+         for task, batch in calibration_batches(tokenizer, coll, **calibration)),
+    )  # fmt: skip
 
 
 def _scorer(base, limit: int | None = None):
@@ -117,6 +131,7 @@ TESTBED = Testbed(
     load_base=_load_base,
     scorer=_scorer,
     calibrate=lambda base, coll: activation_covariances(base, coll, **CALIBRATION),
+    sensitivities=lambda base, coll: output_sensitivities(base, coll, **CALIBRATION),
     grid=GRID,
     reuse_own=False,  # the own LoRA's answer likelihoods are the reference
     calibration=CALIBRATION,

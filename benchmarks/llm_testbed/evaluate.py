@@ -12,13 +12,11 @@ harness, not the merge engine).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
 from ..quality.torch_lora import load_adapter as load_adapter
-from ..quality.torch_lora import lora_modules
+from ..quality.torch_lora import lora_applied
 from . import tasks as T
 
 EVAL_BATCH = 64
@@ -96,30 +94,6 @@ def answer_scores(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH):
 def exact_match(model, encoded, pad_id: int, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Per example: 1.0 when every answer token is the argmax given the reference prefix."""
     return answer_scores(model, encoded, pad_id, batch_size)[0]
-
-
-@contextlib.contextmanager
-def lora_applied(model, lora: dict | None):
-    """`model` with each listed module's output plus `x A^T B^T` (float32), for the block.
-
-    **Arguments**: `lora` `{module: (A [k, d_in], B [d_out, k])}` with the scale folded in.
-    """
-    handles = []
-
-    def branch(a, b):
-        def hook(module, args, output):
-            with torch.autocast("cpu", enabled=False):
-                return output + (args[0].float() @ a.T) @ b.T
-
-        return hook
-
-    try:
-        for module, a, b in lora_modules(model, lora):
-            handles.append(module.register_forward_hook(branch(a, b)))
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class Scorer:

@@ -1,13 +1,14 @@
-"""Activation statistics for the activation-aware methods: `E[x x^T]` of each adapted
-module's input in the *base* model, on training-distribution batches (never held-out data)."""
+"""Calibration statistics for the output-aware methods, on training-distribution batches
+(never held-out data): `E[x x^T]` of each adapted module's input in the *base* model (the
+activation-aware objective), and each module's output sensitivity (Fisher module weights)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["input_covariances"]
+__all__ = ["input_covariances", "output_sensitivities"]
 
 
 def input_covariances(model, modules: Sequence[str], batches: Iterable) -> dict[str, np.ndarray]:
@@ -41,3 +42,71 @@ def input_covariances(model, modules: Sequence[str], batches: Iterable) -> dict[
         for h in handles:
             h.remove()
     return {m: (s / count).astype(np.float32) for m, s in sums.items()}
+
+
+def output_sensitivities(
+    model, modules: Sequence[str], task_batches: Iterable[tuple[Mapping, tuple]]
+) -> dict[str, float]:
+    """`{module: w_m}`, mean 1: how much each module's output error costs the task losses,
+    for the planner's `module_weights` (a module counts by what its errors do downstream,
+    not by its relative error alone).
+
+    For each task, its own LoRA on `model` and its batch `(input_ids, attention_mask,
+    labels)` (labels -100 outside the answers): `f = sum ||dL/dy_m||^2 / (n d_out)` (the
+    mean squared gradient of the summed answer cross-entropy `L` with respect to the
+    module's output `y_m`, over the `n` unpadded positions) and `u = sum ||dW_m x||^2` (the
+    energy of the LoRA's own output change). `f u` is the second-order loss increase of a
+    whole-update-sized error in an isotropic-Fisher approximation; `w_m` is its mean over
+    tasks, over the mean across modules. Under `relative` task weights the planner's loss of
+    a module is its relative output error, so `w_m` times it is, up to a constant, the
+    Fisher-weighted output error."""
+    import torch
+
+    from .torch_lora import lora_applied
+
+    named = dict(model.named_modules())
+    per_task: dict[str, list[float]] = {m: [] for m in modules}
+    outputs, inputs = {}, {}  # of the current task's forward pass
+
+    def hook(name):
+        def fn(_module, args, out):
+            out.retain_grad()  # the LoRA branch adds to it: the same gradient
+            outputs[name], inputs[name] = out, args[0].detach()
+
+        return fn
+
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        for lora, (ids, mask, labels) in task_batches:
+            handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+            try:  # registered before the LoRA branches: each hook sees the base output
+                with lora_applied(model, lora):
+                    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+                    logits = model(
+                        inputs_embeds=embeds, attention_mask=mask, use_cache=False
+                    ).logits
+                    loss = torch.nn.functional.cross_entropy(
+                        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                        ignore_index=-100, reduction="sum",
+                    )  # fmt: skip
+                    loss.backward()
+            finally:
+                for h in handles:
+                    h.remove()
+            keep = torch.as_tensor(mask).bool()
+            for m in modules:
+                g, x = outputs[m].grad[keep].double(), inputs[m][keep].double()
+                a, b = (torch.as_tensor(np.asarray(f, dtype=np.float64)) for f in lora[m])
+                u = float((((x @ a.T) @ b.T) ** 2).sum())
+                per_task[m].append(float((g**2).sum()) / (g.shape[0] * g.shape[1]) * u)
+    finally:  # the model is left as it was given
+        for p, flag in zip(params, trainable, strict=True):
+            p.requires_grad_(flag)
+    weights = {m: float(np.mean(v)) for m, v in per_task.items()}
+    mean = float(np.mean(list(weights.values())))
+    if not mean > 0:
+        raise ValueError("output sensitivities: every module's weight is 0 (no LoRA update?)")
+    return {m: w / mean for m, w in weights.items()}

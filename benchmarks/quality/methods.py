@@ -44,6 +44,8 @@ BASELINE_PARAMS: dict[str, dict] = {
 }
 # Factor-wise PEFT merges split `w_t s_t` between the raw factors: they need each task's scale.
 FACTORWISE = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# The planner's module weighting from the testbed's output sensitivities (`+fisher`)
+FISHER = "fisher"
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
 
@@ -56,8 +58,9 @@ class Method:
     `shared_b`, `full_merge`, `separate`, `a_per_lang`, `b_per_app` or `a_lang_b_app`;
     `rank_mult`: the merged rank as a multiple of `r` (`None`: the method's default);
     `task_rank_mult`: nested ranks `j = task_rank_mult r` inside the shared factor;
-    `activation`: whiten by the modules' input covariances; `budget`, `module_weighting`,
-    `nested`: the planner's arguments.
+    `activation`: whiten by the modules' input covariances; `budget`, `module_weighting`
+    (`"equal"`, `"size"`, or `"fisher"`: the testbed's output sensitivities), `nested`: the
+    planner's arguments.
     """
 
     name: str
@@ -160,6 +163,12 @@ class Grid:
                        nested=True, activation=True)
                 for b in nested_budgets
             ]  # fmt: skip
+        if sweep and FISHER in self.planner_variants:
+            grid += [
+                Method(f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}", "planner", budget=b,
+                       nested=True, activation=True, module_weighting=FISHER)
+                for b in nested_budgets
+            ]  # fmt: skip
         if sweep:
             grid += [
                 Method(f"hydraopt:shared-a@k={rank_tag(0.5)}", H, "shared_a", 0.5),
@@ -243,23 +252,27 @@ def task_loras(coll: Collection, solutions: dict) -> dict[str, dict]:
 _OPTIONS: list = [None, None]
 
 
-def _planner_options(coll: Collection, method: Method, act: dict | None) -> tuple:
+def _planner_options(coll: Collection, method: Method, act: dict | None,
+                     fisher: dict | None) -> tuple:  # fmt: skip
     from hydraopt_jax.planner import collection_options
 
+    weights = fisher if method.module_weighting == FISHER else method.module_weighting
     key = _OPTIONS[0]
-    if not (key and key[0] is coll and key[1] is act and key[2:] == (method.module_weighting,
-                                                                       method.nested)):  # fmt: skip
+    if not (key and key[0] is coll and key[1] is act and key[2] == weights
+            and key[3] == method.nested):  # fmt: skip
         _OPTIONS[:] = [None, None]  # free the previous options first (per-module curves)
         _OPTIONS[1] = collection_options(
             coll.factors(), task_names=coll.tasks, task_attributes=coll.attributes(),
-            activation_covs=act, module_weights=method.module_weighting, nested=method.nested,
+            activation_covs=act, module_weights=weights, nested=method.nested,
         )  # fmt: skip
-        _OPTIONS[0] = (coll, act, method.module_weighting, method.nested)
+        _OPTIONS[0] = (coll, act, weights, method.nested)
     return _OPTIONS[1]
 
 
-def merge_method(method: Method, coll: Collection, covs: dict | None = None) -> Merged:
-    """Run `method` on every module of `coll` at once."""
+def merge_method(method: Method, coll: Collection, covs: dict | None = None,
+                 fisher: dict | None = None) -> Merged:  # fmt: skip
+    """Run `method` on every module of `coll` at once. `covs`: the input covariances of
+    activation-aware methods; `fisher`: the module weights of `module_weighting="fisher"`."""
     from hydraopt_jax import merge_adapters, task_relative_errors
 
     start = time.perf_counter()
@@ -275,6 +288,8 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None) -> 
 
     if method.activation and covs is None:
         raise ValueError(f"{method.name} needs activation covariances")
+    if method.module_weighting == FISHER and fisher is None:
+        raise ValueError(f"{method.name} needs output sensitivities")
     act = covs if method.activation else None
     if method.kind == "hydraopt":
         solutions = merge_adapters(
@@ -283,7 +298,7 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None) -> 
     elif method.kind == "planner":
         from hydraopt_jax.planner import choose
 
-        chosen = choose(*_planner_options(coll, method, act), method.budget)
+        chosen = choose(*_planner_options(coll, method, act, fisher), method.budget)
         solutions = merge_adapters(coll.factors(), chosen.plans, activation_covs=act)
     elif method.kind == "baseline":
         from hydraopt_jax.baselines import run_baseline

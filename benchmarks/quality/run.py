@@ -18,7 +18,7 @@ import numpy as np
 from . import report
 from .analysis import format_summary, summarize, task_ratios
 from .collection import Collection
-from .methods import Grid, Method, merge_method
+from .methods import FISHER, Grid, Method, merge_method
 
 __all__ = [
     "Testbed",
@@ -43,6 +43,8 @@ class Testbed:
     - `load_base`: `() -> base model`; `scorer`: `base -> (task, lora or None) -> accuracy`,
       or a mapping `{"accuracy": ..., other measures}` (kept per task in the details).
     - `calibrate`: `(base, Collection) -> {module: E[x x^T]}` on training-distribution inputs.
+    - `sensitivities`: `(base, Collection) -> {module: weight}`, the Fisher module weights
+      of the `+fisher` planner (`calibration.output_sensitivities`); None: no such methods.
     - `grid`: the methods; `reuse_own`: score the `lora` row from the manifest's own
       accuracies (1.0 by definition) instead of evaluating it again; `quick_methods`: the
       methods of `--quick` (default: the grid without sweeps).
@@ -63,6 +65,7 @@ class Testbed:
     reuse_own: bool = False
     calibration: dict = dataclasses.field(default_factory=dict)
     quick_methods: tuple[str, ...] | None = None  # --quick: these (default: the quick grid)
+    sensitivities: Callable[[Any, Collection], dict] | None = None
 
     def write_reports(self, out_dir: pathlib.Path | None = None):
         """`<name>.md` and `<name>.png` from every result file in `out_dir`."""
@@ -141,7 +144,7 @@ def evaluate_collection(
     base_model = testbed.load_base() if base_model is None else base_model
     score = testbed.scorer(base_model)
     methods = testbed.grid.methods() if methods is None else list(methods)
-    covs = None
+    covs = fisher = None  # computed on the first method that needs them
     rows, details = [], {}
     if previous is not None and previous.get("tasks") != coll.tasks:
         log(f"[{coll.name}] the previous result is on other tasks: nothing of it is reused")
@@ -184,7 +187,13 @@ def evaluate_collection(
             t0 = time.perf_counter()
             covs = testbed.calibrate(base_model, coll)
             log(f"[{coll.name}] activation covariances: {time.perf_counter() - t0:.1f} s")
-        merged = merge_method(method, coll, covs)
+        if method.module_weighting == FISHER and fisher is None:
+            if testbed.sensitivities is None:
+                raise ValueError(f"{method.name}: the {testbed.name} testbed has no sensitivities")
+            t0 = time.perf_counter()
+            fisher = testbed.sensitivities(base_model, coll)
+            log(f"[{coll.name}] output sensitivities: {time.perf_counter() - t0:.1f} s")
+        merged = merge_method(method, coll, covs, fisher)
         t0 = time.perf_counter()
         if method.kind == "lora" and testbed.reuse_own:
             accuracy, extra = dict(coll.own_accuracy), {}

@@ -3,12 +3,20 @@ factors on a model's layers, and the LoRA fine-tuning setup. (torch is imported 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["initial_lora_a", "load_adapter", "lora_modules", "lora_training", "seeded_peft_model"]
+__all__ = [
+    "initial_lora_a",
+    "load_adapter",
+    "lora_applied",
+    "lora_modules",
+    "lora_training",
+    "seeded_peft_model",
+]
 
 
 def load_adapter(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -38,6 +46,32 @@ def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, obj
                 f"weight {tuple(weight.shape)}"
             )
         yield modules[name], a, b
+
+
+@contextlib.contextmanager
+def lora_applied(model, lora: dict | None):
+    """`model` with each listed module's output plus `x A^T B^T` (float32), for the block.
+
+    **Arguments**: `lora` `{module: (A [k, d_in], B [d_out, k])}` with the scale folded in.
+    """
+    import torch
+
+    handles = []
+
+    def branch(a, b):
+        def hook(module, args, output):
+            with torch.autocast("cpu", enabled=False):
+                return output + (args[0].float() @ a.T) @ b.T
+
+        return hook
+
+    try:
+        for module, a, b in lora_modules(model, lora):
+            handles.append(module.register_forward_hook(branch(a, b)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def seeded_peft_model(base, lora_config: dict, seed: int):
