@@ -337,6 +337,9 @@ def test_the_fisher_planner_takes_the_testbeds_module_weights(base_model):
     assert fisher["score"] == equal["score"]
     d = result["details"]
     assert d[fisher["method"]]["num_params"] == d[equal["method"]]["num_params"]
+    recorded = d[fisher["method"]]["module_weights"]  # what the planner was given
+    assert len(recorded) == 14 and set(recorded.values()) == {1.0}
+    assert "module_weights" not in d[equal["method"]]
     # a testbed that has no sensitivities says so
     with pytest.raises(ValueError, match="has no sensitivities"):
         evaluate_collection(

@@ -192,7 +192,12 @@ def evaluate_collection(
                 raise ValueError(f"{method.name}: the {testbed.name} testbed has no sensitivities")
             t0 = time.perf_counter()
             fisher = testbed.sensitivities(base_model, coll)
-            log(f"[{coll.name}] output sensitivities: {time.perf_counter() - t0:.1f} s")
+            top = sorted(fisher.values(), reverse=True)
+            log(
+                f"[{coll.name}] output sensitivities: {time.perf_counter() - t0:.1f} s "
+                f"(weights {top[-1]:.4f}-{top[0]:.2f}; the 10 largest of {len(top)} hold "
+                f"{sum(top[:10]) / sum(top):.0%})"
+            )
         merged = merge_method(method, coll, covs, fisher)
         t0 = time.perf_counter()
         if method.kind == "lora" and testbed.reuse_own:
@@ -210,6 +215,8 @@ def evaluate_collection(
             merge_seconds=round(merged.seconds, 3),
             eval_seconds=round(eval_s, 3),
         )
+        if method.module_weighting == FISHER:  # what the planner was given
+            details[method.name]["module_weights"] = {m: round(w, 6) for m, w in fisher.items()}
         for key, per_task in extra.items():  # e.g. answer_nll: per task and the mean
             details[method.name][key] = per_task
             details[method.name][f"{key}_mean"] = float(np.mean(list(per_task.values())))
