@@ -99,21 +99,28 @@ def test_update_spectrum_shares_from_the_factors():
     np.testing.assert_allclose(shares[8], 1.0, rtol=1e-12)
 
 
-def test_answer_scores_are_exact_match_and_the_answers_likelihood():
-    """On a tiny random Llama: an example is correct when every answer token is the argmax,
-    and its NLL is the mean cross-entropy of its answer tokens (each example alone, float32
-    logits), whatever the padding of its batch."""
+def _tiny_llama():
+    """A random 2-layer Llama (vocabulary 32, hidden 16), seeded, in eval mode."""
     import torch
     import transformers
-
-    from benchmarks.llm_testbed.evaluate import answer_scores
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_answer_scores_are_exact_match_and_the_answers_likelihood():
+    """On a tiny random Llama: an example is correct when every answer token is the argmax,
+    and its NLL is the mean cross-entropy of its answer tokens (each example alone, float32
+    logits), whatever the padding of its batch."""
+    import torch
+
+    from benchmarks.llm_testbed.evaluate import answer_scores
+
+    model = _tiny_llama()
     rng = np.random.default_rng(0)
     encoded = [
         (rng.integers(1, 32, size=n).tolist(), rng.integers(1, 32, size=m).tolist())
@@ -140,16 +147,10 @@ def test_output_sensitivities_weigh_each_module_by_its_loss_gradient_and_update(
     doubled `B`, when the LoRA is too small to move the gradients) and is 0 for a module
     the LoRAs leave alone; the model's `requires_grad` flags are left as they were."""
     import torch
-    import transformers
 
     from benchmarks.quality.calibration import output_sensitivities
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = _tiny_llama()
     modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
     named = dict(model.named_modules())
     rng = np.random.default_rng(0)
