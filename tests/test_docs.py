@@ -11,8 +11,6 @@ import sys
 
 import pytest
 
-from benchmarks.quality.report import load_results
-
 pytestmark = pytest.mark.slow  # subprocesses / notebooks: seconds each
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,24 +99,3 @@ def test_tradeoff_notebook_runs():
     assert "HydraOpt front >= every baseline" in text
     # the chart is drawn (an inline PNG)
     assert any("image/png" in o.get("data", {}) for o in outputs)
-
-
-def test_readme_storage_table_is_the_committed_llm_results():
-    """The README's "Choosing a plan" table (and the LLM testbed README's) is
-    `benchmarks.llm_testbed.table`'s, from the committed results, and each row's storage
-    label is the storage of what it names."""
-    from benchmarks.llm_testbed import table
-
-    results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
-    generated = table.markdown_table(results)
-    for doc in (README, (ROOT / "benchmarks/llm_testbed/README.md").read_text()):
-        start = doc.index(table.HEADER)
-        assert doc[start : doc.index("\n\n", start)] == generated
-    for res in results:
-        by = {r["method"]: r for r in res["rows"]}
-        for label, _ in table.ROWS:
-            for method in table.methods_at(label):
-                if method in by:
-                    assert abs(by[method]["storage_ratio"] - float(label.split()[0])) < 1e-3, (
-                        label, method, by[method]["storage_ratio"],
-                    )  # fmt: skip

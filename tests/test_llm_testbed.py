@@ -4,12 +4,15 @@ on SmolLM2-135M in quick mode (train 4 tasks for 10 steps, merge, score)."""
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 
 import numpy as np
 import pytest
 
 from benchmarks.llm_testbed import tasks as T
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_grid_is_five_applications_by_eight_languages():
@@ -142,45 +145,103 @@ def test_answer_scores_are_exact_match_and_the_answers_likelihood():
     assert correct[-1] == 1.0 and np.all(nll > 0)
 
 
-def test_output_sensitivities_weigh_each_module_by_its_loss_gradient_and_update():
-    """`w_m` (mean 1) grows with the energy of the module's LoRA output change (4x for a
-    doubled `B`, when the LoRA is too small to move the gradients) and is 0 for a module
-    the LoRAs leave alone; the model's `requires_grad` flags are left as they were."""
+def _sensitivity_setup():
+    """A tiny Llama, its q/v projections, one answer-labelled batch and LoRA factories."""
     import torch
-
-    from benchmarks.quality.calibration import output_sensitivities
 
     model = _tiny_llama()
     modules = [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in ("q", "v")]
     named = dict(model.named_modules())
     rng = np.random.default_rng(0)
-
-    def lora(scale_b=None):
-        out = {}
-        for m in modules:
-            d_out, d_in = named[m].weight.shape
-            b = 1e-4 * rng.normal(size=(d_out, 2)) * (scale_b or {}).get(m, 1.0)
-            out[m] = (rng.normal(size=(2, d_in)), b)
-        return out
-
     ids = torch.as_tensor(rng.integers(1, 32, size=(3, 8)))
     labels = ids.clone()
     labels[:, :4] = -100  # the answers: the last four tokens
-    batch = (ids, torch.ones_like(ids), labels)
-    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a flag to keep
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0  # one padded row
+    labels[2, 6:] = -100
 
-    rng = np.random.default_rng(1)
-    loras = [lora(), lora()]
+    def lora(seed):  # small enough not to move the gradients
+        r = np.random.default_rng(seed)
+        shapes = {m: named[m].weight.shape for m in modules}
+        return {m: (r.normal(size=(2, d_in)), 1e-4 * r.normal(size=(d_out, 2)))
+                for m, (d_out, d_in) in shapes.items()}  # fmt: skip
+
+    return model, modules, (ids, mask, labels), lora
+
+
+def test_output_sensitivities_weigh_each_module_by_its_loss_gradient_and_update():
+    """`w_m` (mean 1) grows with the energy of the module's LoRA output change (4x for a
+    doubled `B`, when the LoRA is too small to move the gradients) and is 0 for a module
+    the LoRAs leave alone or do not have; each task counts equally whatever its scale; the
+    model's `requires_grad` flags are left as they were."""
+    from benchmarks.quality.calibration import output_sensitivities
+
+    model, modules, batch, lora = _sensitivity_setup()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)  # a flag to keep
+    loras = [lora(1), lora(2)]
     w = output_sensitivities(model, modules, [(x, batch) for x in loras])
     assert np.mean(list(w.values())) == pytest.approx(1.0) and min(w.values()) > 0
     q0, v1 = modules[0], modules[3]
-    doubled = [{m: (a, 2 * b if m == v1 else b) for m, (a, b) in x.items()} for x in loras]
-    w2 = output_sensitivities(model, modules, [(x, batch) for x in doubled])
-    assert (w2[v1] / w2[q0]) / (w[v1] / w[q0]) == pytest.approx(4.0, rel=1e-3)
+    doubled = {m: (a, 2 * b if m == v1 else b) for m, (a, b) in loras[0].items()}
+    w1, w2 = (output_sensitivities(model, modules, [(x, batch)]) for x in (loras[0], doubled))
+    assert (w2[v1] / w2[q0]) / (w1[v1] / w1[q0]) == pytest.approx(4.0, rel=1e-3)
     zeroed = [{m: (a, 0 * b if m == q0 else b) for m, (a, b) in x.items()} for x in loras]
     assert output_sensitivities(model, modules, [(x, batch) for x in zeroed])[q0] == 0.0
+    missing = [{m: f for m, f in x.items() if m != q0} for x in loras]
+    assert output_sensitivities(model, modules, [(x, batch) for x in missing])[q0] == 0.0
+    # tasks count equally: the result is the mean of the tasks' own profiles, however
+    # much larger one task's updates are
+    louder = {m: (a, 30 * b) for m, (a, b) in loras[1].items()}
+    both = output_sensitivities(model, modules, [(loras[0], batch), (louder, batch)])
+    alone = [output_sensitivities(model, modules, [(x, batch)]) for x in (loras[0], louder)]
+    for m in modules:
+        assert both[m] == pytest.approx((alone[0][m] + alone[1][m]) / 2, rel=1e-9)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert not flags["model.layers.0.mlp.up_proj.weight"] and flags["lm_head.weight"]
+
+
+def test_output_sensitivities_match_gradients_taken_at_each_output():
+    """One task: `w_m` is proportional to `mean ||dL/dy_m||^2 * ||dW_m x||^2` over the
+    unpadded positions, with the gradient taken here by a zero perturbation added to the
+    module's output (independently of the function's own hooks)."""
+    import torch
+
+    from benchmarks.quality.calibration import output_sensitivities
+    from benchmarks.quality.torch_lora import lora_applied
+
+    model, modules, (ids, mask, labels), lora = _sensitivity_setup()
+    adapter = lora(3)
+    w = output_sensitivities(model, modules, [(adapter, (ids, mask, labels))])
+    named = dict(model.named_modules())
+    deltas, inputs, handles = {}, {}, []
+
+    def perturb(name):
+        def fn(_module, args, out):
+            deltas[name] = torch.zeros_like(out, requires_grad=True)
+            inputs[name] = args[0].detach()
+            return out + deltas[name]
+
+        return fn
+
+    for m in modules:
+        handles.append(named[m].register_forward_hook(perturb(m)))
+    with lora_applied(model, adapter):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    for h in handles:
+        h.remove()
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 32), labels[:, 1:].reshape(-1), ignore_index=-100,
+        reduction="sum",
+    )  # fmt: skip
+    grads = torch.autograd.grad(loss, [deltas[m] for m in modules])
+    keep = mask.bool()
+    fu = []
+    for m, g in zip(modules, grads, strict=True):
+        a, b = (torch.as_tensor(f) for f in adapter[m])
+        dy = (inputs[m][keep].double() @ a.T) @ b.T
+        fu.append(float((g[keep].double() ** 2).mean()) * float((dy**2).sum()))
+    expected = np.array(fu) / np.mean(fu)
+    np.testing.assert_allclose([w[m] for m in modules], expected, rtol=1e-6)
 
 
 def test_the_llm_grid_offers_the_fisher_planner_at_every_nested_budget():
@@ -195,3 +256,26 @@ def test_the_llm_grid_offers_the_fisher_planner_at_every_nested_budget():
     assert all(m.nested and m.activation for m in fisher.values())
     assert TESTBED.sensitivities is not None
     assert not [m for m in TINY.methods() if m.module_weighting == "fisher"]
+
+
+def test_readme_storage_table_is_the_committed_llm_results():
+    """The README's "Choosing a plan" table (and the LLM testbed README's) is
+    `benchmarks.llm_testbed.table`'s, from the committed results, and each row's storage
+    label is the storage of what it names."""
+    from benchmarks.llm_testbed import table
+    from benchmarks.quality.report import load_results
+
+    readme = (ROOT / "README.md").read_text()
+    results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
+    generated = table.markdown_table(results)
+    for doc in (readme, (ROOT / "benchmarks/llm_testbed/README.md").read_text()):
+        start = doc.index(table.HEADER)
+        assert doc[start : doc.index("\n\n", start)] == generated
+    for res in results:
+        by = {r["method"]: r for r in res["rows"]}
+        for label, _ in table.ROWS:
+            for method in table.methods_at(label):
+                if method in by:
+                    assert abs(by[method]["storage_ratio"] - float(label.split()[0])) < 1e-3, (
+                        label, method, by[method]["storage_ratio"],
+                    )  # fmt: skip

@@ -299,6 +299,43 @@ def test_redo_re_scores_the_listed_rows_in_place_and_keeps_the_others(base_model
     assert not any("reused" in line for line in logs)
 
 
+def test_an_interrupted_redo_loses_no_row(base_model):
+    """Rows listed for re-scoring stay in every partial write until their new row replaces
+    them: a run stopped half-way leaves the file with all its rows."""
+    lora, separate = EM.GRID.by_name(["lora", "hydraopt:separate"])
+    first = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[lora, separate], base_model=base_model
+    )
+    partial = []
+    evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[separate, lora], base_model=base_model,
+        previous=first, redo={"lora", "hydraopt:separate"}, on_progress=partial.append,
+    )  # fmt: skip
+    # after separate is redone, lora (listed, not yet redone) is still carried
+    assert [r["method"] for r in partial[0]["rows"]] == ["lora", "hydraopt:separate"]
+    assert partial[0]["details"]["lora"] == first["details"]["lora"]
+
+
+def test_resume_runs_on_the_files_tasks_and_refuses_others(capsys, tmp_path):
+    """`--resume` without `--tasks` resumes on the tasks of the result file; with other
+    tasks it would replace the file's rows, so it stops (status 2) and writes nothing."""
+    from benchmarks.testbed.__main__ import main
+
+    row = make_row("lora", COLLECTION, 1.0, 1.0, 1.0)
+    saved = dict(collection=COLLECTION, tasks=["reverse_L1"], complete=True, rows=[row],
+                 details={"lora": {"accuracy": {"reverse_L1": 1.0}}},
+                 config={}, summary={})  # fmt: skip
+    path = tmp_path / f"testbed_{COLLECTION}.json"
+    path.write_text(json.dumps(saved))
+    before = path.read_text()
+    common = ["--collection", COLLECTION, "--methods", "lora", "--out", str(tmp_path),
+              "--resume", "--threads", "1"]  # fmt: skip
+    assert main([*common, "--tasks", "sort_L2"]) == 2
+    assert "holds other tasks" in capsys.readouterr().err and path.read_text() == before
+    assert main([*common, "--json", "--no-write"]) == 0
+    assert json.loads(capsys.readouterr().out) == [row]  # reused: the file's one task
+
+
 def test_redo_without_resume_and_methods_is_a_usage_error(capsys):
     from benchmarks.testbed.__main__ import main
 
@@ -308,38 +345,61 @@ def test_redo_without_resume_and_methods_is_a_usage_error(capsys):
     assert "--redo needs --resume and --methods" in capsys.readouterr().err
 
 
-def test_the_fisher_planner_takes_the_testbeds_module_weights(base_model):
-    """`module_weighting="fisher"` asks the testbed for its output sensitivities once and
-    gives them to the planner: weights all 1 choose what equal weighting chooses."""
+def test_the_fisher_planner_takes_the_testbeds_module_weights(base_model, monkeypatch):
+    """`module_weighting="fisher"` asks the testbed for its output sensitivities once, gives
+    them to the planner and records them with the row; weights all 1 choose what equal
+    weighting chooses."""
     import dataclasses
 
+    import hydraopt_jax.planner as P
     from benchmarks.quality.methods import Method
 
-    def plan(weighting):
-        return Method(f"hydraopt:plan+nested+act{weighting}@0.30", "planner", budget=0.3,
-                      nested=True, activation=True,
+    def plan(weighting, budget=0.3):
+        return Method(f"hydraopt:plan+nested+act{weighting}@{budget}", "planner",
+                      budget=budget, nested=True, activation=True,
                       module_weighting="fisher" if weighting else "equal")  # fmt: skip
 
-    calls, logs = [], []
+    given, calls, logs = [], [], []
+    options = P.collection_options
 
-    def ones(base, coll):
-        calls.append(coll.tasks)
-        return dict.fromkeys(coll.modules, 1.0)
+    def spy(*args, **kwargs):  # the planner's options, with the module weights noted
+        given.append(kwargs["module_weights"])
+        return options(*args, **kwargs)
 
-    testbed = dataclasses.replace(TESTBED, sensitivities=ones)
+    monkeypatch.setattr(P, "collection_options", spy)
+
+    def weights(value):
+        def sensitivities(base, coll):
+            calls.append(coll.tasks)
+            return {m: value(i) for i, m in enumerate(coll.modules)}
+
+        return dataclasses.replace(TESTBED, sensitivities=sensitivities)
+
     result = evaluate_collection(
-        testbed, COLLECTION, tasks=TWO_TASKS, methods=[plan(""), plan("+fisher")],
+        weights(lambda i: 1.0), COLLECTION, tasks=TWO_TASKS,
+        methods=[plan(""), plan("+fisher"), plan("+fisher", 0.2)],
         base_model=base_model, log=logs.append,
     )  # fmt: skip
-    equal, fisher = result["rows"]
+    equal, fisher, fisher2 = result["rows"]
     assert calls == [TWO_TASKS] and any("output sensitivities" in line for line in logs)
+    assert given[0] == "equal" and given[1] == dict.fromkeys(given[1], 1.0) and len(given) == 2
     assert fisher["storage_ratio"] == equal["storage_ratio"] <= 0.30
-    assert fisher["score"] == equal["score"]
+    assert fisher["score"] == equal["score"] and fisher2["storage_ratio"] <= 0.20
     d = result["details"]
     assert d[fisher["method"]]["num_params"] == d[equal["method"]]["num_params"]
     recorded = d[fisher["method"]]["module_weights"]  # what the planner was given
     assert len(recorded) == 14 and set(recorded.values()) == {1.0}
     assert "module_weights" not in d[equal["method"]]
+    # skewed weights reach the planner as they are
+    given.clear()
+    skewed = evaluate_collection(
+        weights(lambda i: 10.0**-i), COLLECTION, tasks=TWO_TASKS, methods=[plan("+fisher")],
+        base_model=base_model,
+    )  # fmt: skip
+    assert sorted(given[0].values(), reverse=True) == [10.0**-i for i in range(14)]
+    assert skewed["details"][plan("+fisher").name]["module_weights"] == {
+        m: round(w, 6) for m, w in given[0].items()
+    }
     # a testbed that has no sensitivities says so
     with pytest.raises(ValueError, match="has no sensitivities"):
         evaluate_collection(

@@ -3,7 +3,8 @@
     python -m benchmarks.llm_testbed.table            # prints the markdown table
 
 Each cell is `label: same_seed / diff_seed` (score, three decimals; `-` where a collection
-has no such row), asides in parentheses. Which methods go where is `ROWS`; every number
+has no such row), asides in parentheses; an entry neither collection has is left out, with
+its asides. Which methods go where is `ROWS`; every number
 comes from `benchmarks/results/llm_testbed_<collection>.json` (`tests/test_docs.py` checks
 that the README's table is this one).
 """

@@ -99,7 +99,8 @@ def task_ratios(accuracy: Mapping[str, float], own: Mapping[str, float]) -> dict
 def paired_margin(result: dict, method: str, rival: str) -> tuple[float, float] | None:
     """`(margin, s.e.)` of `method`'s score minus `rival`'s, paired over tasks: the mean of the
     per-task ratio differences (equal to the difference of the two scores) and its standard
-    error across tasks. None when the result lacks the per-task accuracies of either."""
+    error across tasks. None when the result lacks the per-task accuracies of either, or
+    fewer than two tasks pair."""
     details, own = result.get("details", {}), result.get("config", {}).get("own_accuracy")
     acc = [details.get(m, {}).get("accuracy") for m in (method, rival)]
     if own is None or None in acc:

@@ -30,9 +30,11 @@ def input_covariances(model, modules: Sequence[str], batches: Iterable) -> dict[
 
         return fn
 
-    handles = [named[m].register_forward_pre_hook(hook(m)) for m in modules]
+    handles = []
     count = 0
     try:
+        for m in modules:  # appended one by one: a failure leaves none registered
+            handles.append(named[m].register_forward_pre_hook(hook(m)))
         with torch.no_grad():
             for ids, mask in batches:
                 keep[:] = [np.asarray(mask).reshape(-1).astype(bool)]
@@ -56,10 +58,13 @@ def output_sensitivities(
     mean squared gradient of the summed answer cross-entropy `L` with respect to the
     module's output `y_m`, over the `n` unpadded positions) and `u = sum ||dW_m x||^2` (the
     energy of the LoRA's own output change). `f u` is the second-order loss increase of a
-    whole-update-sized error in an isotropic-Fisher approximation; `w_m` is its mean over
-    tasks, over the mean across modules. Under `relative` task weights the planner's loss of
-    a module is its relative output error, so `w_m` times it is, up to a constant, the
-    Fisher-weighted output error."""
+    whole-update-sized error in an isotropic-Fisher approximation. Each task's `f u` are
+    divided by their sum over modules (each task counts equally, as under the planner's
+    `relative` task weights: its answer length or loss scale does not), then averaged over
+    tasks; `w_m` is that mean over its mean across modules. The planner's loss of a module
+    is its relative output error, so `w_m` times it approximates the Fisher-weighted output
+    error when tasks distribute their sensitivity over modules alike. A module a task does
+    not adapt contributes 0 for that task."""
     import torch
 
     from .torch_lora import lora_applied
@@ -81,8 +86,10 @@ def output_sensitivities(
         p.requires_grad_(False)
     try:
         for lora, (ids, mask, labels) in task_batches:
-            handles = [named[m].register_forward_hook(hook(m)) for m in modules]
+            handles = []
             try:  # registered before the LoRA branches: each hook sees the base output
+                for m in modules:
+                    handles.append(named[m].register_forward_hook(hook(m)))
                 with lora_applied(model, lora):
                     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                     logits = model(
@@ -97,11 +104,18 @@ def output_sensitivities(
                 for h in handles:
                     h.remove()
             keep = torch.as_tensor(mask).bool()
+            task = {}
             for m in modules:
+                if m not in lora:  # the task does not adapt this module
+                    task[m] = 0.0
+                    continue
                 g, x = outputs[m].grad[keep].double(), inputs[m][keep].double()
                 a, b = (torch.as_tensor(np.asarray(f, dtype=np.float64)) for f in lora[m])
                 u = float((((x @ a.T) @ b.T) ** 2).sum())
-                per_task[m].append(float((g**2).sum()) / (g.shape[0] * g.shape[1]) * u)
+                task[m] = float((g**2).sum()) / (g.shape[0] * g.shape[1]) * u
+            total = sum(task.values())
+            for m in modules:  # each task counts equally, as under `relative` task weights
+                per_task[m].append(task[m] / total if total > 0 else 0.0)
     finally:  # the model is left as it was given
         for p, flag in zip(params, trainable, strict=True):
             p.requires_grad_(flag)

@@ -145,7 +145,7 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
 
 # ---------------------------------------------------------------------------- chart
 def _paired(result: dict, violation: dict) -> str:
-    """`, margin -0.0008 +- 0.0011` (paired over tasks) when the per-task accuracies are there."""
+    """`; margin -0.0008 ± 0.0011 s.e.` (paired over tasks), or "" without per-task data."""
     method, rival = violation["hydraopt"], violation["baseline"]
     pm = method and paired_margin(result, method, rival)
     return f"; margin {pm[0]:+.4f} ± {pm[1]:.4f} s.e." if pm else ""

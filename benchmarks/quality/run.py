@@ -150,16 +150,13 @@ def evaluate_collection(
         log(f"[{coll.name}] the previous result is on other tasks: nothing of it is reused")
         previous = None
     previous = previous or {"rows": [], "details": {}}
-    done = {
-        r["method"]: r
-        for r in previous["rows"]
-        if r["method"] in previous["details"] and r["method"] not in redo
-    }
+    carried = {r["method"]: r for r in previous["rows"] if r["method"] in previous["details"]}
+    done = {m: r for m, r in carried.items() if m not in redo}  # reused, not recomputed
     order = testbed.order()
 
     def result(complete: bool) -> dict:
-        # every previous row not (yet) redone is carried: an interrupted resumed run loses none
-        kept = [r for m, r in done.items() if m not in details]
+        # every previous row not (yet) redone is carried: an interrupted run loses none
+        kept = [r for m, r in carried.items() if m not in details]
         all_rows = sorted(rows + kept, key=lambda r: order.get(r["method"], len(order)))
         all_details = {r["method"]: previous["details"][r["method"]] for r in kept} | details
         return dict(
@@ -192,11 +189,11 @@ def evaluate_collection(
                 raise ValueError(f"{method.name}: the {testbed.name} testbed has no sensitivities")
             t0 = time.perf_counter()
             fisher = testbed.sensitivities(base_model, coll)
-            top = sorted(fisher.values(), reverse=True)
+            top = sorted(fisher.values(), reverse=True) or [0.0]
             log(
                 f"[{coll.name}] output sensitivities: {time.perf_counter() - t0:.1f} s "
                 f"(weights {top[-1]:.4f}-{top[0]:.2f}; the 10 largest of {len(top)} hold "
-                f"{sum(top[:10]) / sum(top):.0%})"
+                f"{sum(top[:10]) / max(sum(top), 1e-300):.0%})"
             )
         merged = merge_method(method, coll, covs, fisher)
         t0 = time.perf_counter()
@@ -296,16 +293,30 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         if names is None and args.quick and testbed.quick_methods:
             names = list(testbed.quick_methods)
         methods = testbed.grid.by_name(names, sweep=not args.quick)
-        base = testbed.load_base()
-        summaries = []
+        runs = []  # (collection, previous result or None, tasks), checked before any work
         for name in collections:
-            t0 = time.perf_counter()
-            previous = None
+            previous, run_tasks = None, tasks
             existing = out_dir / f"{testbed.name}_{name}.json"
             if args.resume and existing.exists():
                 previous = json.loads(existing.read_text())
+                # resume on the file's tasks; other tasks would replace its rows, so refuse
+                if run_tasks is None:
+                    run_tasks = previous["tasks"]
+                elif list(run_tasks) != previous["tasks"]:
+                    print(
+                        f"{existing}: holds other tasks ({len(previous['tasks'])}) than --tasks "
+                        f"({len(run_tasks)}); give its tasks, or --out a new folder",
+                        file=sys.stderr,
+                    )
+                    return 2
+            runs.append((name, previous, run_tasks))
+        base = testbed.load_base()
+        summaries = []
+        for name, previous, run_tasks in runs:
+            t0 = time.perf_counter()
             result = evaluate_collection(
-                testbed, name, tasks=tasks, methods=methods, base_model=base, previous=previous,
+                testbed, name, tasks=run_tasks, methods=methods, base_model=base,
+                previous=previous,
                 redo={m.name for m in methods} if args.redo else (),
                 log=lambda s: print(s, file=sys.stderr, flush=True),
                 on_progress=(lambda r: report.write_result(r, out_dir, testbed.name))
