@@ -336,6 +336,32 @@ def test_resume_runs_on_the_files_tasks_and_refuses_others(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out) == [row]  # reused: the file's one task
 
 
+def test_combine_adds_another_runs_rows_to_the_result_files(capsys, tmp_path):
+    """`--combine DIR`: a run made elsewhere (another process, another machine) joins the
+    result file of the same collection and tasks; other tasks: status 2, nothing written."""
+    from benchmarks.testbed.__main__ import main
+
+    def result(tasks, *rows):
+        return dict(collection=COLLECTION, tasks=tasks, complete=True, rows=list(rows),
+                    details={r["method"]: {"accuracy": {}} for r in rows}, config={},
+                    summary={})  # fmt: skip
+
+    lora = make_row("lora", COLLECTION, 1.0, 1.0, 1.0)
+    sep = make_row("hydraopt:separate", COLLECTION, 1.0, 0.99, 0.98)
+    main_dir, other, odd = tmp_path / "main", tmp_path / "other", tmp_path / "odd"
+    for folder, res in [(main_dir, result(TWO_TASKS, lora)), (other, result(TWO_TASKS, sep)),
+                        (odd, result(TWO_TASKS[:1], sep))]:  # fmt: skip
+        report.write_result(res, folder, "testbed")
+    path = main_dir / f"testbed_{COLLECTION}.json"
+    assert main(["--combine", str(odd), "--out", str(main_dir)]) == 2
+    assert "other tasks" in capsys.readouterr().err
+    assert [r["method"] for r in json.loads(path.read_text())["rows"]] == ["lora"]
+    assert main(["--combine", str(other), "--out", str(main_dir)]) == 0
+    combined = json.loads(path.read_text())
+    assert combined["rows"] == [lora, sep] and set(combined["details"]) == {"lora", sep["method"]}
+    assert (main_dir / "testbed.md").exists()
+
+
 def test_redo_without_resume_and_methods_is_a_usage_error(capsys):
     from benchmarks.testbed.__main__ import main
 

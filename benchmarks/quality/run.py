@@ -234,6 +234,34 @@ def split_methods(text: str) -> list[str]:
     return [n for n in re.split(r",(?=\s*(?:lora\b|[a-z]+:))", text) if n.strip()]
 
 
+def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) -> int:
+    """`--combine`: each of `source`'s result files merged into `out_dir`'s file of the same
+    collection (`report.combine_results`: `source` wins for a method in both; the same tasks
+    required), then the reports rebuilt. Checks every file before writing any."""
+    found = report.load_results(source, testbed.name, testbed.collections)
+    if not found:
+        print(f"{source}: no {testbed.name}_*.json to combine", file=sys.stderr)
+        return 2
+    merged = []
+    for new in found:
+        path = pathlib.Path(out_dir) / f"{testbed.name}_{new['collection']}.json"
+        if not path.exists():
+            merged.append(new)
+            continue
+        try:
+            merged.append(report.combine_results(json.loads(path.read_text()), new,
+                                                 testbed.order()))  # fmt: skip
+        except ValueError:
+            print(f"{path}: other tasks than {source}'s result of {new['collection']}; "
+                  "nothing combined", file=sys.stderr)  # fmt: skip
+            return 2
+    for result in merged:
+        print("wrote", report.write_result(result, out_dir, testbed.name), file=sys.stderr)
+        print(format_summary(result))
+    testbed.write_reports(out_dir)
+    return 0
+
+
 def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
     """`python -m benchmarks.<testbed>`: score every method on the testbed's collections.
 
@@ -258,6 +286,10 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         "--resume", action="store_true", help="reuse the methods of an existing result file"
     )
     parser.add_argument(
+        "--combine", type=pathlib.Path, metavar="DIR",
+        help="add the rows of DIR's result files (another run's --out) to --out's, then report",
+    )  # fmt: skip
+    parser.add_argument(
         "--redo", action="store_true",
         help="with --resume and --methods: re-score the listed methods, keep every other row",
     )  # fmt: skip
@@ -265,6 +297,8 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
     if args.redo and not (args.resume and args.methods):
         parser.error("--redo needs --resume and --methods (the rows to re-score)")
     out_dir = args.out or testbed.results
+    if args.combine is not None:
+        return combine_into(testbed, args.combine, out_dir)
     if args.report:
         written = testbed.write_reports(out_dir)
         if written is None:
