@@ -1,12 +1,13 @@
-"""The storage table of the README's "Choosing a plan", built from the committed results.
+"""The tables of the README's "Choosing a plan", built from the committed results.
 
-    python -m benchmarks.llm_testbed.table            # prints the markdown table
+    python -m benchmarks.llm_testbed.table            # prints the two markdown tables
 
-Each cell is `label: same_seed / diff_seed` (score, three decimals; `-` where a collection
-has no such row), asides in parentheses; an entry neither collection has is left out, with
-its asides. Which methods go where is `ROWS`; every number
-comes from `benchmarks/results/llm_testbed_<collection>.json` (`tests/test_docs.py` checks
-that the README's table is this one).
+The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
+where a collection has no such row), asides in parentheses; an entry neither collection
+has is left out, with its asides; which methods go where is `ROWS`. The likelihood table:
+the answer NLL at each per-task truncation's storage. Every number comes from
+`benchmarks/results/llm_testbed_<collection>.json` (`tests/test_llm_testbed.py` checks that
+the READMEs' tables are these).
 """
 
 from __future__ import annotations
@@ -25,10 +26,17 @@ HEADER = "| storage | per-task truncation (no sharing) | HydraOpt | classic merg
 # (storage label, {column: [(label, method, asides)]}), asides = ((label, method), ...)
 PLANNER = "planner"
 ACT = "activation-aware"
+FISHER = "Fisher-weighted"
 
 
 def _planner(budget: str, *asides: tuple[str, str]):
     return [(PLANNER, f"hydraopt:plan+nested@{budget}", asides)]
+
+
+def _output_aware(budget: str):
+    """The planner at `budget` with its activation-aware and Fisher-weighted asides."""
+    return _planner(budget, (ACT, f"hydraopt:plan+nested+act@{budget}"),
+                    (FISHER, f"hydraopt:plan+nested+act+fisher@{budget}"))  # fmt: skip
 
 
 ROWS: tuple[tuple[str, dict], ...] = (
@@ -43,7 +51,7 @@ ROWS: tuple[tuple[str, dict], ...] = (
     ("0.06", {"hydraopt": _planner("0.06")}),
     ("0.0625", {
         "truncation": [("rank 1", "reference:truncate-r/16", ())],
-        "hydraopt": _planner("0.0625", (ACT, "hydraopt:plan+nested+act@0.0625")),
+        "hydraopt": _output_aware("0.0625"),
     }),
     ("0.067", {"merges": [("Compress-then-Serve `joint`", "baseline:joint", ()),
                           ("per-factor `pca`", "baseline:pca", ())]}),
@@ -53,17 +61,17 @@ ROWS: tuple[tuple[str, dict], ...] = (
     ("0.10", {"hydraopt": _planner("0.10", ("without nested ranks", "hydraopt:plan@0.10"))}),
     ("0.125", {
         "truncation": [("rank 2", "reference:truncate-r/8", ())],
-        "hydraopt": _planner("0.125", (ACT, "hydraopt:plan+nested+act@0.125")),
+        "hydraopt": _output_aware("0.125"),
     }),
     ("0.25", {
         "truncation": [("rank 4", "reference:truncate-r/4", ())],
-        "hydraopt": _planner("0.25", (ACT, "hydraopt:plan+nested+act@0.25")),
+        "hydraopt": _output_aware("0.25"),
     }),
     ("0.43", {"hydraopt": [("`shared-a`", "hydraopt:shared-a",
                             ((ACT, "hydraopt:shared-a+act"),))]}),
     ("0.50", {
         "truncation": [("rank 8", "reference:truncate-r/2", ())],
-        "hydraopt": _planner("0.50", (ACT, "hydraopt:plan+nested+act@0.50")),
+        "hydraopt": _output_aware("0.50"),
     }),
     ("0.55", {"hydraopt": _planner("0.55")}),
 )  # fmt: skip
@@ -103,6 +111,32 @@ def markdown_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+# The answer-likelihood table: at each per-task truncation's storage, the mean answer NLL
+# (nats per answer token) of truncation and of the planner with each objective.
+NLL_HEADER = "| storage | per-task truncation | planner | activation-aware | Fisher-weighted |"
+NLL_ROWS = (("0.0625", "r/16"), ("0.125", "r/8"), ("0.25", "r/4"), ("0.50", "r/2"))
+
+
+def _nll_pair(by: dict[str, dict[str, dict]], details: dict[str, dict], method: str) -> str:
+    values = [details.get(c, {}).get(method, {}).get("answer_nll_mean") for c in COLLECTIONS]
+    return " / ".join("-" if v is None else f"{v:.4f}" for v in values)
+
+
+def nll_markdown_table(results: Sequence[dict]) -> str:
+    """Answer NLL `same_seed / diff_seed` at truncation's storages, the own LoRAs' first."""
+    details = {res["collection"]: res.get("details", {}) for res in results}
+    by = scores(results)
+    own = _nll_pair(by, details, "lora")
+    lines = [NLL_HEADER, "|---|---|---|---|---|", f"| own LoRA (1.0) | {own} | | | |"]
+    for budget, rank in NLL_ROWS:
+        methods = (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}",
+                   f"hydraopt:plan+nested+act@{budget}",
+                   f"hydraopt:plan+nested+act+fisher@{budget}")  # fmt: skip
+        lines.append(f"| {budget} | " + " | ".join(_nll_pair(by, details, m) for m in methods)
+                     + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def methods_at(storage: str) -> list[str]:
     """Every method the row labelled `storage` names (for checking the label)."""
     cells = dict(ROWS)[storage]
@@ -116,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{RESULTS}: no llm_testbed_*.json (run python -m benchmarks.llm_testbed)",
               file=sys.stderr)  # fmt: skip
         return 2
-    print(markdown_table(results))
+    print(markdown_table(results), nll_markdown_table(results), sep="\n\n")
     return 0
 
 
