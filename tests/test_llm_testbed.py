@@ -259,7 +259,7 @@ def test_the_llm_grid_offers_the_fisher_planner_at_every_nested_budget():
 
 
 def test_readme_storage_table_is_the_committed_llm_results():
-    """The README's "Choosing a plan" table (and the LLM testbed README's) is
+    """The README's "Choosing a plan" tables (and the LLM testbed README's) are
     `benchmarks.llm_testbed.table`'s, from the committed results, and each row's storage
     label is the storage of what it names."""
     from benchmarks.llm_testbed import table
@@ -267,10 +267,12 @@ def test_readme_storage_table_is_the_committed_llm_results():
 
     readme = (ROOT / "README.md").read_text()
     results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
-    generated = table.markdown_table(results)
+    tables = {table.HEADER: table.markdown_table(results),
+              table.NLL_HEADER: table.nll_markdown_table(results)}  # fmt: skip
     for doc in (readme, (ROOT / "benchmarks/llm_testbed/README.md").read_text()):
-        start = doc.index(table.HEADER)
-        assert doc[start : doc.index("\n\n", start)] == generated
+        for header, generated in tables.items():
+            start = doc.index(header)
+            assert doc[start : doc.index("\n\n", start)] == generated
     for res in results:
         by = {r["method"]: r for r in res["rows"]}
         for label, _ in table.ROWS:

@@ -96,7 +96,7 @@ def _cell(by, entries) -> str:
         if main is None:
             continue
         extra = [f"{a}: {p}" for a, m in asides if (p := _pair(by, m)) is not None]
-        parts.append(f"{label}: {main}" + "".join(f" ({e})" for e in extra))
+        parts.append(f"{label}: {main}" + (f" ({'; '.join(extra)})" if extra else ""))
     return ", ".join(parts)
 
 
