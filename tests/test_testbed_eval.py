@@ -223,6 +223,9 @@ def test_combine_results():
     assert [r["method"] for r in c["rows"]] == ["hydraopt:plan@0.30", "baseline:linear"]
     assert set(c["details"]) == {"baseline:linear", "hydraopt:plan@0.30"}
     assert c["complete"] is False and c["summary"]["front_check"]["passed"]
+    # complete: every method of the grid (here: of `order`) has its row
+    order = {"hydraopt:plan@0.30": 0, "baseline:linear": 1}
+    assert report.combine_results(a, b, order)["complete"] is True
     with pytest.raises(ValueError):
         report.combine_results(a, dict(b, tasks=["u"]), TESTBED.order())
 
@@ -237,6 +240,7 @@ def test_lora_scores_exactly_one_and_separate_reproduces_own(base_model):
     assert all(tuple(r) == ROW_KEYS for r in result["rows"])
     assert by["lora"]["score"] == 1.0 and by["lora"]["min_task_ratio"] == 1.0
     assert by["lora"]["storage_ratio"] == 1.0
+    assert result["complete"] is False  # two of the grid's methods: not the whole grid
     sep = by["hydraopt:separate"]
     assert sep["storage_ratio"] == pytest.approx(1.0)
     own = result["config"]["own_accuracy"]
@@ -356,6 +360,8 @@ def test_combine_adds_another_runs_rows_to_the_result_files(capsys, tmp_path):
     assert main(["--combine", str(odd), "--out", str(main_dir)]) == 2
     assert "other tasks" in capsys.readouterr().err
     assert [r["method"] for r in json.loads(path.read_text())["rows"]] == ["lora"]
+    assert main(["--combine", str(main_dir), "--out", str(main_dir)]) == 2  # itself
+    assert "is --out itself" in capsys.readouterr().err
     assert main(["--combine", str(other), "--out", str(main_dir)]) == 0
     combined = json.loads(path.read_text())
     assert combined["rows"] == [lora, sep] and set(combined["details"]) == {"lora", sep["method"]}

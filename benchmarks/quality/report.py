@@ -39,7 +39,8 @@ def load_results(out_dir: pathlib.Path, prefix: str, order: Sequence[str] = ()) 
 
 def combine_results(first: dict, second: dict, order: dict[str, int]) -> dict:
     """One result from two runs on the same collection and tasks (e.g. run in parallel with
-    different methods); `second` wins for a method in both. Rows in `order`."""
+    different methods); `second` wins for a method in both. Rows in `order` (every method of
+    the grid: the result is complete when each has a row)."""
     if first["collection"] != second["collection"] or first["tasks"] != second["tasks"]:
         raise ValueError("combine_results: the results are of different collections or tasks")
     rows = {r["method"]: r for r in first["rows"]} | {r["method"]: r for r in second["rows"]}
@@ -48,7 +49,7 @@ def combine_results(first: dict, second: dict, order: dict[str, int]) -> dict:
     out.update(
         rows=rows,
         details=first.get("details", {}) | second.get("details", {}),
-        complete=bool(first.get("complete", True) and second.get("complete", True)),
+        complete=set(order) <= {r["method"] for r in rows},  # every method of the grid
         summary=summarize(rows),
     )
     if "seconds" in first or "seconds" in second:

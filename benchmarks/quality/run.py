@@ -135,7 +135,8 @@ def evaluate_collection(
     `previous`: an earlier (partial) result of the same collection and tasks; its methods are
     reused, not recomputed, except those named in `redo` (re-scored in place: e.g. to add a
     measure to existing rows; the other previous rows are carried). `on_progress(result)` is
-    called after every method with the partial result (`"complete": False`), e.g. to write it.
+    called after every method with the partial result (`"complete": False`), e.g. to write it;
+    the final result is `"complete"` when every method of the testbed's grid has a row.
 
     **Returns** `{"collection", "tasks", "rows", "details", "config", "summary", "complete"}`;
     `rows` are `{method, collection, storage_ratio, score, min_task_ratio}` dicts.
@@ -154,10 +155,12 @@ def evaluate_collection(
     done = {m: r for m, r in carried.items() if m not in redo}  # reused, not recomputed
     order = testbed.order()
 
-    def result(complete: bool) -> dict:
+    def result(finished: bool) -> dict:
         # every previous row not (yet) redone is carried: an interrupted run loses none
         kept = [r for m, r in carried.items() if m not in details]
         all_rows = sorted(rows + kept, key=lambda r: order.get(r["method"], len(order)))
+        # complete: the run finished and every method of the grid has its row
+        complete = finished and set(order) <= {r["method"] for r in all_rows}
         all_details = {r["method"]: previous["details"][r["method"]] for r in kept} | details
         return dict(
             collection=coll.name,
@@ -238,6 +241,9 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
     """`--combine`: each of `source`'s result files merged into `out_dir`'s file of the same
     collection (`report.combine_results`: `source` wins for a method in both; the same tasks
     required), then the reports rebuilt. Checks every file before writing any."""
+    if pathlib.Path(source).resolve() == pathlib.Path(out_dir).resolve():
+        print(f"{source}: is --out itself; nothing to combine", file=sys.stderr)
+        return 2
     found = report.load_results(source, testbed.name, testbed.collections)
     if not found:
         print(f"{source}: no {testbed.name}_*.json to combine", file=sys.stderr)
