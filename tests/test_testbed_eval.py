@@ -360,6 +360,11 @@ def test_combine_adds_another_runs_rows_to_the_result_files(capsys, tmp_path):
     assert main(["--combine", str(odd), "--out", str(main_dir)]) == 2
     assert "other tasks" in capsys.readouterr().err
     assert [r["method"] for r in json.loads(path.read_text())["rows"]] == ["lora"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / f"testbed_{COLLECTION}.json").write_text("{not json")
+    assert main(["--combine", str(broken), "--out", str(main_dir)]) == 2
+    assert "is not JSON" in capsys.readouterr().err
     assert main(["--combine", str(main_dir), "--out", str(main_dir)]) == 2  # itself
     assert "is --out itself" in capsys.readouterr().err
     assert main(["--combine", str(other), "--out", str(main_dir)]) == 0

@@ -244,7 +244,11 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
     if pathlib.Path(source).resolve() == pathlib.Path(out_dir).resolve():
         print(f"{source}: is --out itself; nothing to combine", file=sys.stderr)
         return 2
-    found = report.load_results(source, testbed.name, testbed.collections)
+    try:
+        found = report.load_results(source, testbed.name, testbed.collections)
+    except json.JSONDecodeError as e:
+        print(f"{source}: a {testbed.name}_*.json there is not JSON ({e})", file=sys.stderr)
+        return 2
     if not found:
         print(f"{source}: no {testbed.name}_*.json to combine", file=sys.stderr)
         return 2
@@ -255,8 +259,12 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
             merged.append(new)
             continue
         try:
-            merged.append(report.combine_results(json.loads(path.read_text()), new,
-                                                 testbed.order()))  # fmt: skip
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            print(f"{path}: not JSON ({e}); nothing combined", file=sys.stderr)
+            return 2
+        try:
+            merged.append(report.combine_results(old, new, testbed.order()))
         except ValueError:
             print(f"{path}: other tasks than {source}'s result of {new['collection']}; "
                   "nothing combined", file=sys.stderr)  # fmt: skip
