@@ -244,7 +244,7 @@ def test_output_sensitivities_match_gradients_taken_at_each_output():
     np.testing.assert_allclose([w[m] for m in modules], expected, rtol=1e-6)
 
 
-def test_the_llm_grid_offers_the_fisher_planner_at_every_nested_budget():
+def test_both_grids_offer_the_fisher_planner_at_every_nested_budget():
     from benchmarks.llm_testbed.bench import GRID, NESTED_BUDGETS, TESTBED
     from benchmarks.quality.methods import budget_tag
     from benchmarks.testbed.evaluate_methods import GRID as TINY
@@ -255,7 +255,12 @@ def test_the_llm_grid_offers_the_fisher_planner_at_every_nested_budget():
     }
     assert all(m.nested and m.activation for m in fisher.values())
     assert TESTBED.sensitivities is not None
-    assert not [m for m in TINY.methods() if m.module_weighting == "fisher"]
+    from benchmarks.testbed.evaluate_methods import NESTED_BUDGETS as TINY_BUDGETS
+    from benchmarks.testbed.evaluate_methods import TESTBED as TINY_TESTBED
+
+    tiny = {m.name for m in TINY.methods() if m.module_weighting == "fisher"}
+    assert tiny == {f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}" for b in TINY_BUDGETS}
+    assert TINY_TESTBED.sensitivities is not None
 
 
 def test_readme_storage_table_is_the_committed_llm_results():

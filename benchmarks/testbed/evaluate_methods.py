@@ -11,7 +11,8 @@ its own LoRA (the accuracy recorded in the collection's `manifest.json`):
 
 The methods are `benchmarks.quality.methods`' grid with this testbed's budgets. Activation
 covariances come from the *base* model's module inputs on a few training-distribution
-batches of the collection's tasks (`TrainStream`, which never yields a held-out input).
+batches of the collection's tasks (`TrainStream`, which never yields a held-out input); the
+Fisher module weights from each task's own LoRA on a batch of that task's inputs.
 
     python -m benchmarks.testbed                       # all four collections, writes results
     python -m benchmarks.testbed --quick --json        # reduced grid, JSON rows on stdout
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..quality.calibration import input_covariances
+from ..quality.calibration import output_sensitivities as module_sensitivities
 from ..quality.collection import Collection, load_collection
 from ..quality.methods import Grid
 from ..quality.run import Testbed
@@ -59,10 +61,13 @@ GRID = Grid(
     truncation=(0.5, 0.25, 0.125),
     nested=((1.0, 0.25), (1.0, 0.5)),
     nested_budgets=NESTED_BUDGETS,
+    planner_variants=("act", "size", "fisher"),
 )
 
-# Activation covariances: base-model module inputs on training-distribution batches.
+# Activation covariances: base-model module inputs on training-distribution batches; the
+# Fisher module weights: per task, its own LoRA on one training-distribution batch.
 CALIBRATION = dict(batches=8, batch_size=64, seed=777)
+SENSITIVITY = dict(examples_per_task=16, seed=777)
 
 
 def collection_path(name: str | pathlib.Path) -> pathlib.Path:
@@ -111,6 +116,24 @@ def activation_covariances(
     return input_covariances(base_model, coll.modules, (batch() for _ in range(batches)))
 
 
+def output_sensitivities(
+    base_model, coll: Collection, examples_per_task: int = SENSITIVITY["examples_per_task"],
+    seed: int = SENSITIVITY["seed"],
+) -> dict[str, float]:  # fmt: skip
+    """The `+fisher` planner's module weights (`quality.calibration.output_sensitivities`):
+    each task's own LoRA on the base model, on `examples_per_task` of its training-
+    distribution inputs (`TrainStream` of that task alone)."""
+    import torch
+
+    def batches():
+        for name in coll.tasks:
+            stream = T.TrainStream([T.task_from_name(name)], examples_per_task, seed=seed)
+            ids, labels, mask = (torch.from_numpy(a) for a in stream.next_batch())
+            yield coll.adapters[name], (ids, mask, labels)
+
+    return module_sensitivities(base_model, coll.modules, batches())
+
+
 def _scorer(base_model):
     return lambda task, lora: E.evaluate_task(base_model, task, lora)
 
@@ -133,6 +156,7 @@ TESTBED = Testbed(
     load_base=_load_base,
     scorer=_scorer,
     calibrate=activation_covariances,
+    sensitivities=output_sensitivities,
     grid=GRID,
     calibration=CALIBRATION,
 )
