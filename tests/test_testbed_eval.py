@@ -440,8 +440,9 @@ def test_the_fisher_planner_takes_the_testbeds_module_weights(base_model, monkey
     # a testbed that has no sensitivities says so
     with pytest.raises(ValueError, match="has no sensitivities"):
         evaluate_collection(
-            TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[plan("+fisher")], base_model=base_model
-        )
+            dataclasses.replace(TESTBED, sensitivities=None), COLLECTION, tasks=TWO_TASKS,
+            methods=[plan("+fisher")], base_model=base_model,
+        )  # fmt: skip
 
 
 def test_collection_loading_and_activation_covariances(base_model):
@@ -456,6 +457,9 @@ def test_collection_loading_and_activation_covariances(base_model):
     assert c.shape == (192, 192)
     np.testing.assert_allclose(c, c.T, rtol=1e-5, atol=1e-7)
     assert np.linalg.eigvalsh(c.astype(np.float64)).min() > -1e-5 * np.trace(c)
+    w = EM.output_sensitivities(base_model, coll)  # each task's own LoRA, its own inputs
+    assert set(w) == set(coll.modules) and np.mean(list(w.values())) == pytest.approx(1.0)
+    assert min(w.values()) > 0 and w == EM.output_sensitivities(base_model, coll)  # seeded
 
 
 def test_cli_json_prints_only_rows(capsys, tmp_path):
