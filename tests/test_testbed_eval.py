@@ -364,12 +364,24 @@ def test_combine_adds_another_runs_rows_to_the_result_files(capsys, tmp_path):
     broken.mkdir()
     (broken / f"testbed_{COLLECTION}.json").write_text("{not json")
     assert main(["--combine", str(broken), "--out", str(main_dir)]) == 2
-    assert "is not JSON" in capsys.readouterr().err
+    assert "not a readable JSON file" in capsys.readouterr().err
+    (broken / f"testbed_{COLLECTION}.json").write_text("[]")  # JSON, not a result
+    assert main(["--combine", str(broken), "--out", str(main_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a result file" in err and str(broken) in err
+    with pytest.raises(SystemExit):  # it takes only --out
+        main(["--combine", str(other), "--out", str(main_dir), "--no-write"])
+    assert "--combine takes only --out" in capsys.readouterr().err
     assert main(["--combine", str(main_dir), "--out", str(main_dir)]) == 2  # itself
     assert "is --out itself" in capsys.readouterr().err
     assert main(["--combine", str(other), "--out", str(main_dir)]) == 0
     combined = json.loads(path.read_text())
     assert combined["rows"] == [lora, sep] and set(combined["details"]) == {"lora", sep["method"]}
+    assert "replaced" not in capsys.readouterr().err
+    assert main(["--combine", str(other), "--out", str(main_dir)]) == 0  # again: says so
+    assert f"replaced by {other}'s row: testbed_{COLLECTION}.json: {sep['method']}" in (
+        capsys.readouterr().err
+    )
     assert (main_dir / "testbed.md").exists()
 
 

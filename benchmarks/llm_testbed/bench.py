@@ -135,6 +135,7 @@ TESTBED = Testbed(
     grid=GRID,
     reuse_own=False,  # the own LoRA's answer likelihoods are the reference
     calibration=CALIBRATION,
+    sensitivity=CALIBRATION,  # the same 4 examples per task
     quick_methods=(
         "lora",
         "reference:truncate-r/16",

@@ -117,7 +117,7 @@ NLL_HEADER = "| storage | per-task truncation | planner | activation-aware | Fis
 NLL_ROWS = (("0.0625", "r/16"), ("0.125", "r/8"), ("0.25", "r/4"), ("0.50", "r/2"))
 
 
-def _nll_pair(by: dict[str, dict[str, dict]], details: dict[str, dict], method: str) -> str:
+def _nll_pair(details: dict[str, dict], method: str) -> str:
     values = [details.get(c, {}).get(method, {}).get("answer_nll_mean") for c in COLLECTIONS]
     return " / ".join("-" if v is None else f"{v:.4f}" for v in values)
 
@@ -125,23 +125,24 @@ def _nll_pair(by: dict[str, dict[str, dict]], details: dict[str, dict], method: 
 def nll_markdown_table(results: Sequence[dict]) -> str:
     """Answer NLL `same_seed / diff_seed` at truncation's storages, the own LoRAs' first."""
     details = {res["collection"]: res.get("details", {}) for res in results}
-    by = scores(results)
-    own = _nll_pair(by, details, "lora")
+    own = _nll_pair(details, "lora")
     lines = [NLL_HEADER, "|---|---|---|---|---|", f"| own LoRA (1.0) | {own} | | | |"]
     for budget, rank in NLL_ROWS:
         methods = (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}",
                    f"hydraopt:plan+nested+act@{budget}",
                    f"hydraopt:plan+nested+act+fisher@{budget}")  # fmt: skip
-        lines.append(f"| {budget} | " + " | ".join(_nll_pair(by, details, m) for m in methods)
+        lines.append(f"| {budget} | " + " | ".join(_nll_pair(details, m) for m in methods)
                      + " |")  # fmt: skip
     return "\n".join(lines)
 
 
 def methods_at(storage: str) -> list[str]:
-    """Every method the row labelled `storage` names (for checking the label)."""
+    """Every method the row labelled `storage` names, in either table (to check the label)."""
+    nll = [m for budget, rank in NLL_ROWS if budget == storage
+           for m in (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}")]  # fmt: skip
     cells = dict(ROWS)[storage]
-    return [m for entries in cells.values() for _, main, asides in entries
-            for m in (main, *(a[1] for a in asides))]  # fmt: skip
+    return nll + [m for entries in cells.values() for _, main, asides in entries
+                  for m in (main, *(a[1] for a in asides))]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,7 @@ class Testbed:
     calibration: dict = dataclasses.field(default_factory=dict)
     quick_methods: tuple[str, ...] | None = None  # --quick: these (default: the quick grid)
     sensitivities: Callable[[Any, Collection], dict] | None = None
+    sensitivity: dict = dataclasses.field(default_factory=dict)  # its settings, for the config
 
     def write_reports(self, out_dir: pathlib.Path | None = None):
         """`<name>.md` and `<name>.png` from every result file in `out_dir`."""
@@ -170,6 +171,7 @@ def evaluate_collection(
             details=all_details,
             config=dict(
                 calibration=testbed.calibration,
+                sensitivity=testbed.sensitivity,
                 rank=coll.rank,
                 weights="relative",
                 own_accuracy=coll.own_accuracy,
@@ -237,38 +239,50 @@ def split_methods(text: str) -> list[str]:
     return [n for n in re.split(r",(?=\s*(?:lora\b|[a-z]+:))", text) if n.strip()]
 
 
+def _read_result(path: pathlib.Path) -> dict:
+    """A result file, or ValueError naming what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
+            and isinstance(data.get("tasks"), list) and isinstance(data.get("details"), dict)
+            and "collection" in data):  # fmt: skip
+        raise ValueError(f"{path}: not a result file (collection, tasks, rows, details)")
+    return data
+
+
 def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) -> int:
     """`--combine`: each of `source`'s result files merged into `out_dir`'s file of the same
-    collection (`report.combine_results`: `source` wins for a method in both; the same tasks
-    required), then the reports rebuilt. Checks every file before writing any."""
+    collection (`report.combine_results`: `source` wins for a method in both, and each such
+    replaced row is listed; the same tasks required), then the reports rebuilt. Checks every
+    file before writing any; a bad file: one line naming it, status 2."""
     if pathlib.Path(source).resolve() == pathlib.Path(out_dir).resolve():
         print(f"{source}: is --out itself; nothing to combine", file=sys.stderr)
         return 2
-    try:
-        found = report.load_results(source, testbed.name, testbed.collections)
-    except json.JSONDecodeError as e:
-        print(f"{source}: a {testbed.name}_*.json there is not JSON ({e})", file=sys.stderr)
-        return 2
-    if not found:
+    paths = sorted(pathlib.Path(source).glob(f"{testbed.name}_*.json"))
+    if not paths:
         print(f"{source}: no {testbed.name}_*.json to combine", file=sys.stderr)
         return 2
-    merged = []
-    for new in found:
-        path = pathlib.Path(out_dir) / f"{testbed.name}_{new['collection']}.json"
-        if not path.exists():
-            merged.append(new)
-            continue
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            print(f"{path}: not JSON ({e}); nothing combined", file=sys.stderr)
-            return 2
-        try:
+    merged, replaced = [], []
+    try:
+        for source_path in paths:
+            new = _read_result(source_path)
+            path = pathlib.Path(out_dir) / f"{testbed.name}_{new['collection']}.json"
+            if not path.exists():
+                merged.append(new)
+                continue
+            old = _read_result(path)
+            if old["tasks"] != new["tasks"]:
+                raise ValueError(f"{path}: other tasks than {source_path}; nothing combined")
+            mine = {r["method"] for r in old["rows"]}
+            replaced += [f"{path.name}: {r['method']}" for r in new["rows"] if r["method"] in mine]
             merged.append(report.combine_results(old, new, testbed.order()))
-        except ValueError:
-            print(f"{path}: other tasks than {source}'s result of {new['collection']}; "
-                  "nothing combined", file=sys.stderr)  # fmt: skip
-            return 2
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    for line in replaced:
+        print(f"replaced by {source}'s row: {line}", file=sys.stderr)
     for result in merged:
         print("wrote", report.write_result(result, out_dir, testbed.name), file=sys.stderr)
         print(format_summary(result))
@@ -312,6 +326,10 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         parser.error("--redo needs --resume and --methods (the rows to re-score)")
     out_dir = args.out or testbed.results
     if args.combine is not None:
+        others = [f for f in ("quick", "json", "methods", "tasks", "no_write", "report", "resume",
+                              "redo", "collection") if getattr(args, f)]  # fmt: skip
+        if others:
+            parser.error(f"--combine takes only --out (not --{others[0].replace('_', '-')})")
         return combine_into(testbed, args.combine, out_dir)
     if args.report:
         written = testbed.write_reports(out_dir)

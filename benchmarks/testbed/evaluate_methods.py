@@ -159,4 +159,5 @@ TESTBED = Testbed(
     sensitivities=output_sensitivities,
     grid=GRID,
     calibration=CALIBRATION,
+    sensitivity=SENSITIVITY,
 )
