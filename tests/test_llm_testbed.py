@@ -272,12 +272,18 @@ def test_readme_storage_table_is_the_committed_llm_results():
 
     readme = (ROOT / "README.md").read_text()
     results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
-    tables = {table.HEADER: table.markdown_table(results),
-              table.NLL_HEADER: table.nll_markdown_table(results)}  # fmt: skip
+    tables = table.tables(results)
     for doc in (readme, (ROOT / "benchmarks/llm_testbed/README.md").read_text()):
         for header, generated in tables.items():
             start = doc.index(header)
             assert doc[start : doc.index("\n\n", start)] == generated
+        assert table.replace_tables(doc, tables) == doc  # what --write would leave as it is
+    # --write replaces a stale table up to the blank line and keeps the rest
+    stale = f"intro\n\n{table.HEADER}\n|---|\n| old |\n\nafter\n\n{table.NLL_HEADER}\n| x |\n"
+    assert table.replace_tables(stale, tables) == (
+        f"intro\n\n{tables[table.HEADER]}\n\nafter\n\n{tables[table.NLL_HEADER]}\n"
+    )
+    assert table.DOCUMENTS[0].read_text() == readme
     for res in results:
         by = {r["method"]: r for r in res["rows"]}
         for label, _ in table.ROWS:

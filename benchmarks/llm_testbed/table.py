@@ -1,6 +1,7 @@
 """The tables of the README's "Choosing a plan", built from the committed results.
 
     python -m benchmarks.llm_testbed.table            # prints the two markdown tables
+    python -m benchmarks.llm_testbed.table --write    # puts them in both READMEs
 
 The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
 where a collection has no such row), asides in parentheses; an entry neither collection
@@ -145,13 +146,51 @@ def methods_at(storage: str) -> list[str]:
                   for m in (main, *(a[1] for a in asides))]  # fmt: skip
 
 
+ROOT = RESULTS.parent.parent
+DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "llm_testbed" / "README.md")
+
+
+def tables(results: Sequence[dict]) -> dict[str, str]:
+    """`{header line: table}` of both tables."""
+    return {HEADER: markdown_table(results), NLL_HEADER: nll_markdown_table(results)}
+
+
+def replace_tables(text: str, new: dict[str, str]) -> str:
+    """`text` with each table (from its header line to the next blank line) replaced."""
+    for header, table in new.items():
+        start = text.index(header)  # ValueError: the document lacks the table
+        end = text.find("\n\n", start)
+        text = text[:start] + table + (text[end:] if end >= 0 else "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Print both tables; `--write`: put them in the READMEs in place of the old ones."""
+    argv = sys.argv[1:] if argv is None else argv
     results = load_results(RESULTS, "llm_testbed", COLLECTIONS)
     if not results:
         print(f"{RESULTS}: no llm_testbed_*.json (run python -m benchmarks.llm_testbed)",
               file=sys.stderr)  # fmt: skip
         return 2
-    print(markdown_table(results), nll_markdown_table(results), sep="\n\n")
+    new = tables(results)
+    if argv == ["--write"]:
+        texts = {}
+        for doc in DOCUMENTS:
+            try:
+                texts[doc] = replace_tables(doc.read_text(), new)
+            except ValueError:
+                print(f"{doc}: lacks one of the tables (their header lines)", file=sys.stderr)
+                return 2
+        for doc, text in texts.items():  # every document checked before any is written
+            tmp = doc.with_suffix(".md.tmp")
+            tmp.write_text(text)
+            tmp.replace(doc)
+            print("wrote", doc, file=sys.stderr)
+        return 0
+    if argv:
+        print("usage: python -m benchmarks.llm_testbed.table [--write]", file=sys.stderr)
+        return 2
+    print(*new.values(), sep="\n\n")
     return 0
 
 
