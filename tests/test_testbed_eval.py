@@ -336,6 +336,11 @@ def test_resume_runs_on_the_files_tasks_and_refuses_others(capsys, tmp_path):
               "--resume", "--threads", "1"]  # fmt: skip
     assert main([*common, "--tasks", "sort_L2"]) == 2
     assert "holds other tasks" in capsys.readouterr().err and path.read_text() == before
+    path.write_text("{not json")  # a damaged file: one line naming it, nothing written
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and path.read_text() == "{not json"
+    path.write_text(before)
     assert main([*common, "--json", "--no-write"]) == 0
     assert json.loads(capsys.readouterr().out) == [row]  # reused: the file's one task
 

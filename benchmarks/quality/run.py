@@ -364,7 +364,11 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
             previous, run_tasks = None, tasks
             existing = out_dir / f"{testbed.name}_{name}.json"
             if args.resume and existing.exists():
-                previous = json.loads(existing.read_text())
+                try:  # the same check as --combine's: one line naming a bad file
+                    previous = _read_result(existing)
+                except ValueError as e:
+                    print(e, file=sys.stderr)
+                    return 2
                 # resume on the file's tasks; other tasks would replace its rows, so refuse
                 if run_tasks is None:
                     run_tasks = previous["tasks"]
