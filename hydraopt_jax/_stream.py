@@ -39,7 +39,7 @@ from .io._files import kill_point, map_safetensors
 from .io.bundle_module import module_tensors
 from .io.memory import budget, estimate_module_bytes, plan_batches
 from .io.parts import load_part, parts_dir, remove_parts, save_part, wait_for_parts
-from .io.resume import RunCheckpoint, checkpoint_dir, fingerprint
+from .io.resume import RunCheckpoint, arrays_sha256, checkpoint_dir, fingerprint
 
 __all__ = ["DEFAULT_CHECKPOINT_EVERY", "PlanError", "merge_collection", "split_modules"]
 
@@ -75,9 +75,11 @@ def plan_summary(plan, plans: Mapping[str, SharingPlan]) -> dict:
     return {"name": first.name, **first.to_dict()}
 
 
-def _module_bytes(collection, plans, names, exact: bool = False) -> dict[str, int]:
+def _module_bytes(
+    collection, plans, names, exact: bool = False, covariance: bool = False
+) -> dict[str, int]:
     """The memory guard's estimate for each module of one shape group (see io/memory.py);
-    `exact`: solved in closed form."""
+    `exact`: solved in closed form; `covariance`: with an input covariance."""
     r_max = max(max(collection.modules[n].ranks) for n in names)
     out = {}
     for name in names:
@@ -86,7 +88,7 @@ def _module_bytes(collection, plans, names, exact: bool = False) -> dict[str, in
         k = plan.rank or max(info.ranks)
         out[name] = estimate_module_bytes(
             collection.num_tasks, r_max, info.d_in, info.d_out, k,
-            plan.num_a_groups, plan.num_b_groups, exact=exact,
+            plan.num_a_groups, plan.num_b_groups, exact=exact, covariance=covariance,
         )  # fmt: skip
     return out
 
@@ -150,6 +152,7 @@ def merge_collection(
     progress: Callable[[str, int, int], None] | None = None,
     process: tuple[int, int] | None = None,
     part_timeout: float | None = None,
+    activation_covs: Mapping[str, Any] | None = None,
 ) -> Bundle:
     """Merge a collection read from disk, streaming it group by group (module docstring).
 
@@ -177,6 +180,10 @@ def merge_collection(
       every part (a JAX barrier in a multi-controller run, else polling the files for up
       to `part_timeout` seconds), then writes the bundle. `out` must be on a file system all
       processes see.
+    - `activation_covs`: optional `{module: E[x x^T]}` for every module (e.g.
+      `io.calibration.load_calibration(path, collection).activation_covs`): the
+      activation-aware objective, as in `merge_adapters`; the bundle's relative errors are
+      then in that metric and its `hydraopt.json` records `"objective": "activation"`.
 
     **Returns:** the `io.Bundle` (saved to `out` when given); on processes other than 0 of
     a multi-process merge, only the modules that process solved; on process 0, the bundle
@@ -198,6 +205,14 @@ def merge_collection(
     if count > 1 and out is None:
         raise ValueError("a multi-process merge needs out= (its processes meet in files there)")
     plans = plans_by_module(collection, plan, rank)
+    if activation_covs is not None:
+        missing = [m for m in collection.modules if m not in activation_covs]
+        if missing:
+            raise ValueError(
+                f"activation_covs has no covariance for module {missing[0]!r} "
+                f"({len(missing)} of {len(collection.modules)} missing)"
+            )
+        activation_covs = {m: activation_covs[m] for m in collection.modules}
     if solver == "exact":
         _check_closed_form(collection, plans)
     if out is not None:
@@ -213,13 +228,18 @@ def merge_collection(
     }
     if count > 1:
         flags["processes"] = count
+    if activation_covs is not None:
+        flags["activation_covs"] = arrays_sha256(activation_covs)
     wants_checkpoint = out is not None and (
         (iterative and checkpoint_every > 0) or checkpoint_dir(out).exists()
     )
     # What parts and checkpoints must match (hashes every input file): only when either is used.
     print_ = fingerprint(collection, summary, flags) if count > 1 or wants_checkpoint else None
     described = summary if plan_source is None else {**summary, "source": plan_source}
-    full_meta = {"solver": solver, "weighting": weights, "plan": described, **(meta or {})}
+    full_meta = {"solver": solver, "weighting": weights, "plan": described}
+    if activation_covs is not None:
+        full_meta["objective"] = "activation"
+    full_meta.update(meta or {})
     names = split_modules(collection, plans, count)[index]
     done = None
     if count > 1:
@@ -242,7 +262,7 @@ def merge_collection(
         if done is None:
             _solve_all(
                 collection, plans, names, solver, weights, total_steps, checkpoint,
-                checkpoint_every, max_memory, bundle, out, progress,
+                checkpoint_every, max_memory, bundle, out, progress, activation_covs,
             )  # fmt: skip
         else:
             bundle.modules.update(done)
@@ -296,7 +316,7 @@ def _assemble(collection, out, index, count, print_, mine, dtype, meta, timeout)
 
 def _solve_all(
     collection, plans, names, solver, weights, total_steps, checkpoint, checkpoint_every,
-    max_memory, bundle, out, progress,
+    max_memory, bundle, out, progress, covs,
 ) -> None:  # fmt: skip
     """Solve the shape groups of the modules `names` (in memory-sized units, chunked and
     checkpointed if iterative) and add the solutions to `bundle`."""
@@ -317,7 +337,13 @@ def _solve_all(
         if batches is None or sorted(n for b in batches for n in b) != sorted(module_names):
             batches = plan_batches(
                 module_names,
-                _module_bytes(collection, plans, module_names, exact=solver == "exact"),
+                _module_bytes(
+                    collection,
+                    plans,
+                    module_names,
+                    exact=solver == "exact",
+                    covariance=covs is not None,
+                ),  # fmt: skip
                 limit,
                 source,
             )
@@ -332,7 +358,7 @@ def _solve_all(
             group = collection.load_group(batch)
             solutions = _solve_unit(
                 f"g{g:04d}b{b:02d}", group, plans, solver, weights, total_steps, checkpoint,
-                checkpoint_every,
+                checkpoint_every, None if covs is None else {n: covs[n] for n in group},
             )  # fmt: skip
             try:
                 bundle.add_solutions(group, solutions, kinds)
@@ -344,7 +370,7 @@ def _solve_all(
 
 
 def _solve_unit(
-    unit, group, plans, solver, weights, total_steps, checkpoint, checkpoint_every
+    unit, group, plans, solver, weights, total_steps, checkpoint, checkpoint_every, covs
 ) -> dict[str, Solution]:
     """Solve one unit of modules; iterative solvers run in checkpointed chunks.
 
@@ -355,7 +381,9 @@ def _solve_unit(
     """
     plans = {n: plans[n] for n in group}
     if checkpoint is None:
-        solutions = merge_adapters(group, plans, solver, weights=weights, max_steps=total_steps)
+        solutions = merge_adapters(
+            group, plans, solver, weights=weights, max_steps=total_steps, activation_covs=covs
+        )
         kill_point("solve")
         return solutions
     saved = checkpoint.load_unit(unit)
@@ -376,6 +404,7 @@ def _solve_unit(
         new = merge_adapters(
             {n: group[n] for n in active}, {n: plans[n] for n in active}, solver,
             weights=weights, max_steps=chunk, init=init,
+            activation_covs=None if covs is None else {n: covs[n] for n in active},
         )  # fmt: skip
         kill_point("solve")
         steps_done += chunk

@@ -334,6 +334,17 @@ def _plan_cmd(*flags, out="plan.yaml"):
     return ["plan", "in/task0", "in/task1", "in/task2", "--budget", "0.5", "--out", out, *flags]
 
 
+def _calibration(covariances=True, weights=True, skip=None, d_in=None):
+    """`calib.safetensors` for the three tasks' modules (leaving out `skip`)."""
+    from hydraopt_jax.io import load_collection, save_calibration
+
+    modules = load_collection(["in/task0", "in/task1", "in/task2"]).modules
+    names = [m for m in modules if m != skip]
+    covs = {m: np.eye(d_in or modules[m].d_in) for m in names} if covariances else None
+    save_calibration("calib.safetensors", covs, {m: 1.0 for m in names} if weights else None)
+    return "calib.safetensors"
+
+
 def _file_in_bad(name, text):
     path = _bad()
     (path / name).write_text(text)
@@ -659,6 +670,30 @@ CASES = {
     "export: bad dtype": lambda: (
         ["export", _bundle(), "--to", "peft", "--dtype", "fp8"],
         ["--dtype", "unknown dtype 'fp8'"],
+    ),
+    "calibration file missing": lambda: (
+        _ok("--calibration", "none.safetensors"),
+        ["none.safetensors", "no such calibration file"],
+    ),
+    "calibration file not safetensors": lambda: (
+        _ok("--calibration", _file("calib.safetensors", "{}")),
+        ["calib.safetensors", "not a readable safetensors file"],
+    ),
+    "calibration lacks a module": lambda: (
+        _plan_cmd("--calibration", _calibration(skip=Q0)),
+        ["calib.safetensors", f"no input covariance for module '{Q0}'"],
+    ),
+    "calibration covariance of another size": lambda: (
+        _ok("--calibration", _calibration(d_in=8)),
+        ["calib.safetensors", "is 8 x 8; the adapters' d_in is 24"],
+    ),
+    "merge: calibration without covariances": lambda: (
+        _ok("--calibration", _calibration(covariances=False)),
+        ["calib.safetensors", "holds no input covariances"],
+    ),
+    "plan: calibration weights and --module-weighting": lambda: (
+        _plan_cmd("--calibration", _calibration(), "--module-weighting", "size"),
+        ["--module-weighting", "conflicts with the module weights"],
     ),
 }
 

@@ -1,4 +1,5 @@
-"""TODO"""
+"""`hydraopt plan`: plans under a budget written as YAML, read back by `merge --config`; its
+flags and errors; `hydraopt sweep`."""
 
 from __future__ import annotations
 

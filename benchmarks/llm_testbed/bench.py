@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..quality.calibration import input_covariances
-from ..quality.calibration import output_sensitivities as module_sensitivities
+from hydraopt_jax.io.calibration import input_covariances
+from hydraopt_jax.io.calibration import output_sensitivities as module_sensitivities
+
 from ..quality.collection import Collection, load_collection
 from ..quality.methods import Grid
 from ..quality.run import Testbed
@@ -95,7 +96,8 @@ def activation_covariances(base, coll: Collection, **calibration) -> dict[str, n
 
 
 def output_sensitivities(base, coll: Collection, **calibration) -> dict[str, float]:
-    """The `+fisher` planner's module weights (`quality.calibration.output_sensitivities`):
+    """The `+fisher` planner's module weights
+    (`hydraopt_jax.io.calibration.output_sensitivities`):
     each task's own LoRA on the base model, on its `calibration_batches`."""
     model, tokenizer = base
     return module_sensitivities(

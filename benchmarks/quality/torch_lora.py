@@ -3,11 +3,12 @@ factors on a model's layers, and the LoRA fine-tuning setup. (torch is imported 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import numpy as np
+
+# Putting factors on a model's layers is the package's (`hydraopt_jax.io.torch`).
+from hydraopt_jax.io.torch import lora_applied, lora_modules
 
 __all__ = [
     "initial_lora_a",
@@ -26,52 +27,6 @@ def load_adapter(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     adapter = load_peft_adapter(path)
     return adapter.load_factors(list(adapter.modules))
-
-
-def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, object]]:
-    """`(module, A, B)` for each entry of `lora` `{name: (A [k, d_in], B [d_out, k])}`, as
-    float32 torch tensors, checked against the module's weight."""
-    import torch
-
-    modules = dict(model.named_modules())
-    for name, (a, b) in (lora or {}).items():
-        if name not in modules:
-            raise KeyError(f"LoRA module {name!r} is not a module of the base model")
-        weight = modules[name].weight
-        a = torch.as_tensor(np.asarray(a, dtype=np.float32))
-        b = torch.as_tensor(np.asarray(b, dtype=np.float32))
-        if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"LoRA for {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
-                f"weight {tuple(weight.shape)}"
-            )
-        yield modules[name], a, b
-
-
-@contextlib.contextmanager
-def lora_applied(model, lora: dict | None):
-    """`model` with each listed module's output plus `x A^T B^T` (float32), for the block.
-
-    **Arguments**: `lora` `{module: (A [k, d_in], B [d_out, k])}` with the scale folded in.
-    """
-    import torch
-
-    handles = []
-
-    def branch(a, b):
-        def hook(module, args, output):
-            with torch.autocast("cpu", enabled=False):
-                return output + (args[0].float() @ a.T) @ b.T
-
-        return hook
-
-    try:
-        for module, a, b in lora_modules(model, lora):
-            handles.append(module.register_forward_hook(branch(a, b)))
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def seeded_peft_model(base, lora_config: dict, seed: int):

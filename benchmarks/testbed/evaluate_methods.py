@@ -25,8 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..quality.calibration import input_covariances
-from ..quality.calibration import output_sensitivities as module_sensitivities
+from hydraopt_jax.io.calibration import input_covariances
+from hydraopt_jax.io.calibration import output_sensitivities as module_sensitivities
+
 from ..quality.collection import Collection, load_collection
 from ..quality.methods import Grid
 from ..quality.run import Testbed
@@ -120,7 +121,8 @@ def output_sensitivities(
     base_model, coll: Collection, examples_per_task: int = SENSITIVITY["examples_per_task"],
     seed: int = SENSITIVITY["seed"],
 ) -> dict[str, float]:  # fmt: skip
-    """The `+fisher` planner's module weights (`quality.calibration.output_sensitivities`):
+    """The `+fisher` planner's module weights
+    (`hydraopt_jax.io.calibration.output_sensitivities`):
     each task's own LoRA on the base model, on `examples_per_task` of its training-
     distribution inputs (`TrainStream` of that task alone)."""
     import torch

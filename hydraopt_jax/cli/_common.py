@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
     "CliError",
+    "calibration",
     "choice",
     "claim_output",
     "claimed",
@@ -61,6 +60,16 @@ def load(dirs: Sequence[Path], names: str | None):
     return load_collection(dirs, name_list)
 
 
+def calibration(path: Path | None, collection):
+    """`--calibration FILE`: its statistics, checked against the collection (`None`
+    without the flag); a bad file is an `AdapterError` naming it."""
+    if path is None:
+        return None
+    from ..io.calibration import load_calibration
+
+    return load_calibration(path, collection)
+
+
 def floats(text: str, flag: str) -> list[float]:
     """Comma-separated positive finite numbers, or `CliError(flag)`."""
     try:
@@ -90,28 +99,10 @@ def choice(value: str, allowed: Sequence[str], flag: str, what: str) -> str:
 
 
 def write_file_atomically(path: Path, write) -> None:
-    """`write(tmp_path)`, then rename onto `path`; nothing is left behind on failure."""
-    from ..io._files import write_error
+    """`io._files.write_file_atomically`, imported on use (the command starts fast)."""
+    from ..io._files import write_file_atomically as write_atomically
 
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
-        )
-        os.close(fd)
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_error(path, err) from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, write)
 
 
 # --------------------------------------------------------------------------- output

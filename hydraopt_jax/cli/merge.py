@@ -12,7 +12,15 @@ from typing import Annotated
 
 import typer
 
-from ._common import CliError, choice, claim_output, load, progress_bar, stderr_console
+from ._common import (
+    CliError,
+    calibration,
+    choice,
+    claim_output,
+    load,
+    progress_bar,
+    stderr_console,
+)
 
 __all__ = ["merge"]
 
@@ -118,6 +126,14 @@ def merge(
     process_id: Annotated[
         int | None, typer.Option(min=0, help="Multi-process run: this process's index.")
     ] = None,
+    calibration_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration file (hydraopt_jax.io.calibration): fit the error the layers' "
+            "outputs see, weighted by its input covariances.",
+        ),
+    ] = None,
 ):
     """Merge adapters into a bundle (OUT/hydraopt.json + OUT/factors.safetensors)."""
     from .. import SolverError, merge_collection
@@ -140,6 +156,12 @@ def merge(
     with _native_stdout_to_stderr(json_out):
         _join(distributed, coordinator, num_processes, process_id)
     collection = load(dirs, names)
+    stats = calibration(calibration_file, collection)
+    if stats is not None and stats.activation_covs is None:
+        raise CliError(
+            calibration_file,
+            "holds no input covariances (what merge uses; module weights are for hydraopt plan)",
+        )
     sharing, source = resolve_plan(plan, config, collection, rank)
     console = stderr_console()
     with progress_bar(console) as bar:
@@ -154,6 +176,7 @@ def merge(
                     collection, sharing, solver, out=out, weights=weighting, max_steps=steps,
                     dtype=dtype, max_memory=memory_limit, resume=resume,
                     checkpoint_every=checkpoint_every, plan_source=source, progress=progress,
+                    activation_covs=None if stats is None else stats.activation_covs,
                 )  # fmt: skip
         except PlanError as err:
             raise CliError(
@@ -186,6 +209,7 @@ def merge(
         "dtype": dtype,
         "out": str(out),
         "tensor_bytes_read": tensor_bytes_read(),
+        "objective": bundle.meta.get("objective", "frobenius"),
     }
     if json_out:
         sys.stdout.write(json.dumps(summary) + "\n")

@@ -4,9 +4,14 @@
 hydraopt plan DIR... --budget 0.3 --out PLAN.yaml [--names a,b,...] [--ranks 8,16]
               [--rank-multipliers 0.5,1,1.5,2,3,4] [--attributes REGEX] [--no-attributes]
               [--weighting relative|uniform] [--module-weighting equal|size]
-              [--nested/--no-nested] [--json]
-hydraopt merge DIR... --out OUT --config PLAN.yaml         # uses the plan
+              [--calibration FILE] [--nested/--no-nested] [--json]
+hydraopt merge DIR... --out OUT --config PLAN.yaml [--calibration FILE]   # uses the plan
 ```
+
+`--calibration FILE` (written by `hydraopt_jax.io.calibration.save_calibration`) makes the
+objective output-aware: its input covariances measure each error as the layer's outputs see
+it, and its module weights (in place of `--module-weighting`) weigh the modules by what their
+output errors cost the task losses. Pass the same file to `merge` to fit that objective.
 
 Task attributes (which tasks may share a factor besides "all" and "each") come from the task
 names: `--attributes '(?P<app>[a-z]+)_(?P<lang>[a-z]+)'` (named groups, full match), or by
@@ -28,6 +33,7 @@ import typer
 from ..planner import DEFAULT_RANK_MULTIPLIERS, MODULE_WEIGHTINGS
 from ._common import (
     CliError,
+    calibration,
     choice,
     floats,
     ints,
@@ -89,12 +95,20 @@ def plan(
         str, typer.Option(help="relative (each task counts equally) or uniform.")
     ] = "relative",
     module_weighting: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="equal (every module's relative loss counts the same) or size (in proportion "
-            "to the module's d_in + d_out)."
+            help="equal (every module's relative loss counts the same; the default) or size "
+            "(in proportion to the module's d_in + d_out)."
         ),
-    ] = "equal",
+    ] = None,
+    calibration_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration file (hydraopt_jax.io.calibration): input covariances and/or "
+            "module weights for an output-aware objective.",
+        ),
+    ] = None,
     nested: Annotated[
         bool,
         typer.Option(
@@ -116,16 +130,29 @@ def plan(
             "--budget", f"must be a positive fraction of the original storage, got {budget}"
         )
     choice(weighting, WEIGHTINGS, "--weighting", "weighting")
-    choice(module_weighting, MODULE_WEIGHTINGS, "--module-weighting", "module weighting")
+    if module_weighting is not None:
+        choice(module_weighting, MODULE_WEIGHTINGS, "--module-weighting", "module weighting")
     check_output_file(out, "--out", (".yaml", ".yml"))
     multipliers = floats(rank_multipliers, "--rank-multipliers")
     extra = ints(ranks, "--ranks") if ranks is not None else None
     collection = load(dirs, names)
+    stats = calibration(calibration_file, collection)
+    covs, module_weights = None, module_weighting or "equal"
+    if stats is not None:
+        covs = stats.activation_covs
+        if stats.module_weights is not None:
+            if module_weighting is not None:
+                raise CliError(
+                    "--module-weighting",
+                    f"conflicts with the module weights of --calibration {calibration_file}",
+                )
+            module_weights = stats.module_weights
     task_names = list(collection.names)
     attrs = attributes_from_flags(task_names, attributes, no_attributes)
     groupings, options = collection_options(
         collection, task_names=task_names, task_attributes=attrs, rank_multipliers=multipliers,
-        ranks=extra, weights=weighting, module_weights=module_weighting, nested=nested,
+        ranks=extra, weights=weighting, module_weights=module_weights, nested=nested,
+        activation_covs=covs,
     )  # fmt: skip
     try:
         chosen = choose(groupings, options, budget)
@@ -136,6 +163,11 @@ def plan(
         header=[
             f"{PLAN_FILE_MARK}; use with `hydraopt merge DIR... --config THIS_FILE`",
             f"tasks: {', '.join(task_names)}",
+            *(
+                [f"calibration: {calibration_file} (merge with --calibration {calibration_file})"]
+                if stats is not None
+                else []
+            ),
         ],
     )
     # the file must read back as exactly the chosen plans
@@ -160,6 +192,7 @@ def plan(
         "loss": chosen.loss,
         "tasks": {n: float(e) for n, e in zip(task_names, errors, strict=True)},
         "groupings": sorted(groupings),
+        "calibration": None if calibration_file is None else str(calibration_file),
         "method": chosen.method,
         "modules": chosen.summary(),
         "out": str(out),

@@ -3,11 +3,13 @@ and Orbax checkpoints out.
 
 Layout: `peft` (reading and checking one adapter), `collection` (many adapters, read one
 shape group at a time), `export` (PEFT adapters from a bundle), `bundle`, `torch`, `flax`
-(Flax NNX LoRAs in and out), `checkpoint` (Orbax `Solution` checkpoints), `resume` (a long
+(Flax NNX LoRAs in and out), `calibration` (input covariances and module weights from a
+PyTorch model, and their file), `checkpoint` (Orbax `Solution` checkpoints), `resume` (a long
 merge's checkpoints), `memory` (the memory guard), `_files` (errors, safetensors, atomic
 directories).
 """
 
+from . import calibration as calibration
 from . import flax as flax
 from ._files import AdapterError as AdapterError
 from ._files import read_yaml as read_yaml
@@ -19,6 +21,9 @@ from .bundle import check_bundle_output as check_bundle_output
 from .bundle import is_bundle as is_bundle
 from .bundle import load_bundle as load_bundle
 from .bundle import save_bundle as save_bundle
+from .calibration import Calibration as Calibration
+from .calibration import load_calibration as load_calibration
+from .calibration import save_calibration as save_calibration
 from .checkpoint import restore_solution as restore_solution
 from .checkpoint import save_solution as save_solution
 from .collection import AdapterCollection as AdapterCollection

@@ -257,6 +257,29 @@ def write_safetensors(
         os.fsync(f.fileno())
 
 
+def write_file_atomically(path: Path, write) -> None:
+    """`write(tmp_path)`, then rename onto `path`; nothing is left behind on failure."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
+        )
+        os.close(fd)
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_error(path, err) from None
+    except BaseException:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_json(path):
     """The parsed content of the JSON file `path`, or `AdapterError(path)` saying why not."""
     try:

@@ -25,7 +25,10 @@ left out or a device copies it) and `EXACT_OUTPUT_COPIES = 3` (the result, the b
 copy when it stores another dtype, one transient); measured on 1000 adapters at d = 4096
 (shared-a), a module's solve held 1.0x its inputs and 1.3x its outputs. Both are
 deliberately pessimistic: a plan that fits the estimate fits the machine
-(`tests/test_io_memory.py` checks the estimate against XLA's own accounting).
+(`tests/test_io_memory.py` checks the estimate against XLA's own accounting). With an input
+covariance (the activation-aware objective) a module adds `COVARIANCE_COPIES = 4`
+`d_in x d_in` matrices to the temporaries (the covariance, its factor, the whitening map,
+one transient) and the whitened copy of the A factors, `T r d_in`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ OUTPUT_COPIES = 8
 EXACT_INPUT_COPIES = 3
 EXACT_OUTPUT_COPIES = 3
 FLOAT_BYTES = 4
+COVARIANCE_COPIES = 4
 # Fraction of the reported available memory the guard lets one group use.
 AVAILABLE_FRACTION = 0.8
 
@@ -138,10 +142,10 @@ def budget(max_memory: int | None) -> tuple[int, str]:
 
 def estimate_module_bytes(
     num_tasks: int, rank: int, d_in: int, d_out: int, k: int, num_a: int, num_b: int,
-    *, exact: bool = False,
+    *, exact: bool = False, covariance: bool = False,
 ) -> int:  # fmt: skip
     """Rough peak bytes of solving one module (see the module docstring); `exact`: the
-    closed-form solver."""
+    closed-form solver; `covariance`: with an input covariance (activation-aware)."""
     inputs = num_tasks * rank * (d_in + d_out)
     outputs = (num_a * d_in + num_b * d_out) * k
     tr = num_tasks * rank
@@ -149,6 +153,8 @@ def estimate_module_bytes(
     copies_in, copies_out = (
         (EXACT_INPUT_COPIES, EXACT_OUTPUT_COPIES) if exact else (INPUT_COPIES, OUTPUT_COPIES)
     )
+    if covariance:  # d_in x d_in matrices, and the whitened copy of the A factors
+        temporaries += COVARIANCE_COPIES * d_in * d_in + num_tasks * rank * d_in
     return FLOAT_BYTES * (copies_in * inputs + copies_out * outputs + temporaries)
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ._files import AdapterError, kill_point, read_json
 
-__all__ = ["CHECKPOINT_SUFFIX", "RunCheckpoint", "checkpoint_dir", "fingerprint"]
+__all__ = ["CHECKPOINT_SUFFIX", "RunCheckpoint", "arrays_sha256", "checkpoint_dir", "fingerprint"]
 
 CHECKPOINT_SUFFIX = ".hydraopt-ckpt"
 FORMAT_VERSION = 1
@@ -58,6 +58,19 @@ def _file_sha256(path: Path) -> str:
 
 def _json_sha256(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def arrays_sha256(arrays: Mapping[str, object]) -> str:
+    """One SHA-256 over named arrays (names, shapes, float32 bytes), for a fingerprint's
+    flags: a resumed run must use the same statistics (e.g. input covariances)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(np.asarray(arrays[name], dtype=np.float32))
+        digest.update(f"{name}:{list(value.shape)};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint(collection, plan: Mapping, flags: Mapping) -> dict:

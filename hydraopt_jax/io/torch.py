@@ -6,13 +6,16 @@ state_dict = get_peft_model_state_dict(model)
 adapter = hj.io.from_torch_state_dict(state_dict, model.peft_config["default"])
 state_dict = hj.io.to_torch_state_dict(adapter)            # the same tensors back, exactly
 state_dict = hj.io.to_torch_state_dict(bundle, task="fr")  # a merged task, PEFT layout
+with hj.io.torch.lora_applied(base_model, {module: (A, B)}):  # factors on a model's
+    logits = base_model(input_ids).logits                     # layers, without PEFT
 ```
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -21,7 +24,7 @@ from ._files import AdapterError
 from .export import export_peft_tensors
 from .peft import PeftAdapter, adapter_from_tensors
 
-__all__ = ["from_torch_state_dict", "to_torch_state_dict"]
+__all__ = ["from_torch_state_dict", "lora_applied", "lora_modules", "to_torch_state_dict"]
 
 
 def _torch():
@@ -29,7 +32,7 @@ def _torch():
         import torch
     except ImportError as err:  # torch is an optional dependency
         raise ImportError(
-            "hydraopt_jax.io torch converters need PyTorch: pip install 'hydraopt-jax[torch]'"
+            "hydraopt_jax.io's PyTorch functions need PyTorch: pip install 'hydraopt-jax[torch]'"
         ) from err
     return torch
 
@@ -111,3 +114,49 @@ def to_torch_state_dict(source, task: str | None = None, dtype=None) -> dict:
     raise TypeError(
         f"to_torch_state_dict: expected a PeftAdapter or a Bundle, got {type(source).__name__}"
     )
+
+
+def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, object]]:
+    """`(module, A, B)` for each entry of `lora` `{name: (A [k, d_in], B [d_out, k])}`, as
+    float32 torch tensors, checked against the module's weight."""
+    torch = _torch()
+
+    modules = dict(model.named_modules())
+    for name, (a, b) in (lora or {}).items():
+        if name not in modules:
+            raise KeyError(f"LoRA module {name!r} is not a module of the base model")
+        weight = modules[name].weight
+        a = torch.as_tensor(np.asarray(a, dtype=np.float32))
+        b = torch.as_tensor(np.asarray(b, dtype=np.float32))
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"LoRA for {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
+                f"weight {tuple(weight.shape)}"
+            )
+        yield modules[name], a, b
+
+
+@contextlib.contextmanager
+def lora_applied(model, lora: dict | None):
+    """`model` with each listed module's output plus `x A^T B^T` (float32), for the block.
+
+    **Arguments**: `lora` `{module: (A [k, d_in], B [d_out, k])}` with the scale folded in.
+    """
+    torch = _torch()
+
+    handles = []
+
+    def branch(a, b):
+        def hook(module, args, output):
+            with torch.autocast("cpu", enabled=False):
+                return output + (args[0].float() @ a.T) @ b.T
+
+        return hook
+
+    try:
+        for module, a, b in lora_modules(model, lora):
+            handles.append(module.register_forward_hook(branch(a, b)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
