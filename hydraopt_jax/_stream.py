@@ -228,11 +228,11 @@ def merge_collection(
     }
     if count > 1:
         flags["processes"] = count
-    if activation_covs is not None:
-        flags["activation_covs"] = arrays_sha256(activation_covs)
     wants_checkpoint = out is not None and (
         (iterative and checkpoint_every > 0) or checkpoint_dir(out).exists()
     )
+    if activation_covs is not None and (count > 1 or wants_checkpoint):
+        flags["calibration"] = arrays_sha256(activation_covs)
     # What parts and checkpoints must match (hashes every input file): only when either is used.
     print_ = fingerprint(collection, summary, flags) if count > 1 or wants_checkpoint else None
     described = summary if plan_source is None else {**summary, "source": plan_source}

@@ -107,13 +107,21 @@ def test_solver_temporaries_stay_a_small_fraction_of_a_large_group():
 
 
 @pytest.mark.parametrize(
-    ("plan_name", "solver"),
-    [("shared-a", "exact"), ("shared-b", "exact"), ("full-merge", "exact"), ("shared-a", "adam")],
+    ("plan_name", "solver", "covariance"),
+    [
+        ("shared-a", "exact", False),
+        ("shared-b", "exact", False),
+        ("full-merge", "exact", False),
+        ("shared-a", "adam", False),
+        ("shared-a", "exact", True),
+        ("shared-b", "als", True),
+    ],
 )
-def test_the_estimate_covers_what_the_compiled_solve_holds(plan_name, solver):
-    """The guard's estimate for a module (closed form: `exact=True`) is at least the solve's
-    arguments + outputs + XLA temporaries, as XLA accounts them, plus one copy of the
-    outputs (the bundle's), so a batch that fits the estimate fits the machine."""
+def test_the_estimate_covers_what_the_compiled_solve_holds(plan_name, solver, covariance):
+    """The guard's estimate for a module (closed form: `exact=True`; activation-aware:
+    `covariance=True`) is at least the solve's arguments + outputs + XLA temporaries, as XLA
+    accounts them, plus one copy of the outputs (the bundle's), so a batch that fits the
+    estimate fits the machine."""
     import jax
     import jax.numpy as jnp
 
@@ -124,12 +132,15 @@ def test_the_estimate_covers_what_the_compiled_solve_holds(plan_name, solver):
     statics, traced = _solve.solver_arguments(
         plan, solver, None, "relative", 10, 1e-6, "relaxed", "auto", jnp.float32
     )
+    if covariance:
+        traced["cov"] = jax.ShapeDtypeStruct((modules, d_in, d_in), jnp.float32)
     solve = _solve.batched_solver(tuple(sorted(traced)), **statics)
     A = jax.ShapeDtypeStruct((modules, T, r, d_in), jnp.float32)
     B = jax.ShapeDtypeStruct((modules, T, d_out, r), jnp.float32)
     held = solve.lower(A, B, traced).compile().memory_analysis()
     needed = held.argument_size_in_bytes + 2 * held.output_size_in_bytes + held.temp_size_in_bytes
     estimate = modules * memory.estimate_module_bytes(
-        T, r, d_in, d_out, r, plan.num_a_groups, plan.num_b_groups, exact=solver == "exact"
-    )
+        T, r, d_in, d_out, r, plan.num_a_groups, plan.num_b_groups, exact=solver == "exact",
+        covariance=covariance,
+    )  # fmt: skip
     assert needed <= estimate

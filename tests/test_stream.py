@@ -160,8 +160,22 @@ REFUSALS = {
         "--checkpoint-every 2, now 3",
     ),
     "changed plan": lambda root, dirs, plan: (dirs, "separate", ALS, "--resume", "different plan"),
+    "added input covariances": lambda root, dirs, plan: (
+        dirs,
+        plan,
+        [*ALS, "--calibration", _calibration_file(root)],
+        "--resume",
+        "made without input covariances (--calibration), this run with them",
+    ),
     "no --resume": lambda root, dirs, plan: (dirs, plan, ALS, None, "pass --resume"),
 }
+
+
+def _calibration_file(root):
+    from hydraopt_jax.io import save_calibration
+
+    covs = {m: np.diag(np.linspace(1.0, 2.0, d_in)) for m, (d_in, _) in MODULES.items()}
+    return str(save_calibration(root / "calibration.safetensors", covs))
 
 
 @pytest.fixture(scope="module")

@@ -60,14 +60,14 @@ def load(dirs: Sequence[Path], names: str | None):
     return load_collection(dirs, name_list)
 
 
-def calibration(path: Path | None, collection):
-    """`--calibration FILE`: its statistics, checked against the collection (`None`
-    without the flag); a bad file is an `AdapterError` naming it."""
+def calibration(path: Path | None, collection, parts=("activation_covs", "module_weights")):
+    """`--calibration FILE`: the statistics `parts` the command uses, checked against the
+    collection (`None` without the flag); a bad file is an `AdapterError` naming it."""
     if path is None:
         return None
     from ..io.calibration import load_calibration
 
-    return load_calibration(path, collection)
+    return load_calibration(path, collection, parts)
 
 
 def floats(text: str, flag: str) -> list[float]:

@@ -156,7 +156,7 @@ def merge(
     with _native_stdout_to_stderr(json_out):
         _join(distributed, coordinator, num_processes, process_id)
     collection = load(dirs, names)
-    stats = calibration(calibration_file, collection)
+    stats = calibration(calibration_file, collection, parts=("activation_covs",))
     if stats is not None and stats.activation_covs is None:
         raise CliError(
             calibration_file,

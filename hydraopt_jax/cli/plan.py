@@ -164,7 +164,7 @@ def plan(
             f"{PLAN_FILE_MARK}; use with `hydraopt merge DIR... --config THIS_FILE`",
             f"tasks: {', '.join(task_names)}",
             *(
-                [f"calibration: {calibration_file} (merge with --calibration {calibration_file})"]
+                [f"calibration: {str(calibration_file)!r} (merge with the same --calibration)"]
                 if stats is not None
                 else []
             ),

@@ -37,7 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ._files import AdapterError, read_safetensors, write_file_atomically, write_safetensors
+from .._loss import regularized_covariance
+from ._files import (
+    AdapterError,
+    read_safetensors_header,
+    write_file_atomically,
+    write_safetensors,
+)
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -197,7 +203,9 @@ def output_sensitivities(
                     task[m] = 0.0
                     continue
                 g, x = outputs[m].grad[keep].double(), inputs[m][keep].double()
-                a, b = (torch.as_tensor(np.asarray(f, dtype=np.float64)) for f in lora[m])
+                a, b = (
+                    torch.as_tensor(np.asarray(f, np.float64), device=x.device) for f in lora[m]
+                )
                 u = float((((x @ a.T) @ b.T) ** 2).sum())
                 task[m] = float((g**2).sum()) / (g.shape[0] * g.shape[1]) * u
             total = sum(task.values())
@@ -227,10 +235,11 @@ def save_calibration(
     if not activation_covs and not module_weights:
         raise ValueError("save_calibration: nothing to save (no covariances, no module weights)")
     tensors = {}
-    for name, cov in (activation_covs or {}).items():
-        tensors[_COV + name] = np.asarray(cov, dtype=np.float32)
-    for name, weight in (module_weights or {}).items():
-        tensors[_WEIGHT + name] = np.asarray(weight, dtype=np.float32).reshape(1)
+    with np.errstate(over="ignore"):  # out of float32's range becomes Inf, refused below
+        for name, cov in (activation_covs or {}).items():
+            tensors[_COV + name] = np.asarray(cov, dtype=np.float32)
+        for name, weight in (module_weights or {}).items():
+            tensors[_WEIGHT + name] = np.asarray(weight, dtype=np.float32).reshape(1)
     path = Path(path)
     _check(path, tensors, error=ValueError)
     metadata = {"format": CALIBRATION_FORMAT, "version": _VERSION}
@@ -238,21 +247,27 @@ def save_calibration(
     return path
 
 
-def load_calibration(path, collection=None) -> Calibration:
+def load_calibration(
+    path, collection=None, parts: Sequence[str] = ("activation_covs", "module_weights")
+) -> Calibration:
     """Read a calibration file written by `save_calibration`.
 
     **Arguments:**
 
     - `path`: the file.
-    - `collection`: optional `io.AdapterCollection`; then each part the file holds must
-      cover every module of the collection (covariances of its `d_in`), and entries for
-      other modules are left out.
+    - `collection`: optional `io.AdapterCollection`; then each part read must cover every
+      module of the collection (covariances of its `d_in`), and only the entries of its
+      modules are read.
+    - `parts`: which parts to read and check (`"activation_covs"`, `"module_weights"`); a
+      merge needs only the covariances.
 
-    **Returns:** a `Calibration`. Raises `AdapterError(path)` (one line) for a file that is
-    missing, not safetensors, not a calibration file, or holds a bad entry.
+    **Returns:** a `Calibration` (float32 covariances). Raises `AdapterError(path)` (one
+    line) for a file that is missing, not safetensors, not a calibration file, or holds a
+    bad entry among those read (shape, NaN/Inf, not positive semi-definite, zero or out of
+    float32's comfortable range, negative weights).
     """
     path = Path(path)
-    metadata, tensors = _read(path)
+    metadata, header = _read_header(path)
     if metadata.get("format") != CALIBRATION_FORMAT:
         raise AdapterError(
             path, f"not a calibration file (metadata format {metadata.get('format')!r})"
@@ -261,55 +276,85 @@ def load_calibration(path, collection=None) -> Calibration:
         raise AdapterError(
             path, f"calibration format version {metadata.get('version')!r}; this reads {_VERSION}"
         )
-    _check(path, tensors, error=AdapterError)
+    unknown = [k for k in header if not k.startswith((_COV, _WEIGHT))]
+    if unknown:
+        raise AdapterError(
+            path, f"unknown entry {unknown[0]!r} (expected {_COV}<module> or {_WEIGHT}<module>)"
+        )
+    wanted = {"activation_covs": _COV, "module_weights": _WEIGHT}
+    prefixes = tuple(wanted[p] for p in parts)
+    modules = None if collection is None else collection.modules
+    keys = [
+        k for k in header
+        if k.startswith(prefixes) and (modules is None or k.split("/", 1)[1] in modules)
+    ]  # fmt: skip
+    with np.errstate(over="ignore"):  # a foreign float64 file: out of range becomes Inf
+        tensors = {k: np.asarray(v, np.float32) for k, v in _read_tensors(path, keys).items()}
+    _check(path, tensors, error=AdapterError, empty_ok=True)
     covs, weights = {}, {}
     for key, value in tensors.items():
         if key.startswith(_COV):
             covs[key.removeprefix(_COV)] = value
-        else:  # `_check` allowed only these two kinds
+        else:
             weights[key.removeprefix(_WEIGHT)] = float(value.reshape(-1)[0])
-    if collection is not None:
-        modules = collection.modules
-        for part, what in ((covs, "input covariance"), (weights, "module weight")):
-            missing = [m for m in modules if part and m not in part]
+    if modules is not None:
+        for prefix, part, what in ((_COV, covs, "input covariance"), (_WEIGHT, weights,
+                                   "module weight")):  # fmt: skip
+            if prefix not in prefixes or not any(k.startswith(prefix) for k in header):
+                continue  # not read, or not in the file
+            missing = [m for m in modules if m not in part]
             if missing:
                 raise AdapterError(
                     path, f"has no {what} for module {missing[0]!r} of the adapters "
                     f"({len(missing)} of {len(modules)} modules missing)",
                 )  # fmt: skip
         for m, cov in covs.items():
-            if m in modules and cov.shape[0] != modules[m].d_in:
+            if cov.shape[0] != modules[m].d_in:
                 raise AdapterError(
                     path, f"covariance of {m!r} is {cov.shape[0]} x {cov.shape[1]}; the "
                     f"adapters' d_in is {modules[m].d_in}",
                 )  # fmt: skip
-        covs = {m: c for m, c in covs.items() if m in modules}
-        weights = {m: w for m, w in weights.items() if m in modules}
-        if weights and not sum(weights.values()) > 0:
-            raise AdapterError(path, "every module weight of the adapters' modules is 0")
+    if weights and not sum(weights.values()) > 0:
+        raise AdapterError(path, "every module weight is 0")
     return Calibration(covs or None, weights or None)
 
 
-def _read(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors import safe_open
-
+def _read_header(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise AdapterError(path, "no such calibration file")
+    from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="np") as f:
-            metadata, keys = dict(f.metadata() or {}), list(f.keys())
+            metadata = dict(f.metadata() or {})
     except Exception as err:  # safetensors raises its own SafetensorError, or OSError
         raise AdapterError(path, f"not a readable safetensors file ({err})") from None
-    return metadata, read_safetensors(path, keys)
+    return metadata, read_safetensors_header(path)
 
 
-def _check(path, tensors: Mapping[str, np.ndarray], error) -> None:
+def _read_tensors(path: Path, keys) -> dict[str, np.ndarray]:
+    """The tensors `keys` (not counted in `tensor_bytes_read`: that counts adapter factors)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return {key: f.get_tensor(key) for key in keys}
+    except Exception as err:
+        raise AdapterError(path, f"cannot read tensors ({err})") from None
+
+
+# A covariance's mean diagonal must lie in this range: the whitened factors `A L` and the
+# squared norms of their updates stay far inside float32 (as the adapters' own bound does).
+_COV_RANGE = (1e-20, 1e20)
+
+
+def _check(path, tensors: Mapping[str, np.ndarray], error, empty_ok: bool = False) -> None:
     """Every entry well-formed: `error(path, ...)` / `error(...)` naming the first that is not."""
 
     def fail(message):
         raise (error(path, message) if error is AdapterError else error(f"{path}: {message}"))
 
-    if not tensors:
+    if not tensors and not empty_ok:
         fail("holds no covariance and no module weight")
     for key, value in tensors.items():
         if key.startswith(_COV):
@@ -317,13 +362,26 @@ def _check(path, tensors: Mapping[str, np.ndarray], error) -> None:
                 fail(f"{key} has shape {list(value.shape)}, not a square [d_in, d_in]")
             if not np.all(np.isfinite(value)):
                 fail(f"{key} has NaN or Inf values")
-            scale = float(np.max(np.abs(np.diag(value)), initial=0.0))
-            if np.any(np.diag(value) < 0) or not np.allclose(
-                value, value.T, rtol=0, atol=_SYMMETRY_TOL * max(scale, 1e-30)
-            ):
-                fail(f"{key} is not a covariance (not symmetric with a non-negative diagonal)")
+            _check_covariance(key, value.astype(np.float64), fail)
         elif key.startswith(_WEIGHT):
             if value.size != 1 or not np.isfinite(value).all() or float(value.reshape(-1)[0]) < 0:
                 fail(f"{key} must be one finite non-negative number, got {value.tolist()}")
         else:
             fail(f"unknown entry {key!r} (expected {_COV}<module> or {_WEIGHT}<module>)")
+
+
+def _check_covariance(key: str, cov: np.ndarray, fail) -> None:
+    """Symmetric, positive semi-definite (up to the ridge every solver adds), in range."""
+    diag = np.diag(cov)
+    if np.any(diag < 0) or not np.allclose(cov, cov.T, rtol=0, atol=_SYMMETRY_TOL * diag.max()):
+        fail(f"{key} is not a covariance (not symmetric with a non-negative diagonal)")
+    mean = float(np.mean(diag))
+    if not _COV_RANGE[0] <= mean <= _COV_RANGE[1]:
+        fail(
+            f"{key}: mean variance {mean:.3g} is outside [{_COV_RANGE[0]:g}, {_COV_RANGE[1]:g}] "
+            "(zero, or too large or small for float32 arithmetic)"
+        )
+    try:  # the Cholesky factor merge whitens with, in float64
+        np.linalg.cholesky(regularized_covariance(cov))
+    except np.linalg.LinAlgError:
+        fail(f"{key} is not a covariance (not positive semi-definite)")

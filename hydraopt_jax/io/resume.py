@@ -18,7 +18,8 @@ OUT.hydraopt-ckpt/
 `Solution.steps` there counts all steps taken so far. A unit marked `complete` is skipped
 on resume. The fingerprint holds a SHA-256 of every adapter's `adapter_config.json` and
 `adapter_model.safetensors` bytes, the resolved plan, and the flags that change the factors
-(solver, steps, weighting, rank, names, checkpoint interval); `--resume` refuses a
+(solver, steps, weighting, rank, names, checkpoint interval) and a SHA-256 of the input
+covariances of an activation-aware merge (`--calibration`); `--resume` refuses a
 checkpoint whose fingerprint differs and says which part changed. The directory is removed
 once the bundle is written.
 """
@@ -115,11 +116,18 @@ def _difference(old: Mapping, new: Mapping) -> str | None:
         return "made with a different plan"
     old_flags, new_flags = old.get("flags") or {}, new["flags"]
     for key in sorted(set(old_flags) | set(new_flags)):
-        if old_flags.get(key) != new_flags.get(key):
-            return (
-                f"made with different flags (--{key.replace('_', '-')} "
-                f"{old_flags.get(key)!r}, now {new_flags.get(key)!r})"
-            )
+        if old_flags.get(key) == new_flags.get(key):
+            continue
+        if key == "calibration":  # a digest of the input covariances
+            if old_flags.get(key) is None:
+                return "made without input covariances (--calibration), this run with them"
+            if new_flags.get(key) is None:
+                return "made with input covariances (--calibration), this run without them"
+            return "made with other input covariances (--calibration)"
+        return (
+            f"made with different flags (--{key.replace('_', '-')} "
+            f"{old_flags.get(key)!r}, now {new_flags.get(key)!r})"
+        )
     return None
 
 

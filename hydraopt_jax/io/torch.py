@@ -118,7 +118,7 @@ def to_torch_state_dict(source, task: str | None = None, dtype=None) -> dict:
 
 def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, object]]:
     """`(module, A, B)` for each entry of `lora` `{name: (A [k, d_in], B [d_out, k])}`, as
-    float32 torch tensors, checked against the module's weight."""
+    float32 torch tensors on the module's device, checked against the module's weight."""
     torch = _torch()
 
     modules = dict(model.named_modules())
@@ -126,8 +126,8 @@ def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, obj
         if name not in modules:
             raise KeyError(f"LoRA module {name!r} is not a module of the base model")
         weight = modules[name].weight
-        a = torch.as_tensor(np.asarray(a, dtype=np.float32))
-        b = torch.as_tensor(np.asarray(b, dtype=np.float32))
+        a = torch.as_tensor(np.asarray(a, dtype=np.float32), device=weight.device)
+        b = torch.as_tensor(np.asarray(b, dtype=np.float32), device=weight.device)
         if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
             raise ValueError(
                 f"LoRA for {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
@@ -138,9 +138,14 @@ def lora_modules(model, lora: dict | None) -> Iterator[tuple[object, object, obj
 
 @contextlib.contextmanager
 def lora_applied(model, lora: dict | None):
-    """`model` with each listed module's output plus `x A^T B^T` (float32), for the block.
+    """`model` with each listed module's output plus `x A^T B^T`, for the block.
 
     **Arguments**: `lora` `{module: (A [k, d_in], B [d_out, k])}` with the scale folded in.
+
+    The branch is computed in float32 (autocast off). On a float32 model the sum stays
+    float32 even where autocast made the layer's output bfloat16 (the update is not rounded
+    to the activations' precision); on a model whose weights are in another dtype the sum is
+    cast back to the output's dtype, as the next layer expects.
     """
     torch = _torch()
 
@@ -148,8 +153,9 @@ def lora_applied(model, lora: dict | None):
 
     def branch(a, b):
         def hook(module, args, output):
-            with torch.autocast("cpu", enabled=False):
-                return output + (args[0].float() @ a.T) @ b.T
+            with torch.autocast(output.device.type, enabled=False):
+                total = output + (args[0].float() @ a.T) @ b.T
+            return total if module.weight.dtype == torch.float32 else total.to(output.dtype)
 
         return hook
 
