@@ -5,7 +5,8 @@
 
 The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
 where a collection has no such row), asides in parentheses; an entry neither collection
-has is left out, with its asides; which methods go where is `ROWS`. The likelihood table:
+has is left out, with its asides; which methods go where is `ROWS`, and a row's storage is
+its budget or, for named plans and baselines, read from the results. The likelihood table:
 the answer NLL at each per-task truncation's storage. Every number comes from
 `benchmarks/results/llm_testbed_<collection>.json` (`tests/test_llm_testbed.py` checks that
 the READMEs' tables are these).
@@ -40,25 +41,27 @@ def _output_aware(budget: str):
                     (FISHER, f"hydraopt:plan+nested+act+fisher@{budget}"))  # fmt: skip
 
 
+# A label that starts with a digit is a planner budget; any other label is a note after the
+# storage of the row's methods (read from the results: it moves with the number of tasks).
 ROWS: tuple[tuple[str, dict], ...] = (
-    ("0.04", {"hydraopt": _planner("0.04")}),
-    ("0.05 (one adapter)", {
+    ("(one adapter)", {
         "hydraopt": [("`full-merge`", "hydraopt:full-merge", ())],
         "merges": [("linear", "baseline:linear", ()), ("TIES", "baseline:ties", ()),
                    ("DARE-TIES", "baseline:dare_ties", ()), ("SVD", "baseline:svd", ())],
     }),
-    ("0.056", {"hydraopt": [("`shared-a`, each task rank 1 inside",
-                             "hydraopt:shared-a@k=r,j=r/16", ())]}),
+    ("0.04", {"hydraopt": _planner("0.04", (FISHER, "hydraopt:plan+nested+act+fisher@0.04"))}),
+    ("", {"hydraopt": [("`shared-a`, each task rank 1 inside",
+                        "hydraopt:shared-a@k=r,j=r/16", ())]}),
+    ("", {"merges": [("Compress-then-Serve `joint`", "baseline:joint", ()),
+                     ("per-factor `pca`", "baseline:pca", ())]}),
     ("0.06", {"hydraopt": _planner("0.06")}),
     ("0.0625", {
         "truncation": [("rank 1", "reference:truncate-r/16", ())],
         "hydraopt": _output_aware("0.0625"),
     }),
-    ("0.067", {"merges": [("Compress-then-Serve `joint`", "baseline:joint", ()),
-                          ("per-factor `pca`", "baseline:pca", ())]}),
     ("0.07", {"hydraopt": _planner("0.07")}),
-    ("0.082", {"hydraopt": [("`shared-a`, each task rank 2 inside",
-                             "hydraopt:shared-a@k=r,j=r/8", ())]}),
+    ("", {"hydraopt": [("`shared-a`, each task rank 2 inside",
+                        "hydraopt:shared-a@k=r,j=r/8", ())]}),
     ("0.10", {"hydraopt": _planner("0.10", ("without nested ranks", "hydraopt:plan@0.10"))}),
     ("0.125", {
         "truncation": [("rank 2", "reference:truncate-r/8", ())],
@@ -68,14 +71,37 @@ ROWS: tuple[tuple[str, dict], ...] = (
         "truncation": [("rank 4", "reference:truncate-r/4", ())],
         "hydraopt": _output_aware("0.25"),
     }),
-    ("0.43", {"hydraopt": [("`shared-a`", "hydraopt:shared-a",
-                            ((ACT, "hydraopt:shared-a+act"),))]}),
+    ("", {"hydraopt": [("`shared-a`", "hydraopt:shared-a",
+                        ((ACT, "hydraopt:shared-a+act"),))]}),
     ("0.50", {
         "truncation": [("rank 8", "reference:truncate-r/2", ())],
         "hydraopt": _output_aware("0.50"),
     }),
     ("0.55", {"hydraopt": _planner("0.55")}),
 )  # fmt: skip
+
+
+def methods_in(cells: dict) -> list[str]:
+    """Every method a row of `ROWS` names, main entries first."""
+    mains = [main for entries in cells.values() for _, main, _ in entries]
+    asides = [m for entries in cells.values() for _, _, a in entries for _, m in a]
+    return mains + asides
+
+
+def labelled_rows(results: Sequence[dict]) -> list[tuple[str, float, dict]]:
+    """`(label, storage, cells)` of the rows of `ROWS` that name a scored method, by
+    storage; `storage` is that of the first scored method the row names."""
+    by = scores(results)
+    out = []
+    for label, cells in ROWS:
+        found = [by[c][m] for m in methods_in(cells) for c in COLLECTIONS if m in by.get(c, {})]
+        if not found:
+            continue
+        storage = found[0]["storage_ratio"]
+        if not label[:1].isdigit():
+            label = f"{storage:.3g}" + (f" {label}" if label else "")
+        out.append((label, storage, cells))
+    return sorted(out, key=lambda row: row[1])
 
 
 def scores(results: Sequence[dict]) -> dict[str, dict[str, dict]]:
@@ -105,10 +131,9 @@ def markdown_table(results: Sequence[dict]) -> str:
     """The README's table; a row none of whose methods was scored is left out."""
     by = scores(results)
     lines = [HEADER, "|---|---|---|---|"]
-    for storage, cells in ROWS:
+    for label, _, cells in labelled_rows(results):
         row = [_cell(by, cells.get(col, [])) for col in COLUMNS]
-        if any(row):
-            lines.append(f"| {storage} | " + " | ".join(row) + " |")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -135,15 +160,6 @@ def nll_markdown_table(results: Sequence[dict]) -> str:
         lines.append(f"| {budget} | " + " | ".join(_nll_pair(details, m) for m in methods)
                      + " |")  # fmt: skip
     return "\n".join(lines)
-
-
-def methods_at(storage: str) -> list[str]:
-    """Every method the row labelled `storage` names, in either table (to check the label)."""
-    nll = [m for budget, rank in NLL_ROWS if budget == storage
-           for m in (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}")]  # fmt: skip
-    cells = dict(ROWS)[storage]
-    return nll + [m for entries in cells.values() for _, main, asides in entries
-                  for m in (main, *(a[1] for a in asides))]  # fmt: skip
 
 
 ROOT = RESULTS.parent.parent
