@@ -3,6 +3,7 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
 
     python -m benchmarks.llm_testbed.stats                 # both collections
     python -m benchmarks.llm_testbed.stats --collection same_seed
+    python -m benchmarks.llm_testbed.stats --accuracies    # each task's own accuracy only
 
 * own / base accuracy: teacher-forced exact match on each task's 64 test examples, with the
   task's own LoRA and with the base model (from `manifest.json`, written by `train.py`);
@@ -28,6 +29,7 @@ import numpy as np
 from ..quality import overlap as O
 from ..quality.torch_lora import initial_lora_a
 from . import model as M
+from . import tasks as T
 from . import train as TR
 
 TOP = (1, 2, 4, 8)
@@ -106,11 +108,34 @@ def markdown(stats: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def accuracy_grid(collections) -> str:
+    """Each task's own-LoRA accuracy, `same_seed / diff_seed` (application x language), read
+    from the manifests (fast: no adapter is loaded); `-` for a task not trained."""
+    own = {
+        c: json.loads((TR.ADAPTERS / c / "manifest.json").read_text())["tasks"] for c in collections
+    }
+    lines = ["| | " + " | ".join(T.LANGUAGES) + " |", "|---" * (len(T.LANGUAGES) + 1) + "|"]
+    for app in T.APPLICATIONS:
+        cells = []
+        for lang in T.LANGUAGES:
+            values = [own[c].get(f"{app}_{lang}", {}).get("own_accuracy") for c in collections]
+            cells.append(" / ".join("-" if v is None else f"{v:.2f}" for v in values))
+        lines.append(f"| {app} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collection", action="append", choices=TR.COLLECTIONS)
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON too")
+    parser.add_argument(
+        "--accuracies", action="store_true",
+        help="only the per-task own-accuracy grid (from the manifests, fast)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.accuracies:
+        print(accuracy_grid(args.collection or TR.COLLECTIONS))
+        return
     base, _tokenizer = M.load_base_model()
     stats = [collection_stats(c, base) for c in args.collection or TR.COLLECTIONS]
     if args.json:
