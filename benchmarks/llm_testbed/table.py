@@ -5,8 +5,9 @@
 
 The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
 where a collection has no such row), asides in parentheses; an entry neither collection
-has is left out, with its asides; which methods go where is `ROWS`, and a row's storage is
-its budget or, for named plans and baselines, read from the results. The likelihood table:
+has is left out (its scored asides, if any, then stand in its place); which methods go where
+is `ROWS`, and a row's storage is its budget or, for named plans and baselines, read from the
+results. The likelihood table:
 the answer NLL at each per-task truncation's storage. Every number comes from
 `benchmarks/results/llm_testbed_<collection>.json` (`tests/test_llm_testbed.py` checks that
 the READMEs' tables are these).
@@ -120,9 +121,10 @@ def _cell(by, entries) -> str:
     parts = []
     for label, method, asides in entries:
         main = _pair(by, method)
-        if main is None:
-            continue
         extra = [f"{a}: {p}" for a, m in asides if (p := _pair(by, m)) is not None]
+        if main is None:  # the asides scored without their main entry stand on their own
+            parts += [f"{label}, {e}" for e in extra]
+            continue
         parts.append(f"{label}: {main}" + (f" ({'; '.join(extra)})" if extra else ""))
     return ", ".join(parts)
 
