@@ -38,12 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .._loss import regularized_covariance
-from ._files import (
-    AdapterError,
-    read_safetensors_header,
-    write_file_atomically,
-    write_safetensors,
-)
+from ._files import AdapterError, write_file_atomically, write_safetensors
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -202,7 +197,8 @@ def output_sensitivities(
                 if m not in lora:  # the task does not adapt this module
                     task[m] = 0.0
                     continue
-                g, x = outputs[m].grad[keep].double(), inputs[m][keep].double()
+                rows = keep.to(outputs[m].device)  # the mask may live elsewhere (CPU)
+                g, x = outputs[m].grad[rows].double(), inputs[m][rows].double()
                 a, b = (
                     torch.as_tensor(np.asarray(f, np.float64), device=x.device) for f in lora[m]
                 )
@@ -267,7 +263,7 @@ def load_calibration(
     float32's comfortable range, negative weights).
     """
     path = Path(path)
-    metadata, header = _read_header(path)
+    metadata, stored = _read_header(path)
     if metadata.get("format") != CALIBRATION_FORMAT:
         raise AdapterError(
             path, f"not a calibration file (metadata format {metadata.get('format')!r})"
@@ -276,7 +272,7 @@ def load_calibration(
         raise AdapterError(
             path, f"calibration format version {metadata.get('version')!r}; this reads {_VERSION}"
         )
-    unknown = [k for k in header if not k.startswith((_COV, _WEIGHT))]
+    unknown = [k for k in stored if not k.startswith((_COV, _WEIGHT))]
     if unknown:
         raise AdapterError(
             path, f"unknown entry {unknown[0]!r} (expected {_COV}<module> or {_WEIGHT}<module>)"
@@ -285,7 +281,7 @@ def load_calibration(
     prefixes = tuple(wanted[p] for p in parts)
     modules = None if collection is None else collection.modules
     keys = [
-        k for k in header
+        k for k in stored
         if k.startswith(prefixes) and (modules is None or k.split("/", 1)[1] in modules)
     ]  # fmt: skip
     with np.errstate(over="ignore"):  # a foreign float64 file: out of range becomes Inf
@@ -300,7 +296,7 @@ def load_calibration(
     if modules is not None:
         for prefix, part, what in ((_COV, covs, "input covariance"), (_WEIGHT, weights,
                                    "module weight")):  # fmt: skip
-            if prefix not in prefixes or not any(k.startswith(prefix) for k in header):
+            if prefix not in prefixes or not any(k.startswith(prefix) for k in stored):
                 continue  # not read, or not in the file
             missing = [m for m in modules if m not in part]
             if missing:
@@ -319,17 +315,17 @@ def load_calibration(
     return Calibration(covs or None, weights or None)
 
 
-def _read_header(path: Path) -> tuple[dict, dict]:
+def _read_header(path: Path) -> tuple[dict, list[str]]:
+    """`(metadata, keys)` of the file, one opening, no tensor read."""
     if not path.is_file():
         raise AdapterError(path, "no such calibration file")
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
-            metadata = dict(f.metadata() or {})
+            return dict(f.metadata() or {}), list(f.keys())
     except Exception as err:  # safetensors raises its own SafetensorError, or OSError
         raise AdapterError(path, f"not a readable safetensors file ({err})") from None
-    return metadata, read_safetensors_header(path)
 
 
 def _read_tensors(path: Path, keys) -> dict[str, np.ndarray]:
@@ -363,11 +359,9 @@ def _check(path, tensors: Mapping[str, np.ndarray], error, empty_ok: bool = Fals
             if not np.all(np.isfinite(value)):
                 fail(f"{key} has NaN or Inf values")
             _check_covariance(key, value.astype(np.float64), fail)
-        elif key.startswith(_WEIGHT):
-            if value.size != 1 or not np.isfinite(value).all() or float(value.reshape(-1)[0]) < 0:
-                fail(f"{key} must be one finite non-negative number, got {value.tolist()}")
-        else:
-            fail(f"unknown entry {key!r} (expected {_COV}<module> or {_WEIGHT}<module>)")
+        elif value.size != 1 or not np.isfinite(value).all() or float(value.reshape(-1)[0]) < 0:
+            # a module weight (save builds only the two kinds; load refuses other keys first)
+            fail(f"{key} must be one finite non-negative number, got {value.tolist()}")
 
 
 def _check_covariance(key: str, cov: np.ndarray, fail) -> None:
