@@ -151,3 +151,24 @@ def test_subspace_overlap_limits():
     out = mean_pairwise_overlap([f1, f2])
     assert out["a"] == pytest.approx(1.0) and 0 < out["b"] < 1
     assert out["a_random"] == pytest.approx(4 / 32) and out["b_random"] == pytest.approx(4 / 16)
+
+
+def test_mean_pairwise_overlap_is_the_mean_over_pairs():
+    """Bases computed once per task give the same means as `subspace_overlap` on each pair."""
+    import itertools
+
+    from benchmarks.quality.overlap import mean_pairwise_overlap
+    from hydraopt_jax import subspace_overlap
+
+    rng = np.random.default_rng(1)
+    shared = rng.normal(size=(4, 32))
+    tasks = [
+        {m: (shared + 0.3 * rng.normal(size=(4, 32)), rng.normal(size=(16, 4))) for m in "pq"}
+        for _ in range(4)
+    ]
+    out = mean_pairwise_overlap(tasks)
+    for m in "pq":
+        pairs = list(itertools.combinations(tasks, 2))
+        a = np.mean([subspace_overlap(i[m][0].T, j[m][0].T) for i, j in pairs])
+        b = np.mean([subspace_overlap(i[m][1], j[m][1]) for i, j in pairs])
+        assert out["per_module"][m] == pytest.approx((a, b), rel=1e-12)

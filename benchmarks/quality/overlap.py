@@ -39,17 +39,18 @@ def mean_pairwise_overlap(factors: list[dict[str, tuple[np.ndarray, np.ndarray]]
     "per_module": {module: (a, b)}}`, where `*_random` is the expectation `r / d` for random
     subspaces of the same sizes, averaged over modules.
     """
-    from hydraopt_jax import subspace_overlap
+    from hydraopt_jax._similarity import basis_overlap, orthonormal_basis
 
     modules = sorted(set.intersection(*(set(f) for f in factors)))
     per_module = {}
     a_rand, b_rand = [], []
     for m in modules:
-        a_vals, b_vals = [], []
-        for fi, fj in itertools.combinations(factors, 2):
-            (ai, bi), (aj, bj) = fi[m], fj[m]
-            a_vals.append(subspace_overlap(ai.T, aj.T))
-            b_vals.append(subspace_overlap(bi, bj))
+        # each task's bases once, then every pair: T SVDs per side instead of T (T - 1)
+        qa = [orthonormal_basis(f[m][0].T) for f in factors]
+        qb = [orthonormal_basis(f[m][1]) for f in factors]
+        pairs = list(itertools.combinations(range(len(factors)), 2))
+        a_vals = [basis_overlap(qa[i], qa[j]) for i, j in pairs]
+        b_vals = [basis_overlap(qb[i], qb[j]) for i, j in pairs]
         per_module[m] = (float(np.nanmean(a_vals)), float(np.nanmean(b_vals)))
         a0, b0 = factors[0][m]
         a_rand.append(min(1.0, a0.shape[0] / a0.shape[1]))
