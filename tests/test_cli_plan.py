@@ -19,6 +19,8 @@ def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
     assert rc == 0, err
     summary = json.loads(stdout)
     assert summary["storage_ratio"] <= 0.3 and out.is_file()
+    reference = summary["truncation"]  # per-task truncation within the same budget
+    assert reference["storage_ratio"] <= 0.3 and summary["loss"] <= reference["loss"]
     assert set(summary["tasks"]) == set(NAMES)
     assert {"part0", "part1"} <= set(summary["groupings"])
     assert not [p for p in out.parent.iterdir() if p != out]  # no temporaries left
@@ -45,6 +47,7 @@ def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
     rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.5", "--out", out)
     assert rc == 0, err
     assert "storage ratio" in stdout and "predicted mean relative error" in stdout
+    assert "per-task truncation at this budget (rank 2 per task, storage 0.5000)" in stdout
 
 
 def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):

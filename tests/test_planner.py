@@ -16,6 +16,7 @@ from hydraopt_jax.planner import (
     collection_options,
     module_options,
     module_stats,
+    per_task_truncation,
     plan_budget,
     plans_from_config,
     task_attributes_from_names,
@@ -193,3 +194,31 @@ def test_yaml_round_trips(options):
     spec = yaml.safe_load(bp.to_yaml(NAMES))
     plans = plans_from_config(spec, NAMES, list(bp.modules))
     assert plans == bp.plans
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.6])
+def test_per_task_truncation_is_each_update_cut_to_one_rank(collection, options, budget):
+    """The reference: every task's own `dW_t` cut to its best rank-`j` approximation (dense
+    numpy SVD here) on every module, the largest candidate `j` within the budget; the plan
+    chosen at that budget has no higher loss."""
+    groupings, opts = options
+    ref = per_task_truncation(groupings, opts, budget)
+    (j,) = {c.option.rank for c in ref.modules.values()}
+    original = sum(st.original_params for st, _ in opts.values())
+    params = sum(j * (a.shape[2] + b.shape[1]) * a.shape[0] for a, b in collection.values())
+    assert ref.num_params == params and params <= budget * original
+    # the next candidate rank up would not fit
+    assert 2 * params > budget * original
+    for module, (a, b) in collection.items():
+        for t in range(a.shape[0]):
+            dw = b[t] @ a[t]
+            u, s, vt = np.linalg.svd(dw)
+            err = np.linalg.norm(dw - (u[:, :j] * s[:j]) @ vt[:j]) / np.linalg.norm(dw)
+            assert ref.modules[module].relative_error[t] == pytest.approx(err, rel=1e-4)
+    assert choose(groupings, opts, budget).loss <= ref.loss + 1e-9
+
+
+def test_per_task_truncation_none_below_the_lowest_rank(options):
+    """Rank 1 per task is a quarter of these rank-4 adapters: nothing fits below it."""
+    assert per_task_truncation(*options, 0.24) is None
+    assert per_task_truncation(*options, 0.25).storage_ratio == pytest.approx(0.25)

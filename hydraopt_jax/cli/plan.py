@@ -121,7 +121,7 @@ def plan(
     ] = False,
 ):
     """Choose per module the shared side, task groups and rank under a storage budget."""
-    from ..planner import choose, collection_options, plans_from_config
+    from ..planner import choose, collection_options, per_task_truncation, plans_from_config
     from ..planner.planfile import PLAN_FILE_MARK
 
     start = time.perf_counter()
@@ -180,6 +180,7 @@ def plan(
             raise RuntimeError(f"plan file does not round-trip for {module}")
     write_file_atomically(out, lambda p: p.write_text(text, encoding="utf-8"))
     errors = chosen.task_relative_errors()
+    truncation = per_task_truncation(groupings, options, budget)
     summary = {
         "budget": budget,
         "storage_ratio": chosen.storage_ratio,
@@ -194,6 +195,7 @@ def plan(
         "groupings": sorted(groupings),
         "calibration": None if calibration_file is None else str(calibration_file),
         "method": chosen.method,
+        "truncation": _truncation_summary(truncation),
         "modules": chosen.summary(),
         "out": str(out),
         "seconds": time.perf_counter() - start,
@@ -223,3 +225,31 @@ def plan(
         f"{summary['original_params']:,} params); predicted mean relative error "
         f"{summary['mean_relative_error']:.4g} (worst task {summary['max_relative_error']:.4g})"
     )
+    reference = summary["truncation"]
+    if reference is None:
+        console.print("per-task truncation: no candidate rank fits this budget")
+    else:
+        console.print(
+            f"per-task truncation at this budget ({reference['rank']} per task, storage "
+            f"{reference['storage_ratio']:.4f}): objective {reference['loss']:.4g} against "
+            f"this plan's {summary['loss']:.4g}; predicted mean relative error "
+            f"{reference['mean_relative_error']:.4g} (worst task "
+            f"{reference['max_relative_error']:.4g})"
+        )
+
+
+def _truncation_summary(reference) -> dict | None:
+    """The JSON of `planner.per_task_truncation`'s plan (None when none fits)."""
+    if reference is None:
+        return None
+    errors = reference.task_relative_errors()
+    ks = {c.option.rank for c in reference.modules.values()}
+    label = next(iter(reference.modules.values())).option.rank_label
+    return {
+        "rank": f"rank {ks.pop()}" if len(ks) == 1 else f"rank {label}",
+        "storage_ratio": reference.storage_ratio,
+        "num_params": reference.num_params,
+        "mean_relative_error": float(np.mean(errors)),
+        "max_relative_error": float(np.max(errors)),
+        "loss": reference.loss,
+    }

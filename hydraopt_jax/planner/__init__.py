@@ -44,7 +44,9 @@ module's Pareto front and take the best feasible selection among:
    shared-A at `k = r` everywhere) that fits, greedily filled.
 
 (3) guarantees the planner is never worse than a uniform closed-form plan (named or grouped)
-at the same or lower storage.
+at the same or lower storage; in particular than per-task truncation (every task's own update
+cut to one rank), which `per_task_truncation(groupings, options, storage)` returns as the
+reference `hydraopt plan` prints beside its choice.
 
 The result is a `BudgetPlan`: per module the chosen `SharingPlan` (over all tasks of the
 collection), and `to_yaml(task_names)` writes the per-module plan file (`planfile`) that
@@ -61,6 +63,7 @@ from ._budget import BudgetPlan as BudgetPlan
 from ._budget import ModuleChoice as ModuleChoice
 from ._budget import choose as choose
 from ._budget import collection_options as collection_options
+from ._budget import per_task_truncation as per_task_truncation
 from ._budget import plan_budget as plan_budget
 from ._curves import DEFAULT_RANK_MULTIPLIERS as DEFAULT_RANK_MULTIPLIERS
 from ._curves import NAMED_PAIRS as NAMED_PAIRS

@@ -23,6 +23,7 @@ __all__ = [
     "ModuleChoice",
     "choose",
     "collection_options",
+    "per_task_truncation",
     "plan_budget",
 ]
 
@@ -245,6 +246,73 @@ def collection_options(
     return groupings, options
 
 
+def _budget_plan(groupings, options, budget: float, picks: Mapping[str, int], method: str):
+    """The `BudgetPlan` of option `picks[m]` on every module `m` of `options`."""
+    chosen = {}
+    num_tasks = len(next(iter(groupings.values())))
+    for m, i in picks.items():
+        stats, opts = options[m]
+        opt = opts[i]
+        plan = SharingPlan.from_labels(groupings[opt.a_by], groupings[opt.b_by], opt.rank)
+        if opt.task_rank is not None:
+            plan = plan.with_task_rank(opt.task_rank)
+        assert plan.num_tasks == num_tasks
+        chosen[m] = ModuleChoice(
+            m,
+            opt,
+            plan,
+            stats.original_params,
+            len(stats.present),
+            tuple(opts),
+            tuple(stats.present),
+            tuple(float(x) for x in stats.sq_norms),
+        )
+    return BudgetPlan(budget, chosen, dict(groupings), method)
+
+
+def _separate(option) -> bool:
+    """Every task (present on the module) keeps its own A and B, at one rank: truncation."""
+    plan = option.plan
+    return (
+        option.task_rank is None
+        and len(set(plan.a_group)) == plan.num_tasks
+        and len(set(plan.b_group)) == plan.num_tasks
+    )
+
+
+def per_task_truncation(groupings, options, max_storage: float) -> BudgetPlan | None:
+    """The reference a plan has to beat: per-task truncation (every task's own update cut
+    to its best rank-`j` approximation, on every module: the `separate` option at one
+    candidate rank) with the largest storage `<= max_storage`, in the same objective as the
+    planner's options. None when even the lowest candidate rank does not fit.
+
+    `choose` at a budget never returns a higher loss than this at that budget (uniform
+    selections are among its starting points); the comparison says how much sharing adds
+    on top of rank reduction."""
+    modules = list(options)
+    original = sum(options[m][0].original_params for m in modules)
+    best = None
+    labels = {o.rank_label for o in options[modules[0]][1]} if modules else set()
+    for label in labels:
+        picks = {}
+        for m in modules:
+            found = [
+                i for i, o in enumerate(options[m][1]) if o.rank_label == label and _separate(o)
+            ]
+            if not found:
+                break
+            picks[m] = found[0]
+        else:
+            params = sum(options[m][1][i].num_params for m, i in picks.items())
+            if params <= max_storage * original * (1 + 1e-12) and (
+                best is None or params > best[0]
+            ):
+                best = (params, picks)
+    if best is None:
+        return None
+    return _budget_plan(groupings, options, max_storage, best[1], "per-task truncation")
+
+
 def choose(groupings, options, budget: float) -> BudgetPlan:
     """Allocate `budget` (a fraction of the original parameters) over `options`."""
     if not budget > 0:
@@ -268,26 +336,7 @@ def choose(groupings, options, budget: float) -> BudgetPlan:
             f"budget {budget:g} is below the smallest achievable storage ratio {minimum:.4g} "
             f"({err})"
         ) from None
-    chosen = {}
-    num_tasks = len(next(iter(groupings.values())))
-    for m, i in zip(modules, choice, strict=True):
-        stats, opts = options[m]
-        opt = opts[i]
-        plan = SharingPlan.from_labels(groupings[opt.a_by], groupings[opt.b_by], opt.rank)
-        if opt.task_rank is not None:
-            plan = plan.with_task_rank(opt.task_rank)
-        assert plan.num_tasks == num_tasks
-        chosen[m] = ModuleChoice(
-            m,
-            opt,
-            plan,
-            stats.original_params,
-            len(stats.present),
-            tuple(opts),
-            tuple(stats.present),
-            tuple(float(x) for x in stats.sq_norms),
-        )
-    return BudgetPlan(budget, chosen, dict(groupings), method)
+    return _budget_plan(groupings, options, budget, dict(zip(modules, choice, strict=True)), method)
 
 
 def plan_budget(
