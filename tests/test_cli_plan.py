@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tests.helpers.files import run_main
 from tests.helpers.grid import NAMES
@@ -99,3 +100,16 @@ def test_cli_sweep(tmp_path, capsys, adapter_dirs):
     assert fm["storage_ratio"] == methods["svd"]["storage_ratio"]
     assert sep["storage_ratio"] == 1.0 and sep["max_relative_error"] < 1e-5
     assert methods["planner budget=0.4"]["storage_ratio"] <= 0.4
+    # per-task truncation below r (these adapters have r = 4: ranks 1 and 2)
+    trunc = sorted((r["storage_ratio"], r["method"]) for r in result["rows"]
+                   if r["family"] == "truncation")  # fmt: skip
+    assert trunc == [(0.25, "truncation rank 1"), (0.5, "truncation rank 2")]
+    assert "hydraopt:separate k=0.5r" not in methods  # the same point, named once
+    rc, stdout, err = run_main(
+        capsys, "plan", *adapter_dirs, "--budget", "0.5", "--out", tmp_path / "p.yaml", "--json"
+    )
+    reference = json.loads(stdout)["truncation"]  # what `plan` prints beside its choice
+    assert reference["mean_relative_error"] == pytest.approx(
+        methods["truncation rank 2"]["mean_relative_error"], rel=1e-12
+    )
+    (tmp_path / "p.yaml").unlink()

@@ -1,5 +1,5 @@
-"""`hydraopt sweep`: storage vs error of the named plans, the planner and the classic merges
-(`hydraopt_jax.planner.storage_sweep`), drawn to a PNG.
+"""`hydraopt sweep`: storage vs error of the named plans, per-task truncation, the planner and
+the classic merges (`hydraopt_jax.planner.storage_sweep`), drawn to a PNG.
 
 ```
 hydraopt sweep DIR... --plot FILE.png [--rank-multipliers 0.5,1,2] [--budgets 0.2,0.3,0.5]
@@ -43,6 +43,11 @@ def draw(rows: list[dict], num_tasks: int, num_modules: int, path: Path) -> None
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="*" if family == "planner" else "o", label=family)
+    pts = sorted((r["storage_ratio"], r["mean_relative_error"]) for r in rows
+                 if r["family"] == "truncation")  # fmt: skip
+    if pts:
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, "--", marker="s", color="grey", label="per-task truncation")
     for r in rows:
         if r["family"] == "baseline":
             ax.scatter([r["storage_ratio"]], [r["mean_relative_error"]], marker="x")

@@ -10,7 +10,7 @@ import numpy as np
 
 from .._plan import NAMED_PLANS
 from .._solution import task_relative_errors
-from ._budget import choose, collection_options
+from ._budget import _separate, choose, collection_options
 from ._curves import DEFAULT_RANK_MULTIPLIERS
 
 __all__ = ["storage_sweep"]
@@ -32,7 +32,9 @@ def storage_sweep(
     task_attributes: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict]:
     """One row per method: the named plans at `rank_multipliers` (exact losses from the
-    planner's curves: no solve), the planner at each of `budgets`, and each baseline.
+    planner's curves: no solve), per-task truncation at every candidate rank below `r`
+    (`separate` below `r`; family `truncation`), the planner at each of `budgets`, and each
+    baseline.
 
     `collection`: an `io.AdapterCollection` (read one shape group at a time). Rows:
     `{method, family, storage_ratio, num_params, mean_relative_error, max_relative_error}`,
@@ -75,19 +77,35 @@ def storage_sweep(
             }
         )
 
+    def uniform(method, family, label, match):
+        """The row of option `match` at rank `label` on every module (if all have one)."""
+        picked = []  # (errors of the module, its parameters)
+        for st, opts in options.values():
+            hit = [o for o in opts if o.rank_label == label and match(o)]
+            if hit:
+                errors = _ModuleErrors(st.present, hit[0].relative_error, tuple(st.sq_norms))
+                picked.append((errors, hit[0].num_params))
+        if len(picked) == len(options):
+            errors = task_relative_errors([e for e, _ in picked], num_tasks)
+            add(method, family, sum(p for _, p in picked), errors)
+
     for plan_name, key in NAMED_PLANS.items():
         family = plan_name.replace("_", "-")
         for m in rank_multipliers:
-            picked = []  # (errors of the module, its parameters)
-            for st, opts in options.values():
-                hit = [o for o in opts if (o.a_by, o.b_by, o.rank_label) == (*key, f"{m:g}r")]
-                if hit:
-                    errors = _ModuleErrors(st.present, hit[0].relative_error, tuple(st.sq_norms))
-                    picked.append((errors, hit[0].num_params))
-            if len(picked) != len(options):
-                continue
-            errors = task_relative_errors([e for e, _ in picked], num_tasks)
-            add(f"hydraopt:{family} k={m:g}r", family, sum(p for _, p in picked), errors)
+            if family == "separate" and m < 1:
+                continue  # the truncation rows below
+            uniform(f"hydraopt:{family} k={m:g}r", family, f"{m:g}r",
+                    lambda o, key=key: (o.a_by, o.b_by, o.task_rank) == (*key, None))  # fmt: skip
+    # per-task truncation, the reference to beat: every candidate rank below r (named by
+    # the rank itself when every module has it: r/8 and r/4 coincide at small r)
+    labels = {o.rank_label for _, opts in options.values() for o in opts if _separate(o)}
+    for m in multipliers:
+        label = f"{m:g}r"
+        if m < 1 and label in labels:
+            ranks = {o.rank for _, opts in options.values() for o in opts
+                     if _separate(o) and o.rank_label == label}  # fmt: skip
+            name = f"rank {ranks.pop()}" if len(ranks) == 1 else f"k={label}"
+            uniform(f"truncation {name}", "truncation", label, _separate)
     for budget in budgets:
         try:
             chosen = choose(groupings, options, budget)
