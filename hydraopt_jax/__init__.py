@@ -21,6 +21,8 @@ from ._merge import SolverError as SolverError
 from ._merge import merge as merge
 from ._merge import merge_adapters as merge_adapters
 from ._plan import SharingPlan as SharingPlan
+from ._similarity import basis_overlap as basis_overlap
+from ._similarity import orthonormal_basis as orthonormal_basis
 from ._similarity import subspace_overlap as subspace_overlap
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["subspace_overlap"]
+__all__ = ["basis_overlap", "orthonormal_basis", "subspace_overlap"]
 
 
 def orthonormal_basis(m) -> np.ndarray | None:

@@ -202,8 +202,9 @@ def test_per_task_truncation_is_each_update_cut_to_one_rank(collection, options,
     numpy SVD here) on every module, the largest candidate `j` within the budget; the plan
     chosen at that budget has no higher loss."""
     groupings, opts = options
-    ref = per_task_truncation(groupings, opts, budget)
-    (j,) = {c.option.rank for c in ref.modules.values()}
+    level, ref = per_task_truncation(groupings, opts, budget)
+    (j,) = set(level.ranks.values())
+    assert level.name == f"rank {j}"
     original = sum(st.original_params for st, _ in opts.values())
     params = sum(j * (a.shape[2] + b.shape[1]) * a.shape[0] for a, b in collection.values())
     assert ref.num_params == params and params <= budget * original
@@ -218,7 +219,47 @@ def test_per_task_truncation_is_each_update_cut_to_one_rank(collection, options,
     assert choose(groupings, opts, budget).loss <= ref.loss + 1e-9
 
 
-def test_per_task_truncation_none_below_the_lowest_rank(options):
-    """Rank 1 per task is a quarter of these rank-4 adapters: nothing fits below it."""
+def test_per_task_truncation_bounds(options):
+    """Rank 1 per task is a quarter of these rank-4 adapters: nothing fits below it; and no
+    budget, however large, makes the reference keep more than each task's own rank."""
     assert per_task_truncation(*options, 0.24) is None
-    assert per_task_truncation(*options, 0.25).storage_ratio == pytest.approx(0.25)
+    assert per_task_truncation(*options, 0.25)[1].storage_ratio == pytest.approx(0.25)
+    level, ref = per_task_truncation(*options, 4.0)
+    assert level.fraction == 1 and ref.storage_ratio == pytest.approx(1.0) and ref.loss < 1e-9
+
+
+def _mixed_options(collection, **kwargs):
+    """Modules of LoRA rank 4 and 16 (the q and v projections widened to r = 16), and one
+    module that only tasks 0 and 3 adapt."""
+    rng = np.random.default_rng(3)
+    mixed = {}
+    for name, (a, b) in collection.items():
+        if "q_proj" in name or "v_proj" in name:
+            a = np.concatenate([a, 0.3 * rng.normal(size=(a.shape[0], 12, a.shape[2]))], 1)
+            b = np.concatenate([b, 0.3 * rng.normal(size=(b.shape[0], b.shape[1], 12))], 2)
+        mixed[name] = (a, b)
+    a, b = mixed["model.layers.0.self_attn.k_proj"]
+    ranks = tuple(4 if t in (0, 3) else 0 for t in range(a.shape[0]))
+    mixed["model.layers.0.self_attn.k_proj"] = (a * np.array(ranks)[:, None, None] / 4, b, ranks)
+    return collection_options(mixed, task_names=NAMES, task_attributes=ATTRS, **kwargs)
+
+
+def test_per_task_truncation_with_mixed_ranks_and_absent_tasks(collection):
+    """Levels are fractions of each module's own rank (r/4 is rank 1 on an r = 4 module and
+    rank 4 on an r = 16 one), found on a module where only two tasks are present (there the
+    per-task grouping coincides with an attribute grouping); `choose` starts from them."""
+    groupings, opts = _mixed_options(collection)
+    levels = hj.planner.truncation_levels(opts)
+    assert [lv.fraction for lv in levels] == [0.125, 0.25, 0.5, 1.0]
+    quarter = levels[1]
+    for module, j in quarter.ranks.items():
+        assert j == (4 if ("q_proj" in module or "v_proj" in module) else 1)
+    level, ref = per_task_truncation(groupings, opts, 0.3)
+    assert level.fraction == 0.25 and level.name == "k=0.25r"
+    assert ref.storage_ratio == pytest.approx(0.25)
+    for c in ref.modules.values():  # every task present keeps its own factors
+        assert len(set(c.plan.restrict(c.task_ids).a_group)) == len(c.task_ids)
+    for budget in (0.13, 0.25, 0.3, 0.6):
+        found = per_task_truncation(groupings, opts, budget)
+        if found is not None:
+            assert choose(groupings, opts, budget).loss <= found[1].loss + 1e-9

@@ -39,7 +39,7 @@ def mean_pairwise_overlap(factors: list[dict[str, tuple[np.ndarray, np.ndarray]]
     "per_module": {module: (a, b)}}`, where `*_random` is the expectation `r / d` for random
     subspaces of the same sizes, averaged over modules.
     """
-    from hydraopt_jax._similarity import basis_overlap, orthonormal_basis
+    from hydraopt_jax import basis_overlap, orthonormal_basis
 
     modules = sorted(set.intersection(*(set(f) for f in factors)))
     per_module = {}

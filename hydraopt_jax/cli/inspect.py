@@ -18,13 +18,16 @@ __all__ = ["inspect", "module_overlaps"]
 
 def module_overlaps(a_all, b_all, ranks, present) -> tuple[float | None, float | None]:
     """Mean pairwise subspace overlap of the tasks' A row spaces and B column spaces."""
-    from .. import subspace_overlap
+    from .._similarity import basis_overlap, orthonormal_basis
 
+    # each task's bases once, then every pair (`subspace_overlap` of each pair, T times fewer SVDs)
+    qa = {t: orthonormal_basis(a_all[t, : ranks[t]].T) for t in present}
+    qb = {t: orthonormal_basis(b_all[t][:, : ranks[t]]) for t in present}
     a_ov, b_ov = [], []
     for i, t in enumerate(present):
         for u in present[i + 1 :]:
-            a_ov.append(subspace_overlap(a_all[t, : ranks[t]].T, a_all[u, : ranks[u]].T))
-            b_ov.append(subspace_overlap(b_all[t][:, : ranks[t]], b_all[u][:, : ranks[u]]))
+            a_ov.append(basis_overlap(qa[t], qa[u]))
+            b_ov.append(basis_overlap(qb[t], qb[u]))
 
     def mean(values):
         return float(np.nanmean(values)) if values and not np.all(np.isnan(values)) else None

@@ -230,7 +230,7 @@ def plan(
         console.print("per-task truncation: no candidate rank fits this budget")
     else:
         console.print(
-            f"per-task truncation at this budget ({reference['rank']} per task, storage "
+            f"per-task truncation at this budget ({reference['name']} per task, storage "
             f"{reference['storage_ratio']:.4f}): objective {reference['loss']:.4g} against "
             f"this plan's {summary['loss']:.4g}; predicted mean relative error "
             f"{reference['mean_relative_error']:.4g} (worst task "
@@ -239,17 +239,19 @@ def plan(
 
 
 def _truncation_summary(reference) -> dict | None:
-    """The JSON of `planner.per_task_truncation`'s plan (None when none fits)."""
+    """The JSON of `planner.per_task_truncation` (None when no level fits the budget)."""
     if reference is None:
         return None
-    errors = reference.task_relative_errors()
-    ks = {c.option.rank for c in reference.modules.values()}
-    label = next(iter(reference.modules.values())).option.rank_label
+    level, plan = reference
+    errors = plan.task_relative_errors()
+    ranks = set(level.ranks.values())
     return {
-        "rank": f"rank {ks.pop()}" if len(ks) == 1 else f"rank {label}",
-        "storage_ratio": reference.storage_ratio,
-        "num_params": reference.num_params,
+        "name": level.name,
+        "rank": ranks.pop() if len(ranks) == 1 else None,  # `merge --plan separate --rank`
+        "rank_fraction": level.fraction,
+        "storage_ratio": plan.storage_ratio,
+        "num_params": plan.num_params,
         "mean_relative_error": float(np.mean(errors)),
         "max_relative_error": float(np.max(errors)),
-        "loss": reference.loss,
+        "loss": plan.loss,
     }

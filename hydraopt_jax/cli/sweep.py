@@ -70,7 +70,12 @@ def sweep(
     plot: Annotated[Path, typer.Option("--plot", help="PNG chart to write.", show_default=False)],
     names: Annotated[str | None, typer.Option(help="Comma-separated task names.")] = None,
     rank_multipliers: Annotated[
-        str, typer.Option(help="Ranks of the named plans, as multiples of the LoRA rank.")
+        str,
+        typer.Option(
+            help="Ranks of the named plans, as multiples of the LoRA rank (separate only at "
+            "1 and above: below r it is the per-task truncation rows, drawn at every "
+            "candidate rank)."
+        ),
     ] = DEFAULT_SWEEP_MULTIPLIERS,
     budgets: Annotated[
         str, typer.Option(help="Storage budgets of the planner points.")
@@ -84,7 +89,8 @@ def sweep(
     no_attributes: Annotated[bool, typer.Option("--no-attributes")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ):
-    """Storage vs error: named plans at a few ranks, planner points, classic merges."""
+    """Storage vs error: named plans at a few ranks, per-task truncation, planner points,
+    classic merges."""
     from ..baselines import BASELINES
     from ..planner import storage_sweep
 

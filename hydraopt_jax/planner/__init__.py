@@ -61,10 +61,12 @@ from ._attributes import task_attributes_from_names as task_attributes_from_name
 from ._budget import MODULE_WEIGHTINGS as MODULE_WEIGHTINGS
 from ._budget import BudgetPlan as BudgetPlan
 from ._budget import ModuleChoice as ModuleChoice
+from ._budget import TruncationLevel as TruncationLevel
 from ._budget import choose as choose
 from ._budget import collection_options as collection_options
 from ._budget import per_task_truncation as per_task_truncation
 from ._budget import plan_budget as plan_budget
+from ._budget import truncation_levels as truncation_levels
 from ._curves import DEFAULT_RANK_MULTIPLIERS as DEFAULT_RANK_MULTIPLIERS
 from ._curves import NAMED_PAIRS as NAMED_PAIRS
 from ._curves import PlanOption as PlanOption

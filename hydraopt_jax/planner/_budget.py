@@ -23,7 +23,9 @@ __all__ = [
     "ModuleChoice",
     "choose",
     "collection_options",
+    "TruncationLevel",
     "per_task_truncation",
+    "truncation_levels",
     "plan_budget",
 ]
 
@@ -280,37 +282,74 @@ def _separate(option) -> bool:
     )
 
 
-def per_task_truncation(groupings, options, max_storage: float) -> BudgetPlan | None:
-    """The reference a plan has to beat: per-task truncation (every task's own update cut
-    to its best rank-`j` approximation, on every module: the `separate` option at one
-    candidate rank) with the largest storage `<= max_storage`, in the same objective as the
-    planner's options. None when even the lowest candidate rank does not fit.
+@dataclasses.dataclass(frozen=True)
+class TruncationLevel:
+    """Per-task truncation at one rank fraction `f <= 1`: on each module, every task kept on
+    its own (`separate`) at rank `j = max(1, round(f r))` (`r`: the module's LoRA rank)."""
 
-    `choose` at a budget never returns a higher loss than this at that budget (uniform
-    selections are among its starting points); the comparison says how much sharing adds
-    on top of rank reduction."""
-    modules = list(options)
-    original = sum(options[m][0].original_params for m in modules)
+    fraction: float
+    picks: dict[str, int]  # module -> index of its separate option at that rank
+    ranks: dict[str, int]  # module -> j
+
+    @property
+    def name(self) -> str:
+        """`rank 2` when every module has the same `j`, else `k=0.125r`."""
+        ranks = set(self.ranks.values())
+        return f"rank {ranks.pop()}" if len(ranks) == 1 else f"k={self.fraction:g}r"
+
+
+def truncation_levels(options) -> list[TruncationLevel]:
+    """Every per-task truncation the options hold on all modules, by rank fraction.
+
+    The fractions are those of the candidate ranks at or below each module's LoRA rank
+    (`r/8, r/4, r/2, r` by default); a level is kept when every module has its `separate`
+    option at that rank (found by the plan's structure, whatever the grouping is named: on
+    a module where only some tasks are present, `separate` may coincide with an attribute
+    grouping)."""
+    separate = {}  # module -> {rank: option index}
+    fractions = set()
+    for m, (stats, opts) in options.items():
+        base = max(stats.ranks[t] for t in stats.present)
+        separate[m] = {}
+        for i, o in enumerate(opts):
+            if _separate(o) and o.rank <= base:
+                separate[m].setdefault(o.rank, i)
+                fractions.add(o.rank / base)
+    levels = []
+    for f in sorted(fractions):
+        ranks = {}
+        for m, (stats, _) in options.items():
+            base = max(stats.ranks[t] for t in stats.present)
+            ranks[m] = min(base, max(1, round(f * base)))
+        if all(ranks[m] in separate[m] for m in options):
+            picks = {m: separate[m][ranks[m]] for m in options}
+            if not levels or picks != levels[-1].picks:
+                levels.append(TruncationLevel(f, picks, ranks))
+    return levels
+
+
+def per_task_truncation(
+    groupings, options, max_storage: float
+) -> tuple[TruncationLevel, BudgetPlan] | None:
+    """The reference a plan has to beat: per-task truncation with the largest storage
+    `<= max_storage` among `truncation_levels(options)` (every task's own update cut to its
+    best rank-`j` approximation on every module, as `merge --plan separate --rank J` does:
+    a task whose own rank is below `j` is stored padded to `j`), in the same objective as
+    the planner's options (the calibration's, when they were made with one): the level and
+    its `BudgetPlan`. None when even the lowest level does not fit.
+
+    `choose` at a budget never returns a higher loss than this at that budget (these levels
+    are among its starting points); the comparison says how much sharing adds on top of
+    rank reduction."""
+    original = sum(stats.original_params for stats, _ in options.values())
     best = None
-    labels = {o.rank_label for o in options[modules[0]][1]} if modules else set()
-    for label in labels:
-        picks = {}
-        for m in modules:
-            found = [
-                i for i, o in enumerate(options[m][1]) if o.rank_label == label and _separate(o)
-            ]
-            if not found:
-                break
-            picks[m] = found[0]
-        else:
-            params = sum(options[m][1][i].num_params for m, i in picks.items())
-            if params <= max_storage * original * (1 + 1e-12) and (
-                best is None or params > best[0]
-            ):
-                best = (params, picks)
+    for level in truncation_levels(options):
+        params = sum(options[m][1][i].num_params for m, i in level.picks.items())
+        if params <= max_storage * original * (1 + 1e-12):
+            best = level  # levels go up in rank, so in storage
     if best is None:
         return None
-    return _budget_plan(groupings, options, max_storage, best[1], "per-task truncation")
+    return best, _budget_plan(groupings, options, max_storage, best.picks, "per-task truncation")
 
 
 def choose(groupings, options, budget: float) -> BudgetPlan:
@@ -328,6 +367,8 @@ def choose(groupings, options, budget: float) -> BudgetPlan:
     index = [{o.key: i for i, o in enumerate(options[m][1])} for m in modules]
     common = set(index[0]).intersection(*index[1:]) if index else set()
     seeds = [[idx[key] for idx in index] for key in sorted(common)]
+    # and per-task truncation, which the keys miss where `separate` has another name
+    seeds += [[level.picks[m] for m in modules] for level in truncation_levels(options)]
     try:
         choice, method = allocate(costs, losses, capacity, seeds=seeds)
     except ValueError as err:

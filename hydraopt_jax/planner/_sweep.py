@@ -10,7 +10,7 @@ import numpy as np
 
 from .._plan import NAMED_PLANS
 from .._solution import task_relative_errors
-from ._budget import _separate, choose, collection_options
+from ._budget import choose, collection_options, truncation_levels
 from ._curves import DEFAULT_RANK_MULTIPLIERS
 
 __all__ = ["storage_sweep"]
@@ -33,8 +33,8 @@ def storage_sweep(
 ) -> list[dict]:
     """One row per method: the named plans at `rank_multipliers` (exact losses from the
     planner's curves: no solve), per-task truncation at every candidate rank below `r`
-    (`separate` below `r`; family `truncation`), the planner at each of `budgets`, and each
-    baseline.
+    (`planner.truncation_levels`, family `truncation`, in place of `separate` below `r`), the
+    planner at each of `budgets`, and each baseline.
 
     `collection`: an `io.AdapterCollection` (read one shape group at a time). Rows:
     `{method, family, storage_ratio, num_params, mean_relative_error, max_relative_error}`,
@@ -77,11 +77,15 @@ def storage_sweep(
             }
         )
 
-    def uniform(method, family, label, match):
-        """The row of option `match` at rank `label` on every module (if all have one)."""
+    def uniform(method, family, label, key):
+        """The row of grouping pair `key` at rank `label` on every module (if all have it)."""
         picked = []  # (errors of the module, its parameters)
         for st, opts in options.values():
-            hit = [o for o in opts if o.rank_label == label and match(o)]
+            hit = [
+                o
+                for o in opts
+                if (o.a_by, o.b_by, o.rank_label, o.task_rank) == (*key, label, None)
+            ]
             if hit:
                 errors = _ModuleErrors(st.present, hit[0].relative_error, tuple(st.sq_norms))
                 picked.append((errors, hit[0].num_params))
@@ -94,18 +98,16 @@ def storage_sweep(
         for m in rank_multipliers:
             if family == "separate" and m < 1:
                 continue  # the truncation rows below
-            uniform(f"hydraopt:{family} k={m:g}r", family, f"{m:g}r",
-                    lambda o, key=key: (o.a_by, o.b_by, o.task_rank) == (*key, None))  # fmt: skip
-    # per-task truncation, the reference to beat: every candidate rank below r (named by
-    # the rank itself when every module has it: r/8 and r/4 coincide at small r)
-    labels = {o.rank_label for _, opts in options.values() for o in opts if _separate(o)}
-    for m in multipliers:
-        label = f"{m:g}r"
-        if m < 1 and label in labels:
-            ranks = {o.rank for _, opts in options.values() for o in opts
-                     if _separate(o) and o.rank_label == label}  # fmt: skip
-            name = f"rank {ranks.pop()}" if len(ranks) == 1 else f"k={label}"
-            uniform(f"truncation {name}", "truncation", label, _separate)
+            uniform(f"hydraopt:{family} k={m:g}r", family, f"{m:g}r", key)
+    # per-task truncation, the reference to beat: every candidate rank below r
+    for level in truncation_levels(options):
+        if level.fraction < 1:
+            errors = task_relative_errors([
+                _ModuleErrors(st.present, opts[level.picks[m]].relative_error, tuple(st.sq_norms))
+                for m, (st, opts) in options.items()
+            ], num_tasks)  # fmt: skip
+            params = sum(opts[level.picks[m]].num_params for m, (_, opts) in options.items())
+            add(f"truncation {level.name}", "truncation", params, errors)
     for budget in budgets:
         try:
             chosen = choose(groupings, options, budget)
