@@ -22,6 +22,7 @@ from ._plan import SharingPlan
 
 __all__ = [
     "COV_RIDGE",
+    "adapter_task_weights",
     "all_finite",
     "cond_across",
     "dense_loss_reference",
@@ -142,11 +143,47 @@ def task_weights(A: jax.Array, B: jax.Array, weights="relative") -> jax.Array:
             return jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0).astype(dtype)
         if weights == "uniform":
             return jnp.ones((num_tasks,), dtype)
-        raise ValueError(f"weights must be 'relative', 'uniform' or an array; got {weights!r}")
+        if weights == "adapter":
+            raise ValueError(
+                "weights='adapter' needs every module of the adapters: pass it to "
+                "merge_adapters, merge_collection or the planner (or adapter_task_weights' array)"
+            )
+        raise ValueError(
+            f"weights must be 'relative', 'uniform', 'adapter' or an array; got {weights!r}"
+        )
     w = jnp.asarray(weights, dtype)
     if w.shape != (num_tasks,):
         raise ValueError(f"weights has shape {w.shape}, expected ({num_tasks},): one per task")
     return w
+
+
+def adapter_task_weights(modules, activation_covs=None) -> np.ndarray:
+    """The `"adapter"` task weights: `w_t = 1 / sum_m ||dW_{m,t}||_F^2`, the same on every
+    module (`||dW_{m,t} C_m^{1/2}||^2` under input covariances `C_m`); 0 for a task with no
+    update. Summed over modules, the objective is then `sum_t err_t^2`, each task's squared
+    relative error over its whole adapter (what `task_relative_errors` reports), whereas
+    `"relative"` (`1 / ||dW_{m,t}||^2`, module by module) counts every module's relative
+    error alike, however small its update.
+
+    `modules`: iterable of `(name, A [T, r, d_in], B [T, d_out, r], ranks)` (scale folded
+    into `B`; `ranks[t] = 0`: task absent from the module; `None`: all present). float64,
+    numpy."""
+    total = None
+    for name, a, b, ranks in modules:
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        present = np.ones(a.shape[0], bool) if ranks is None else np.asarray(ranks) > 0
+        if activation_covs is not None:
+            c = regularized_covariance(np.asarray(activation_covs[name], np.float64), np)
+            gram_a = np.einsum("tri,ij,tsj->trs", a, c, a, optimize=True)
+        else:
+            gram_a = np.einsum("tri,tsi->trs", a, a)
+        norms = np.einsum("trs,trs->t", np.einsum("tor,tos->trs", b, b), gram_a)
+        norms = np.where(present, norms, 0.0)
+        total = norms if total is None else total + norms
+    if total is None:
+        raise ValueError("adapter_task_weights: no modules")
+    return np.where(total > 0, 1.0 / np.where(total > 0, total, 1.0), 0.0)
 
 
 def residual_norms_sq(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._host import stack_modules, unstack
-from ._loss import check_factor_shapes, working_dtype
+from ._loss import adapter_task_weights, check_factor_shapes, working_dtype
 from ._plan import SharingPlan
 from ._solution import RESULTS, Solution
 from ._solve import (
@@ -99,7 +99,9 @@ def merge(
       plan; refines nested ranks), `"adam"`, `"lbfgs"`, or any
       `optax.GradientTransformation` (compared by structure: an equal one built again does
       not recompile).
-    - `weights`: `"relative"` (`1/||dW_t||^2`, default), `"uniform"` or an array `[T]`.
+    - `weights`: `"relative"` (`1/||dW_t||^2`, default), `"uniform"` or an array `[T]`
+      (`merge_adapters` and `merge_collection` also take `"adapter"`:
+      `_loss.adapter_task_weights`, relative to each task's whole adapter).
     - `max_steps`, `tol`: iterative solvers stop when the relative decrease of the loss falls
       below `tol` or after `max_steps` steps.
     - `learning_rate`: for `"adam"` (default 1e-2, in units of the parameters' RMS); traced,
@@ -217,6 +219,9 @@ def merge_adapters(
       `T`: per-task products and Gram sums are split, XLA adds the reductions). Results equal
       one device's.
     - `progress`: called as `progress(description, num_modules)` after each shape group.
+    - `weights`: as in `merge`, or `"adapter"`: each task's error relative to its whole
+      adapter's update (`1 / sum_m ||dW_{m,t}||^2` on every module, whitened under
+      `activation_covs`), so that the summed loss is `sum_t err_t^2`.
     - the rest as in `merge`.
 
     **Returns:** `{module: Solution}`; each Solution's `task_ids` lists the tasks present.
@@ -228,6 +233,11 @@ def merge_adapters(
         raise TypeError(
             f"merge_adapters takes {{module: (A, B[, ranks])}}, got {type(collection).__name__}; "
             "stream an io.AdapterCollection with hydraopt_jax.merge_collection"
+        )
+    if isinstance(weights, str) and weights == "adapter":  # one array for every module
+        weights = adapter_task_weights(
+            ((name, *_unpack_entry(name, value)) for name, value in collection.items()),
+            activation_covs,
         )
     groups: dict[tuple, list[tuple[str, Any, Any, tuple[int, ...]]]] = {}
     for name, value in collection.items():

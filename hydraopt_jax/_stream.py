@@ -30,6 +30,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._loss import adapter_task_weights
 from ._merge import merge_adapters
 from ._plan import SharingPlan
 from ._solution import RESULTS, Solution
@@ -165,7 +166,9 @@ def merge_collection(
     - `solver`: `"exact"`, `"als"`, `"adam"` or `"lbfgs"`.
     - `out`: a directory to write the bundle to (atomically); checkpoints of iterative solves
       go beside it (`OUT.hydraopt-ckpt`). Without `out` nothing is written.
-    - `weights`: `"relative"` or `"uniform"`; `max_steps`: iterative solvers' step budget.
+    - `weights`: `"relative"`, `"uniform"` or `"adapter"` (as in `merge_adapters`: computed
+      from every module in a first pass over the collection); `max_steps`: iterative
+      solvers' step budget.
     - `dtype`: the bundle's stored dtype (`"float32"`, `"bfloat16"`, `"float16"`).
     - `max_memory`: bytes one solve may use (default 80% of the available memory).
     - `resume`, `checkpoint_every`: continue an interrupted run from its checkpoint (and,
@@ -252,6 +255,16 @@ def merge_collection(
             )
     part = None if count == 1 else f"process-{index:04d}"
     checkpoint = None
+    solve_weights = weights
+    if weights == "adapter" and done is None:  # needs every module's update, not a group's
+        solve_weights = adapter_task_weights(
+            (
+                (m, a, b, r)
+                for _, group in collection.iter_groups()
+                for m, (a, b, r) in group.items()
+            ),
+            activation_covs,
+        )
     if done is None and wants_checkpoint:
         checkpoint = RunCheckpoint.open(out, print_, resume=resume, part=part)
         if not (iterative and checkpoint_every > 0):
@@ -261,7 +274,7 @@ def merge_collection(
     try:
         if done is None:
             _solve_all(
-                collection, plans, names, solver, weights, total_steps, checkpoint,
+                collection, plans, names, solver, solve_weights, total_steps, checkpoint,
                 checkpoint_every, max_memory, bundle, out, progress, activation_covs,
             )  # fmt: skip
         else:

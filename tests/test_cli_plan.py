@@ -51,6 +51,25 @@ def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
     assert "per-task truncation at this budget (rank 2 per task, storage 0.5000)" in stdout
 
 
+def test_cli_adapter_weighting_plans_and_merges_the_reported_errors(tmp_path, capsys, adapter_dirs):
+    """`--weighting adapter`: the plan's loss is the sum of its tasks' squared reported
+    errors, and `merge --config` with the same weighting reproduces those errors."""
+    out = tmp_path / "plan.yaml"
+    rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.4", "--out", out,
+                               "--weighting", "adapter", "--json")  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    errors = np.array(list(summary["tasks"].values()))
+    assert summary["loss"] == pytest.approx(float(np.sum(errors**2)), rel=1e-8)
+    assert summary["loss"] <= summary["truncation"]["loss"]
+    rc, stdout, err = run_main(capsys, "merge", *adapter_dirs, "--config", out, "--out",
+                               tmp_path / "b", "--weighting", "adapter", "--json")  # fmt: skip
+    assert rc == 0, err
+    merged = json.loads(stdout)
+    for name in NAMES:
+        assert merged["tasks"][name] == pytest.approx(summary["tasks"][name], rel=1e-3, abs=1e-5)
+
+
 def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
     out = tmp_path / "plan.yaml"
     cases = [

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import hydraopt_jax as hj
+from hydraopt_jax._loss import regularized_covariance
 from hydraopt_jax.planner import (
     allocate,
     choose,
@@ -263,3 +264,70 @@ def test_per_task_truncation_with_mixed_ranks_and_absent_tasks(collection):
         found = per_task_truncation(groupings, opts, budget)
         if found is not None:
             assert choose(groupings, opts, budget).loss <= found[1].loss + 1e-9
+
+
+# ------------------------------------------------- task weights relative to the whole adapter
+def _dense_adapter_weights(collection, covs=None):
+    total = np.zeros(len(NAMES))
+    for m, value in collection.items():
+        a, b = value[0], value[1]
+        ranks = value[2] if len(value) > 2 else (a.shape[1],) * a.shape[0]
+        for t in range(a.shape[0]):
+            if ranks[t] == 0:
+                continue
+            dw = b[t] @ a[t]
+            c = np.eye(a.shape[2]) if covs is None else regularized_covariance(covs[m], np)
+            total[t] += np.trace(dw @ c @ dw.T)
+    return 1 / total
+
+
+def test_adapter_weights_are_one_over_each_tasks_whole_update(collection):
+    """`w_t = 1 / sum_m ||dW_{m,t}||^2` (dense here), whitened by input covariances when
+    given, and only over the modules a task adapts."""
+    from hydraopt_jax._loss import adapter_task_weights
+
+    rng = np.random.default_rng(5)
+    covs = {}
+    for m, (a, _) in collection.items():
+        x = rng.normal(size=(64, a.shape[2]))
+        covs[m] = x.T @ x / 64
+    entries = [(m, a, b, None) for m, (a, b) in collection.items()]
+    np.testing.assert_allclose(
+        adapter_task_weights(entries), _dense_adapter_weights(collection), rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        adapter_task_weights(entries, covs), _dense_adapter_weights(collection, covs), rtol=1e-10
+    )
+    mixed = dict(collection)
+    a, b = mixed["model.layers.0.self_attn.k_proj"]
+    ranks = (4, 0, 4, 0, 4, 4)  # tasks 1 and 3 do not adapt this module
+    mixed["model.layers.0.self_attn.k_proj"] = (a, b, ranks)
+    entries = [(m, v[0], v[1], v[2] if len(v) > 2 else None) for m, v in mixed.items()]
+    np.testing.assert_allclose(
+        adapter_task_weights(entries), _dense_adapter_weights(mixed), rtol=1e-10
+    )
+    with pytest.raises(ValueError, match="needs every module"):
+        hj.merge(a, b, hj.SharingPlan.shared_a(len(NAMES)), weights="adapter")
+
+
+def test_adapter_weighted_planner_minimises_the_reported_task_errors(collection):
+    """With `weights="adapter"` the planner's total loss is `sum_t err_t^2` of the per-task
+    errors it reports (and `merge` reports), and the merge fits the loss it predicted."""
+    groupings, opts = collection_options(
+        collection, task_names=NAMES, task_attributes=ATTRS, weights="adapter"
+    )
+    for budget in (0.3, 0.6):
+        bp = choose(groupings, opts, budget)
+        errors = bp.task_relative_errors()
+        assert bp.loss == pytest.approx(float(np.sum(errors**2)), rel=1e-8)
+        solutions = hj.merge_adapters(collection, bp.plans, weights="adapter")
+        w = _dense_adapter_weights(collection)
+        explicit = hj.merge_adapters(collection, bp.plans, weights=w)
+        for module, sol in solutions.items():
+            np.testing.assert_allclose(
+                float(sol.loss), bp.modules[module].option.loss, rtol=1e-4, atol=1e-7
+            )
+            assert float(sol.loss) == pytest.approx(float(explicit[module].loss), rel=1e-6)
+        ref = per_task_truncation(groupings, opts, budget)[1]
+        assert bp.loss <= ref.loss + 1e-12
+        assert np.sum(errors**2) <= np.sum(ref.task_relative_errors() ** 2) + 1e-12

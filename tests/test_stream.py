@@ -305,3 +305,25 @@ def test_chunked_adam_continues_its_moments(inputs, tmp_path):
         assert module.steps == int(sol.steps) == 12
         np.testing.assert_allclose(module.shared_a, sol.shared_a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(module.shared_b, sol.shared_b, rtol=1e-5, atol=1e-6)
+
+
+def test_streamed_adapter_weights_are_the_whole_collections(tmp_path):
+    """`merge_collection(weights="adapter")` weighs each task by its update over every
+    module (a first pass over the collection), not over the shape group being solved: it
+    equals `merge_adapters` on all modules at once."""
+    import hydraopt_jax as hj
+
+    modules = {"model.layers.0.q_proj": (16, 16), "model.layers.0.k_proj": (16, 8)}
+    dirs = write_collection(tmp_path / "in", num_tasks=4, modules=modules)
+    collection = hj.io.load_collection(dirs)
+    assert len(collection.shape_groups()) > 1  # groups are solved one at a time
+    bundle = hj.merge_collection(collection, "shared-a", weights="adapter")
+    arrays = {m: v for _, group in collection.iter_groups() for m, v in group.items()}
+    whole = hj.merge_adapters(arrays, hj.SharingPlan.shared_a(collection.num_tasks),
+                              weights="adapter")  # fmt: skip
+    assert bundle.meta["weighting"] == "adapter"
+    for name, sol in whole.items():
+        np.testing.assert_allclose(
+            np.asarray(bundle.modules[name].relative_error), np.asarray(sol.relative_error),
+            rtol=1e-5, atol=1e-7,
+        )  # fmt: skip

@@ -46,6 +46,8 @@ BASELINE_PARAMS: dict[str, dict] = {
 FACTORWISE = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 # The planner's module weighting from the testbed's output sensitivities (`+fisher`)
 FISHER = "fisher"
+# The task weighting relative to each task's whole adapter (`+adapter`)
+ADAPTER = "adapter"
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
 
@@ -60,7 +62,9 @@ class Method:
     `task_rank_mult`: nested ranks `j = task_rank_mult r` inside the shared factor;
     `activation`: whiten by the modules' input covariances; `budget`, `module_weighting`
     (`"equal"`, `"size"`, or `"fisher"`: the testbed's output sensitivities), `nested`: the
-    planner's arguments.
+    planner's arguments; `task_weighting`: the planner's and the merge's `weights`,
+    `"relative"` (each task's error relative to its update, module by module) or `"adapter"`
+    (relative to its whole adapter's update: `hydraopt_jax._loss.adapter_task_weights`).
     """
 
     name: str
@@ -74,6 +78,7 @@ class Method:
     module_weighting: str = "equal"
     nested: bool = False
     task_rank_mult: float | None = None
+    task_weighting: str = "relative"
 
     def rank(self, r: int) -> int | None:
         return _rank(self.rank_mult, r)
@@ -161,6 +166,12 @@ class Grid:
             grid += [
                 Method(f"hydraopt:plan+nested+act@{budget_tag(b)}", "planner", budget=b,
                        nested=True, activation=True)
+                for b in nested_budgets
+            ]  # fmt: skip
+        if sweep and ADAPTER in self.planner_variants:
+            grid += [
+                Method(f"hydraopt:plan+nested+adapter@{budget_tag(b)}", "planner", budget=b,
+                       nested=True, task_weighting=ADAPTER)
                 for b in nested_budgets
             ]  # fmt: skip
         if sweep and FISHER in self.planner_variants:
@@ -259,13 +270,14 @@ def _planner_options(coll: Collection, method: Method, act: dict | None,
     weights = fisher if method.module_weighting == FISHER else method.module_weighting
     key = _OPTIONS[0]
     if not (key and key[0] is coll and key[1] is act and key[2] == weights
-            and key[3] == method.nested):  # fmt: skip
+            and key[3] == method.nested and key[4] == method.task_weighting):  # fmt: skip
         _OPTIONS[:] = [None, None]  # free the previous options first (per-module curves)
         _OPTIONS[1] = collection_options(
             coll.factors(), task_names=coll.tasks, task_attributes=coll.attributes(),
             activation_covs=act, module_weights=weights, nested=method.nested,
+            weights=method.task_weighting,
         )  # fmt: skip
-        _OPTIONS[0] = (coll, act, weights, method.nested)
+        _OPTIONS[0] = (coll, act, weights, method.nested, method.task_weighting)
     return _OPTIONS[1]
 
 
@@ -299,7 +311,9 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
         from hydraopt_jax.planner import choose
 
         chosen = choose(*_planner_options(coll, method, act, fisher), method.budget)
-        solutions = merge_adapters(coll.factors(), chosen.plans, activation_covs=act)
+        solutions = merge_adapters(
+            coll.factors(), chosen.plans, activation_covs=act, weights=method.task_weighting,
+        )  # fmt: skip
     elif method.kind == "baseline":
         from hydraopt_jax.baselines import run_baseline
 

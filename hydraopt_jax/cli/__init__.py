@@ -3,7 +3,7 @@
 ```
 hydraopt merge DIR... --out OUT [--plan shared-a|shared-b|full-merge|separate|FILE.yaml]
                [--rank K] [--solver exact|als|adam|lbfgs] [--steps N] [--names a,b,...]
-               [--weighting relative|uniform] [--config PLAN.yaml]
+               [--weighting relative|uniform|adapter] [--config PLAN.yaml]
                [--dtype float32|bfloat16|float16] [--json] [--resume]
                [--checkpoint-every N] [--max-memory SIZE]
 hydraopt export OUT --to DIR [--task NAME[,NAME...]] [--dtype ...]  # DIR/<task>/ per task

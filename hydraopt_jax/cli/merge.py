@@ -25,7 +25,7 @@ from ._common import (
 __all__ = ["merge"]
 
 SOLVERS = ("exact", "als", "adam", "lbfgs")
-WEIGHTINGS = ("relative", "uniform")
+WEIGHTINGS = ("relative", "uniform", "adapter")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 PLAN_NAMES = ("shared-a", "shared-b", "full-merge", "separate")
 
@@ -75,7 +75,11 @@ def merge(
         str | None, typer.Option(help="Comma-separated task names (default: directory names).")
     ] = None,
     weighting: Annotated[
-        str, typer.Option(help="relative (1/||dW_t||^2) or uniform.")
+        str,
+        typer.Option(
+            help="relative (1/||dW_t||^2 per module), uniform, or adapter (relative to each "
+            "task's whole adapter: 1/sum over modules of ||dW_t||^2)."
+        ),
     ] = "relative",
     config: Annotated[
         Path | None, typer.Option(help="YAML plan grouping tasks by name patterns.")

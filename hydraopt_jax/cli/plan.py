@@ -3,7 +3,7 @@
 ```
 hydraopt plan DIR... --budget 0.3 --out PLAN.yaml [--names a,b,...] [--ranks 8,16]
               [--rank-multipliers 0.5,1,1.5,2,3,4] [--attributes REGEX] [--no-attributes]
-              [--weighting relative|uniform] [--module-weighting equal|size]
+              [--weighting relative|uniform|adapter] [--module-weighting equal|size]
               [--calibration FILE] [--nested/--no-nested] [--json]
 hydraopt merge DIR... --out OUT --config PLAN.yaml [--calibration FILE]   # uses the plan
 ```
@@ -92,7 +92,11 @@ def plan(
         bool, typer.Option("--no-attributes", help="Only 'all' and 'per task' groupings.")
     ] = False,
     weighting: Annotated[
-        str, typer.Option(help="relative (each task counts equally) or uniform.")
+        str,
+        typer.Option(
+            help="relative (each task counts equally, module by module), uniform, or adapter "
+            "(each task's error relative to its whole adapter: the reported per-task error)."
+        ),
     ] = "relative",
     module_weighting: Annotated[
         str | None,

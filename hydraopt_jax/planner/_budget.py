@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._loss import adapter_task_weights
 from .._plan import SharingPlan
 from .._solution import task_relative_errors
 from ..io import AdapterCollection
@@ -211,6 +212,8 @@ def collection_options(
     if isinstance(collection, AdapterCollection) and task_names is None:
         task_names = list(collection.names)
     module_weights = _resolve_module_weights(collection, module_weights)
+    if isinstance(weights, str) and weights == "adapter":  # one array for every module
+        weights = adapter_task_weights(_iter_modules(collection), activation_covs)
     options: dict[str, tuple[ModuleStats, list[PlanOption]]] = {}
     groupings = None
     for name, a, b, ranks_m in _iter_modules(collection):
@@ -409,7 +412,9 @@ def plan_budget(
     - `rank_multipliers`: candidate ranks as multiples of each module's largest LoRA rank;
       `ranks`: extra absolute candidate ranks.
     - `weights`: task weights as in `merge` (`"relative"` default: each task counts equally
-      within a module).
+      within a module), or `"adapter"` (`_loss.adapter_task_weights`: each task's error
+      relative to its whole adapter, so the total loss is `sum_t err_t^2` of the reported
+      per-task errors).
     - `activation_covs`: optional `{module: E[x x^T]}`; losses are then measured on the
       layer's outputs (as `merge(..., activation_cov=...)`).
     - `module_weights`: `"equal"` (default: every module's relative loss counts the same),
