@@ -30,6 +30,7 @@ HEADER = "| storage | per-task truncation (no sharing) | HydraOpt | classic merg
 PLANNER = "planner"
 ACT = "activation-aware"
 FISHER = "Fisher-weighted"
+ADAPTER = "whole-adapter weights"
 
 
 def _planner(budget: str, *asides: tuple[str, str]):
@@ -37,8 +38,10 @@ def _planner(budget: str, *asides: tuple[str, str]):
 
 
 def _output_aware(budget: str):
-    """The planner at `budget` with its activation-aware and Fisher-weighted asides."""
-    return _planner(budget, (ACT, f"hydraopt:plan+nested+act@{budget}"),
+    """The planner at `budget` with its whole-adapter-weighted, activation-aware and
+    Fisher-weighted asides."""
+    return _planner(budget, (ADAPTER, f"hydraopt:plan+nested+adapter@{budget}"),
+                    (ACT, f"hydraopt:plan+nested+act@{budget}"),
                     (FISHER, f"hydraopt:plan+nested+act+fisher@{budget}"))  # fmt: skip
 
 
@@ -141,7 +144,10 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 # The answer-likelihood table: at each per-task truncation's storage, the mean answer NLL
 # (nats per answer token) of truncation and of the planner with each objective.
-NLL_HEADER = "| storage | per-task truncation | planner | activation-aware | Fisher-weighted |"
+NLL_HEADER = (
+    "| storage | per-task truncation | planner | whole-adapter weights | activation-aware "
+    "| Fisher-weighted |"
+)
 NLL_ROWS = (("0.0625", "r/16"), ("0.125", "r/8"), ("0.25", "r/4"), ("0.50", "r/2"))
 
 
@@ -154,10 +160,10 @@ def nll_markdown_table(results: Sequence[dict]) -> str:
     """Answer NLL `same_seed / diff_seed` at truncation's storages, the own LoRAs' first."""
     details = {res["collection"]: res.get("details", {}) for res in results}
     own = _nll_pair(details, "lora")
-    lines = [NLL_HEADER, "|---|---|---|---|---|", f"| own LoRA (1.0) | {own} | | | |"]
+    lines = [NLL_HEADER, "|---|---|---|---|---|---|", f"| own LoRA (1.0) | {own} | | | | |"]
     for budget, rank in NLL_ROWS:
         methods = (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}",
-                   f"hydraopt:plan+nested+act@{budget}",
+                   f"hydraopt:plan+nested+adapter@{budget}", f"hydraopt:plan+nested+act@{budget}",
                    f"hydraopt:plan+nested+act+fisher@{budget}")  # fmt: skip
         lines.append(f"| {budget} | " + " | ".join(_nll_pair(details, m) for m in methods)
                      + " |")  # fmt: skip
