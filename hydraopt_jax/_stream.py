@@ -257,14 +257,7 @@ def merge_collection(
     checkpoint = None
     solve_weights = weights
     if weights == "adapter" and done is None:  # needs every module's update, not a group's
-        solve_weights = adapter_task_weights(
-            (
-                (m, a, b, r)
-                for _, group in collection.iter_groups()
-                for m, (a, b, r) in group.items()
-            ),
-            activation_covs,
-        )
+        solve_weights = adapter_task_weights(collection.iter_modules(), activation_covs)
     if done is None and wants_checkpoint:
         checkpoint = RunCheckpoint.open(out, print_, resume=resume, part=part)
         if not (iterative and checkpoint_every > 0):

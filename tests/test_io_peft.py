@@ -224,6 +224,10 @@ def test_collection_modules_ranks_and_shape_groups():
         ("linear", 48, 32),
     }
     assert len(groups[("linear", 32, 16)]) == 4  # k and v of both layers
+    flat = {name: value for _key, group in col.iter_groups() for name, value in group.items()}
+    assert [(n, a.shape, b.shape, r) for n, a, b, r in col.iter_modules()] == [
+        (n, a.shape, b.shape, r) for n, (a, b, r) in flat.items()
+    ]  # iter_modules: the same modules, group by group
     seen = set()
     for _key, group in col.iter_groups():
         for name, (a, b, ranks) in group.items():

@@ -318,7 +318,7 @@ def test_streamed_adapter_weights_are_the_whole_collections(tmp_path):
     collection = hj.io.load_collection(dirs)
     assert len(collection.shape_groups()) > 1  # groups are solved one at a time
     bundle = hj.merge_collection(collection, "shared-a", weights="adapter")
-    arrays = {m: v for _, group in collection.iter_groups() for m, v in group.items()}
+    arrays = {m: (a, b, r) for m, a, b, r in collection.iter_modules()}
     whole = hj.merge_adapters(arrays, hj.SharingPlan.shared_a(collection.num_tasks),
                               weights="adapter")  # fmt: skip
     assert bundle.meta["weighting"] == "adapter"

@@ -72,9 +72,8 @@ def load_collection(
     tasks = sorted(tasks, key=order)
     peft = load_peft_collection([path / t for t in tasks], tasks)
     A, B, ranks = {}, {}, {}
-    for _, group in peft.iter_groups():
-        for module, (a, b, r) in group.items():
-            A[module], B[module], ranks[module] = a, b, tuple(r)
+    for module, a, b, r in peft.iter_modules():
+        A[module], B[module], ranks[module] = a, b, tuple(r)
     modules = sorted(A)
     scales = {
         m: np.asarray(

@@ -101,6 +101,12 @@ class AdapterCollection:
         for key, names in self.shape_groups().items():
             yield key, self.load_group(names)
 
+    def iter_modules(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]]:
+        """Yield `(name, A, B, ranks)` for every module, one shape group loaded at a time."""
+        for _, group in self.iter_groups():
+            for name, (a, b, ranks) in group.items():
+                yield name, a, b, ranks
+
 
 def load_collection(dirs: Sequence, names: Sequence[str] | None = None) -> AdapterCollection:
     """Open several PEFT adapter directories as one collection of tasks.

@@ -157,9 +157,7 @@ class BudgetPlan:
 def _iter_modules(collection):
     """`(name, A, B, ranks)` from `{module: (A, B[, ranks])}` or an `AdapterCollection`."""
     if isinstance(collection, AdapterCollection):
-        for _, group in collection.iter_groups():
-            for name, (a, b, ranks) in group.items():
-                yield name, a, b, ranks
+        yield from collection.iter_modules()
         return
     for name, value in collection.items():
         a, b = value[0], value[1]
@@ -309,21 +307,18 @@ def truncation_levels(options) -> list[TruncationLevel]:
     option at that rank (found by the plan's structure, whatever the grouping is named: on
     a module where only some tasks are present, `separate` may coincide with an attribute
     grouping)."""
+    base = {m: max(stats.ranks[t] for t in stats.present) for m, (stats, _) in options.items()}
     separate = {}  # module -> {rank: option index}
     fractions = set()
-    for m, (stats, opts) in options.items():
-        base = max(stats.ranks[t] for t in stats.present)
+    for m, (_, opts) in options.items():
         separate[m] = {}
         for i, o in enumerate(opts):
-            if _separate(o) and o.rank <= base:
+            if _separate(o) and o.rank <= base[m]:
                 separate[m].setdefault(o.rank, i)
-                fractions.add(o.rank / base)
+                fractions.add(o.rank / base[m])
     levels = []
     for f in sorted(fractions):
-        ranks = {}
-        for m, (stats, _) in options.items():
-            base = max(stats.ranks[t] for t in stats.present)
-            ranks[m] = min(base, max(1, round(f * base)))
+        ranks = {m: min(base[m], max(1, round(f * base[m]))) for m in options}
         if all(ranks[m] in separate[m] for m in options):
             picks = {m: separate[m][ranks[m]] for m in options}
             if not levels or picks != levels[-1].picks:

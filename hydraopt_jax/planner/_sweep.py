@@ -77,37 +77,35 @@ def storage_sweep(
             }
         )
 
-    def uniform(method, family, label, key):
-        """The row of grouping pair `key` at rank `label` on every module (if all have it)."""
-        picked = []  # (errors of the module, its parameters)
-        for st, opts in options.values():
-            hit = [
-                o
-                for o in opts
-                if (o.a_by, o.b_by, o.rank_label, o.task_rank) == (*key, label, None)
-            ]
-            if hit:
-                errors = _ModuleErrors(st.present, hit[0].relative_error, tuple(st.sq_norms))
-                picked.append((errors, hit[0].num_params))
-        if len(picked) == len(options):
-            errors = task_relative_errors([e for e, _ in picked], num_tasks)
-            add(method, family, sum(p for _, p in picked), errors)
+    def add_selection(method, family, picked):
+        """The row of one option per module (`{module: PlanOption}`)."""
+        errors = task_relative_errors([
+            _ModuleErrors(st.present, picked[m].relative_error, tuple(st.sq_norms))
+            for m, (st, _) in options.items()
+        ], num_tasks)  # fmt: skip
+        add(method, family, sum(o.num_params for o in picked.values()), errors)
 
     for plan_name, key in NAMED_PLANS.items():
         family = plan_name.replace("_", "-")
         for m in rank_multipliers:
             if family == "separate" and m < 1:
                 continue  # the truncation rows below
-            uniform(f"hydraopt:{family} k={m:g}r", family, f"{m:g}r", key)
+            picked = {}  # the grouping pair at this rank on every module, if all have it
+            for module, (_, opts) in options.items():
+                hit = [
+                    o
+                    for o in opts
+                    if (o.a_by, o.b_by, o.rank_label, o.task_rank) == (*key, f"{m:g}r", None)
+                ]
+                if hit:
+                    picked[module] = hit[0]
+            if len(picked) == len(options):
+                add_selection(f"hydraopt:{family} k={m:g}r", family, picked)
     # per-task truncation, the reference to beat: every candidate rank below r
     for level in truncation_levels(options):
         if level.fraction < 1:
-            errors = task_relative_errors([
-                _ModuleErrors(st.present, opts[level.picks[m]].relative_error, tuple(st.sq_norms))
-                for m, (st, opts) in options.items()
-            ], num_tasks)  # fmt: skip
-            params = sum(opts[level.picks[m]].num_params for m, (_, opts) in options.items())
-            add(f"truncation {level.name}", "truncation", params, errors)
+            picked = {m: options[m][1][i] for m, i in level.picks.items()}
+            add_selection(f"truncation {level.name}", "truncation", picked)
     for budget in budgets:
         try:
             chosen = choose(groupings, options, budget)
