@@ -48,6 +48,8 @@ FACTORWISE = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_pr
 FISHER = "fisher"
 # The task weighting relative to each task's whole adapter (`+adapter`)
 ADAPTER = "adapter"
+# The activation-aware planner with whole-adapter task weights (`+act+adapter`)
+ACT_ADAPTER = "act+adapter"
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
 
@@ -172,6 +174,12 @@ class Grid:
             grid += [
                 Method(f"hydraopt:plan+nested+adapter@{budget_tag(b)}", "planner", budget=b,
                        nested=True, task_weighting=ADAPTER)
+                for b in nested_budgets
+            ]  # fmt: skip
+        if sweep and ACT_ADAPTER in self.planner_variants:
+            grid += [
+                Method(f"hydraopt:plan+nested+act+adapter@{budget_tag(b)}", "planner", budget=b,
+                       nested=True, activation=True, task_weighting=ADAPTER)
                 for b in nested_budgets
             ]  # fmt: skip
         if sweep and FISHER in self.planner_variants:
