@@ -31,18 +31,25 @@ PLANNER = "planner"
 ACT = "activation-aware"
 FISHER = "Fisher-weighted"
 ADAPTER = "whole-adapter weights"
+ACT_ADAPTER = "activation-aware with whole-adapter weights"
 
 
 def _planner(budget: str, *asides: tuple[str, str]):
     return [(PLANNER, f"hydraopt:plan+nested@{budget}", asides)]
 
 
+# The planner's objectives beside the default one: (label, method prefix of a budget).
+OBJECTIVES = (
+    (ADAPTER, "hydraopt:plan+nested+adapter"),
+    (ACT, "hydraopt:plan+nested+act"),
+    (ACT_ADAPTER, "hydraopt:plan+nested+act+adapter"),
+    (FISHER, "hydraopt:plan+nested+act+fisher"),
+)
+
+
 def _output_aware(budget: str):
-    """The planner at `budget` with its whole-adapter-weighted, activation-aware and
-    Fisher-weighted asides."""
-    return _planner(budget, (ADAPTER, f"hydraopt:plan+nested+adapter@{budget}"),
-                    (ACT, f"hydraopt:plan+nested+act@{budget}"),
-                    (FISHER, f"hydraopt:plan+nested+act+fisher@{budget}"))  # fmt: skip
+    """The planner at `budget` with each of its other objectives as an aside."""
+    return _planner(budget, *((label, f"{prefix}@{budget}") for label, prefix in OBJECTIVES))
 
 
 # A label that starts with a digit is a planner budget; any other label is a note after the
@@ -145,8 +152,9 @@ def markdown_table(results: Sequence[dict]) -> str:
 # The answer-likelihood table: at each per-task truncation's storage, the mean answer NLL
 # (nats per answer token) of truncation and of the planner with each objective.
 NLL_HEADER = (
-    "| storage | per-task truncation | planner | whole-adapter weights | activation-aware "
-    "| Fisher-weighted |"
+    "| storage | per-task truncation | planner | "
+    + " | ".join(label for label, _ in OBJECTIVES)
+    + " |"
 )
 NLL_ROWS = (("0.0625", "r/16"), ("0.125", "r/8"), ("0.25", "r/4"), ("0.50", "r/2"))
 
@@ -160,11 +168,15 @@ def nll_markdown_table(results: Sequence[dict]) -> str:
     """Answer NLL `same_seed / diff_seed` at truncation's storages, the own LoRAs' first."""
     details = {res["collection"]: res.get("details", {}) for res in results}
     own = _nll_pair(details, "lora")
-    lines = [NLL_HEADER, "|---|---|---|---|---|---|", f"| own LoRA (1.0) | {own} | | | | |"]
+    columns = 3 + len(OBJECTIVES)
+    lines = [
+        NLL_HEADER,
+        "|---" * columns + "|",
+        f"| own LoRA (1.0) | {own} |" + " |" * (columns - 2),
+    ]
     for budget, rank in NLL_ROWS:
         methods = (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}",
-                   f"hydraopt:plan+nested+adapter@{budget}", f"hydraopt:plan+nested+act@{budget}",
-                   f"hydraopt:plan+nested+act+fisher@{budget}")  # fmt: skip
+                   *(f"{prefix}@{budget}" for _, prefix in OBJECTIVES))  # fmt: skip
         lines.append(f"| {budget} | " + " | ".join(_nll_pair(details, m) for m in methods)
                      + " |")  # fmt: skip
     return "\n".join(lines)
