@@ -145,16 +145,21 @@ def test_answer_scores_are_exact_match_and_the_answers_likelihood():
     assert correct[-1] == 1.0 and np.all(nll > 0)
 
 
-def test_both_grids_offer_the_fisher_planner_at_every_nested_budget():
-    from benchmarks.llm_testbed.bench import GRID, NESTED_BUDGETS, TESTBED
+def test_both_grids_offer_the_fisher_planner_at_their_variant_budgets():
+    from benchmarks.llm_testbed.bench import GRID, TESTBED, VARIANT_BUDGETS
     from benchmarks.quality.methods import budget_tag
     from benchmarks.testbed.evaluate_methods import GRID as TINY
 
     fisher = {m.name: m for m in GRID.methods() if m.module_weighting == "fisher"}
     assert set(fisher) == {
-        f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}" for b in NESTED_BUDGETS
+        f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}" for b in VARIANT_BUDGETS
     }
     assert all(m.nested and m.activation for m in fisher.values())
+    # every objective at each per-task truncation's storage (1 / 16 ... 1 / 2 of r = 16)
+    names = {m.name for m in GRID.methods()}
+    for suffix in ("+act", "+adapter", "+act+adapter", "+act+fisher"):
+        for b in (0.0625, 0.125, 0.25, 0.50):
+            assert f"hydraopt:plan+nested{suffix}@{budget_tag(b)}" in names
     assert TESTBED.sensitivities is not None
     from benchmarks.testbed.evaluate_methods import NESTED_BUDGETS as TINY_BUDGETS
     from benchmarks.testbed.evaluate_methods import TESTBED as TINY_TESTBED

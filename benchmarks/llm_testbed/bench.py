@@ -45,6 +45,9 @@ QUICK_TEST_EXAMPLES = 16
 # and size-weighted planners run at a subset; the planner with nested ranks at all of them.
 PLANNER_BUDGETS = (0.025, 0.07, 0.10, 0.25, 0.55)
 NESTED_BUDGETS = (0.025, 0.04, 0.06, 0.0625, 0.07, 0.10, 0.12, 0.125, 0.25, 0.30, 0.50, 0.55)
+# The nested planner's other objectives: below rank 1 and at each per-task truncation's storage
+# (where they are compared with it); the first 20 tasks have them at every nested budget.
+VARIANT_BUDGETS = (0.04, 0.0625, 0.125, 0.25, 0.50)
 GRID = Grid(
     planner_budgets=PLANNER_BUDGETS,
     quick_planner_budgets=(0.10,),
@@ -52,6 +55,7 @@ GRID = Grid(
     nested=((1.0, 0.0625), (1.0, 0.125), (1.0, 0.25)),
     nested_budgets=NESTED_BUDGETS,
     planner_variants=("act", "size", "fisher", "adapter", "act+adapter"),
+    variant_budgets=VARIANT_BUDGETS,
 )
 CALIBRATION = dict(examples_per_task=4, seed=777)
 

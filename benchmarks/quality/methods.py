@@ -50,6 +50,13 @@ FISHER = "fisher"
 ADAPTER = "adapter"
 # The activation-aware planner with whole-adapter task weights (`+act+adapter`)
 ACT_ADAPTER = "act+adapter"
+# The nested planner's other objectives: variant -> (name suffix, `Method` options).
+NESTED_VARIANTS = {
+    "act": ("+act", dict(activation=True)),
+    ADAPTER: ("+adapter", dict(task_weighting=ADAPTER)),
+    ACT_ADAPTER: ("+act+adapter", dict(activation=True, task_weighting=ADAPTER)),
+    FISHER: ("+act+fisher", dict(activation=True, module_weighting=FISHER)),
+}
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
 
@@ -110,7 +117,10 @@ def budget_tag(budget: float) -> str:
 class Grid:
     """Which methods a testbed runs. Budgets: the planner's storage budgets; `truncation`:
     per-task truncation ranks as multiples of `r`; `nested`: named nested plans as
-    `(k, j)` multiples of `r` (shared A of rank `k r`, each task `j r` inside it)."""
+    `(k, j)` multiples of `r` (shared A of rank `k r`, each task `j r` inside it);
+    `nested_budgets`: the planner with nested ranks; `planner_variants`: its other objectives
+    (`NESTED_VARIANTS`, and `"act"` / `"size"` without nested ranks too), run at
+    `variant_budgets` (None: at every nested budget)."""
 
     planner_budgets: tuple[float, ...]
     quick_planner_budgets: tuple[float, ...] = (0.30,)
@@ -118,6 +128,7 @@ class Grid:
     nested: tuple[tuple[float, float], ...] = ()
     nested_budgets: tuple[float, ...] = ()
     planner_variants: tuple[str, ...] = ("act", "size")
+    variant_budgets: tuple[float, ...] | None = None
 
     def methods(self, sweep: bool = True) -> list[Method]:
         """Every method, in a fixed order. `sweep` adds the planner's variants and the rank
@@ -164,31 +175,16 @@ class Grid:
             Method(f"hydraopt:plan+nested@{budget_tag(b)}", "planner", budget=b, nested=True)
             for b in nested_budgets
         ]
-        if sweep and "act" in self.planner_variants:
-            grid += [
-                Method(f"hydraopt:plan+nested+act@{budget_tag(b)}", "planner", budget=b,
-                       nested=True, activation=True)
-                for b in nested_budgets
-            ]  # fmt: skip
-        if sweep and ADAPTER in self.planner_variants:
-            grid += [
-                Method(f"hydraopt:plan+nested+adapter@{budget_tag(b)}", "planner", budget=b,
-                       nested=True, task_weighting=ADAPTER)
-                for b in nested_budgets
-            ]  # fmt: skip
-        if sweep and ACT_ADAPTER in self.planner_variants:
-            grid += [
-                Method(f"hydraopt:plan+nested+act+adapter@{budget_tag(b)}", "planner", budget=b,
-                       nested=True, activation=True, task_weighting=ADAPTER)
-                for b in nested_budgets
-            ]  # fmt: skip
-        if sweep and FISHER in self.planner_variants:
-            grid += [
-                Method(f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}", "planner", budget=b,
-                       nested=True, activation=True, module_weighting=FISHER)
-                for b in nested_budgets
-            ]  # fmt: skip
         if sweep:
+            variant_budgets = self.nested_budgets if self.variant_budgets is None else (
+                self.variant_budgets)  # fmt: skip
+            grid += [
+                Method(f"hydraopt:plan+nested{suffix}@{budget_tag(b)}", "planner", budget=b,
+                       nested=True, **options)
+                for variant, (suffix, options) in NESTED_VARIANTS.items()
+                if variant in self.planner_variants
+                for b in variant_budgets
+            ]  # fmt: skip
             grid += [
                 Method(f"hydraopt:shared-a@k={rank_tag(0.5)}", H, "shared_a", 0.5),
                 Method(f"hydraopt:shared-a@k={rank_tag(4.0)}", H, "shared_a", 4.0),
