@@ -133,7 +133,8 @@ def task_weights(A: jax.Array, B: jax.Array, weights="relative") -> jax.Array:
 
     `"relative"` (default): `1 / ||dW_t||_F^2`, so every task counts equally whatever its norm
     (a task with a zero update gets weight 0); `"uniform"`: 1; or an array `[T]` of
-    non-negative weights.
+    non-negative weights. `"adapter"` needs every module (`adapter_task_weights`): the
+    callers that see them all resolve it to its array first.
     """
     num_tasks = A.shape[0]
     dtype = A.dtype
@@ -173,8 +174,9 @@ def adapter_task_weights(modules, activation_covs=None) -> np.ndarray:
         a = np.asarray(a, np.float64)
         b = np.asarray(b, np.float64)
         present = np.ones(a.shape[0], bool) if ranks is None else np.asarray(ranks) > 0
-        if activation_covs is not None:
-            c = regularized_covariance(np.asarray(activation_covs[name], np.float64), np)
+        cov = None if activation_covs is None else activation_covs.get(name)
+        if cov is not None:  # a module without covariances keeps the plain metric
+            c = regularized_covariance(np.asarray(cov, np.float64), np)
             gram_a = np.einsum("tri,ij,tsj->trs", a, c, a, optimize=True)
         else:
             gram_a = np.einsum("tri,tsi->trs", a, a)

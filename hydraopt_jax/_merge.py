@@ -234,11 +234,6 @@ def merge_adapters(
             f"merge_adapters takes {{module: (A, B[, ranks])}}, got {type(collection).__name__}; "
             "stream an io.AdapterCollection with hydraopt_jax.merge_collection"
         )
-    if isinstance(weights, str) and weights == "adapter":  # one array for every module
-        weights = adapter_task_weights(
-            ((name, *_unpack_entry(name, value)) for name, value in collection.items()),
-            activation_covs,
-        )
     groups: dict[tuple, list[tuple[str, Any, Any, tuple[int, ...]]]] = {}
     for name, value in collection.items():
         A, B, ranks = _unpack_entry(name, value)
@@ -253,6 +248,10 @@ def merge_adapters(
         has_cov = activation_covs is not None and name in activation_covs
         key = (A.shape, B.shape, present, sub_plan, has_cov)
         groups.setdefault(key, []).append((name, A, B, ranks))
+    if isinstance(weights, str) and weights == "adapter":  # one array for every module
+        weights = adapter_task_weights(
+            (m for members in groups.values() for m in members), activation_covs
+        )
 
     out: dict[str, Solution] = {}
     for (a_shape, b_shape, present, sub_plan, has_cov), members in groups.items():

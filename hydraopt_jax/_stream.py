@@ -167,8 +167,9 @@ def merge_collection(
     - `out`: a directory to write the bundle to (atomically); checkpoints of iterative solves
       go beside it (`OUT.hydraopt-ckpt`). Without `out` nothing is written.
     - `weights`: `"relative"`, `"uniform"` or `"adapter"` (as in `merge_adapters`: computed
-      from every module in a first pass over the collection); `max_steps`: iterative
-      solvers' step budget.
+      from every module in a first pass over the collection, one module in memory at a time;
+      with several processes each reads every module in that pass, since a task's weight
+      needs its whole adapter); `max_steps`: iterative solvers' step budget.
     - `dtype`: the bundle's stored dtype (`"float32"`, `"bfloat16"`, `"float16"`).
     - `max_memory`: bytes one solve may use (default 80% of the available memory).
     - `resume`, `checkpoint_every`: continue an interrupted run from its checkpoint (and,

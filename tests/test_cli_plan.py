@@ -49,6 +49,15 @@ def test_cli_plan_then_merge(tmp_path, capsys, adapter_dirs):
     assert rc == 0, err
     assert "storage ratio" in stdout and "predicted mean relative error" in stdout
     assert "per-task truncation at this budget (rank 2 per task, storage 0.5000)" in stdout
+    assert "weighting:" not in out.read_text()  # the default needs no reminder
+    # below rank 1's storage, and with no candidate rank below r: each says why
+    rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.2", "--out", out)
+    assert rc == 0, err
+    assert "per-task truncation: its lowest candidate rank does not fit this budget" in stdout
+    rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.5", "--out", out,
+                               "--rank-multipliers", "2")  # fmt: skip
+    assert rc == 0, err
+    assert "per-task truncation: none offered (--rank-multipliers" in stdout
 
 
 def test_cli_adapter_weighting_plans_and_merges_the_reported_errors(tmp_path, capsys, adapter_dirs):
@@ -62,6 +71,7 @@ def test_cli_adapter_weighting_plans_and_merges_the_reported_errors(tmp_path, ca
     errors = np.array(list(summary["tasks"].values()))
     assert summary["loss"] == pytest.approx(float(np.sum(errors**2)), rel=1e-8)
     assert summary["loss"] <= summary["truncation"]["loss"]
+    assert "# weighting: adapter (merge with the same --weighting)" in out.read_text()
     rc, stdout, err = run_main(capsys, "merge", *adapter_dirs, "--config", out, "--out",
                                tmp_path / "b", "--weighting", "adapter", "--json")  # fmt: skip
     assert rc == 0, err

@@ -222,7 +222,7 @@ def test_per_task_truncation_is_each_update_cut_to_one_rank(collection, options,
 
 def test_per_task_truncation_bounds(options):
     """Rank 1 per task is a quarter of these rank-4 adapters: nothing fits below it; and no
-    budget, however large, makes the reference keep more than each task's own rank."""
+    budget, however large, makes the reference keep more than the module's LoRA rank."""
     assert per_task_truncation(*options, 0.24) is None
     assert per_task_truncation(*options, 0.25)[1].storage_ratio == pytest.approx(0.25)
     level, ref = per_task_truncation(*options, 4.0)
@@ -286,11 +286,7 @@ def test_adapter_weights_are_one_over_each_tasks_whole_update(collection):
     given, and only over the modules a task adapts."""
     from hydraopt_jax._loss import adapter_task_weights
 
-    rng = np.random.default_rng(5)
-    covs = {}
-    for m, (a, _) in collection.items():
-        x = rng.normal(size=(64, a.shape[2]))
-        covs[m] = x.T @ x / 64
+    covs = _random_covs(collection)
     entries = [(m, a, b, None) for m, (a, b) in collection.items()]
     np.testing.assert_allclose(
         adapter_task_weights(entries), _dense_adapter_weights(collection), rtol=1e-10
@@ -308,21 +304,55 @@ def test_adapter_weights_are_one_over_each_tasks_whole_update(collection):
     )
     with pytest.raises(ValueError, match="needs every module"):
         hj.merge(a, b, hj.SharingPlan.shared_a(len(NAMES)), weights="adapter")
-
-
-def test_adapter_weighted_planner_minimises_the_reported_task_errors(collection):
-    """With `weights="adapter"` the planner's total loss is `sum_t err_t^2` of the per-task
-    errors it reports (and `merge` reports), and the merge fits the loss it predicted."""
-    groupings, opts = collection_options(
-        collection, task_names=NAMES, task_attributes=ATTRS, weights="adapter"
+    # covariances for some modules only: the others keep the plain metric (as in the merge)
+    some = dict(list(covs.items())[:1])
+    entries = [(m, a, b, None) for m, (a, b) in collection.items()]
+    expected = 1 / (
+        1 / _dense_adapter_weights(dict(list(collection.items())[:1]), some)
+        + 1 / _dense_adapter_weights(dict(list(collection.items())[1:]))
     )
+    np.testing.assert_allclose(adapter_task_weights(entries, some), expected, rtol=1e-10)
+    plan = hj.SharingPlan.shared_a(len(NAMES))
+    sols = hj.merge_adapters(collection, plan, weights="adapter", activation_covs=some)
+    assert set(sols) == set(collection)
+
+
+def test_adapter_weights_do_not_hide_a_shape_error(collection):
+    """The merge's own message (module, shapes) comes before the weights are computed."""
+    (m, (a, b)), *_ = collection.items()
+    with pytest.raises(ValueError, match=f"merge \\({m}\\).*disagree"):
+        hj.merge_adapters({m: (a, b[:, :, :2])}, hj.SharingPlan.shared_a(len(NAMES)),
+                          weights="adapter")  # fmt: skip
+
+
+def _random_covs(collection, seed=5):
+    rng = np.random.default_rng(seed)
+    covs = {}
+    for m, (a, _) in collection.items():
+        x = rng.normal(size=(64, a.shape[2])) * rng.uniform(0.2, 3.0, size=a.shape[2])
+        covs[m] = x.T @ x / 64
+    return covs
+
+
+@pytest.mark.parametrize("with_covs", [False, True], ids=["plain", "activation"])
+def test_adapter_weighted_planner_minimises_the_reported_task_errors(collection, with_covs):
+    """With `weights="adapter"` the planner's total loss is `sum_t err_t^2` of the per-task
+    errors it reports, which are those the merge reports (in the activation metric, under
+    input covariances), and the merge fits the loss it predicted."""
+    covs = _random_covs(collection) if with_covs else None
+    groupings, opts = collection_options(
+        collection, task_names=NAMES, task_attributes=ATTRS, weights="adapter",
+        activation_covs=covs,
+    )  # fmt: skip
     for budget in (0.3, 0.6):
         bp = choose(groupings, opts, budget)
         errors = bp.task_relative_errors()
         assert bp.loss == pytest.approx(float(np.sum(errors**2)), rel=1e-8)
-        solutions = hj.merge_adapters(collection, bp.plans, weights="adapter")
-        w = _dense_adapter_weights(collection)
-        explicit = hj.merge_adapters(collection, bp.plans, weights=w)
+        solutions = hj.merge_adapters(collection, bp.plans, weights="adapter", activation_covs=covs)
+        merged = hj.task_relative_errors(solutions, len(NAMES))
+        np.testing.assert_allclose(merged, errors, rtol=1e-3, atol=1e-6)
+        w = _dense_adapter_weights(collection, covs)
+        explicit = hj.merge_adapters(collection, bp.plans, weights=w, activation_covs=covs)
         for module, sol in solutions.items():
             np.testing.assert_allclose(
                 float(sol.loss), bp.modules[module].option.loss, rtol=1e-4, atol=1e-7

@@ -125,7 +125,13 @@ def plan(
     ] = False,
 ):
     """Choose per module the shared side, task groups and rank under a storage budget."""
-    from ..planner import choose, collection_options, per_task_truncation, plans_from_config
+    from ..planner import (
+        choose,
+        collection_options,
+        per_task_truncation,
+        plans_from_config,
+        truncation_levels,
+    )
     from ..planner.planfile import PLAN_FILE_MARK
 
     start = time.perf_counter()
@@ -172,6 +178,11 @@ def plan(
                 if stats is not None
                 else []
             ),
+            *(
+                [f"weighting: {weighting} (merge with the same --weighting)"]
+                if weighting != "relative"
+                else []
+            ),
         ],
     )
     # the file must read back as exactly the chosen plans
@@ -185,6 +196,7 @@ def plan(
     write_file_atomically(out, lambda p: p.write_text(text, encoding="utf-8"))
     errors = chosen.task_relative_errors()
     truncation = per_task_truncation(groupings, options, budget)
+    offered = bool(truncation) or bool(truncation_levels(options))
     summary = {
         "budget": budget,
         "storage_ratio": chosen.storage_ratio,
@@ -231,7 +243,12 @@ def plan(
     )
     reference = summary["truncation"]
     if reference is None:
-        console.print("per-task truncation: no candidate rank fits this budget")
+        console.print(
+            "per-task truncation: its lowest candidate rank does not fit this budget"
+            if offered
+            else "per-task truncation: none offered (--rank-multipliers has no rank at or "
+            "below each module's LoRA rank)"
+        )
     else:
         console.print(
             f"per-task truncation at this budget ({reference['name']} per task, storage "

@@ -102,9 +102,11 @@ class AdapterCollection:
             yield key, self.load_group(names)
 
     def iter_modules(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]]:
-        """Yield `(name, A, B, ranks)` for every module, one shape group loaded at a time."""
-        for _, group in self.iter_groups():
-            for name, (a, b, ranks) in group.items():
+        """Yield `(name, A, B, ranks)` for every module, group by group, one module loaded at
+        a time (memory: one module's factors, whatever the size of its shape group)."""
+        for names in self.shape_groups().values():
+            for name in names:
+                ((a, b, ranks),) = self.load_group([name]).values()
                 yield name, a, b, ranks
 
 

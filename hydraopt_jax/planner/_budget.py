@@ -398,7 +398,7 @@ def plan_budget(
 
     - `collection`: `{module: (A [T, r, d_in], B [T, d_out, r])}` or `{module: (A, B,
       ranks)}` (scale folded into B; `ranks[t] = 0` marks a task absent from the module),
-      or a `hydraopt_jax.io.AdapterCollection` (read one shape group at a time).
+      or a `hydraopt_jax.io.AdapterCollection` (read one module at a time).
     - `budget`: stored parameters as a fraction of the original adapters' (e.g. `0.3`).
     - `task_names`: for attribute parsing and the YAML (default: the collection's names).
     - `task_attributes`: one `{attribute: value}` per task (tasks sharing a value may share
@@ -409,7 +409,9 @@ def plan_budget(
     - `weights`: task weights as in `merge` (`"relative"` default: each task counts equally
       within a module), or `"adapter"` (`_loss.adapter_task_weights`: each task's error
       relative to its whole adapter, so the total loss is `sum_t err_t^2` of the reported
-      per-task errors).
+      per-task errors, in the activation metric when `activation_covs` are given; module
+      weights other than equal scale each module's term, so the identity then no longer
+      holds).
     - `activation_covs`: optional `{module: E[x x^T]}`; losses are then measured on the
       layer's outputs (as `merge(..., activation_cov=...)`).
     - `module_weights`: `"equal"` (default: every module's relative loss counts the same),

@@ -212,7 +212,7 @@ class ModuleStats:
     p: np.ndarray  # [n r, n r] blocks A_s C A_t^T
     q: np.ndarray  # [n r, n r] blocks B_s^T B_t
     weights: np.ndarray  # [n]
-    sq_norms: np.ndarray  # [n] ||dW_t||^2 (unwhitened, for reports)
+    sq_norms: np.ndarray  # [n] ||dW_t||^2 (in the activation metric, as `Solution`'s)
 
     @property
     def original_params(self) -> int:
@@ -230,9 +230,8 @@ def module_stats(name, A, B, ranks=None, *, weights="relative", activation_cov=N
     a = A[list(present)].reshape(len(present) * r, d_in)
     b = np.moveaxis(B[list(present)], 1, 0).reshape(d_out, len(present) * r)
     q = b.T @ b
-    p_raw = a @ a.T
     if activation_cov is None:
-        p = p_raw
+        p = a @ a.T
     else:
         p = a @ regularized_covariance(np.asarray(activation_cov, np.float64), np) @ a.T
     metric = _block_traces(q, p, r)
@@ -242,14 +241,18 @@ def module_stats(name, A, B, ranks=None, *, weights="relative", activation_cov=N
         elif weights == "uniform":
             w = np.ones(len(present))
         else:
-            raise ValueError(f"weights must be 'relative', 'uniform' or an array; got {weights!r}")
+            raise ValueError(
+                f"module_stats: weights must be 'relative', 'uniform' or an array (resolve "
+                f"'adapter' with adapter_task_weights first); got {weights!r}"
+            )
     else:
         w = np.asarray(weights, np.float64)
         if w.shape != (num_tasks,):
             raise ValueError(f"weights has shape {w.shape}, expected ({num_tasks},)")
         w = w[list(present)]
-    sq = metric if activation_cov is None else _block_traces(q, p_raw, r)
-    return ModuleStats(name, d_in, d_out, ranks, present, r, p, q, w, sq)
+    # the same norms as the merge's (`Solution.task_sq_norms`), so that predicted and merged
+    # relative errors agree, and `weights="adapter"` makes the loss sum_t err_t^2 under covs
+    return ModuleStats(name, d_in, d_out, ranks, present, r, p, q, w, metric)
 
 
 def _candidate_ranks(stats: ModuleStats, multipliers, ranks) -> list[tuple[int, str]]:

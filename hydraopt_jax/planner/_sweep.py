@@ -36,7 +36,7 @@ def storage_sweep(
     (`planner.truncation_levels`, family `truncation`, in place of `separate` below `r`), the
     planner at each of `budgets`, and each baseline.
 
-    `collection`: an `io.AdapterCollection` (read one shape group at a time). Rows:
+    `collection`: an `io.AdapterCollection` (read one module at a time). Rows:
     `{method, family, storage_ratio, num_params, mean_relative_error, max_relative_error}`,
     task errors as `hydraopt_jax.task_relative_errors` defines them.
     """
