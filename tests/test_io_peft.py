@@ -225,9 +225,16 @@ def test_collection_modules_ranks_and_shape_groups():
     }
     assert len(groups[("linear", 32, 16)]) == 4  # k and v of both layers
     flat = {name: value for _key, group in col.iter_groups() for name, value in group.items()}
-    assert [(n, a.shape, b.shape, r) for n, a, b, r in col.iter_modules()] == [
-        (n, a.shape, b.shape, r) for n, (a, b, r) in flat.items()
-    ]  # iter_modules: the same modules, group by group
+    # iter_modules: the same modules, group by group, one at a time: each padded to its own
+    # largest rank (a group pads to the group's), the same factors
+    modules = list(col.iter_modules())
+    assert [(n, r) for n, _, _, r in modules] == [(n, r) for n, (_, _, r) in flat.items()]
+    for n, a, b, r in modules:
+        ga, gb, _ = flat[n]
+        assert a.shape[1] == b.shape[2] == max(r) <= ga.shape[1]
+        np.testing.assert_array_equal(a, ga[:, : max(r)])
+        np.testing.assert_array_equal(b, gb[:, :, : max(r)])
+        assert not ga[:, max(r) :].any()
     seen = set()
     for _key, group in col.iter_groups():
         for name, (a, b, ranks) in group.items():

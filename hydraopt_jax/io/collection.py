@@ -103,7 +103,8 @@ class AdapterCollection:
 
     def iter_modules(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]]:
         """Yield `(name, A, B, ranks)` for every module, group by group, one module loaded at
-        a time (memory: one module's factors, whatever the size of its shape group)."""
+        a time (memory: one module's factors, whatever the size of its shape group), each
+        padded to its own largest rank."""
         for names in self.shape_groups().values():
             for name in names:
                 ((a, b, ranks),) = self.load_group([name]).values()
