@@ -191,6 +191,40 @@ def test_a_front_failure_is_reported_with_its_paired_standard_error():
     assert "s.e." not in analysis.format_summary(dict(result, details={}))
 
 
+def test_every_row_at_a_truncations_storage_is_compared_with_it_pair_by_pair():
+    """At each per-task truncation's storage (within 1%), every HydraOpt row with its paired
+    score margin and answer-NLL difference; rows at other storages are not compared."""
+    own = {"t1": 1.0, "t2": 1.0}
+    details = {
+        "hydraopt:plan@0.125": {"accuracy": {"t1": 1.0, "t2": 0.8},
+                                "answer_nll": {"t1": 0.10, "t2": 0.30}},
+        "hydraopt:plan+act@0.125": {"accuracy": {"t1": 0.9, "t2": 0.9},
+                                    "answer_nll": {"t1": 0.20, "t2": 0.20}},
+        "reference:truncate-r/8": {"accuracy": {"t1": 0.9, "t2": 0.8},
+                                   "answer_nll": {"t1": 0.15, "t2": 0.40}},
+    }  # fmt: skip
+    rows = [
+        _row("hydraopt:plan@0.125", 0.1249, 0.9),
+        _row("hydraopt:plan+act@0.125", 0.1250, 0.9),
+        _row("hydraopt:plan@0.20", 0.20, 0.95),
+        _row("reference:truncate-r/8", 0.125, 0.85),
+    ]
+    result = dict(collection="c", tasks=list(own), rows=rows, details=details,
+                  config=dict(own_accuracy=own))  # fmt: skip
+    found = analysis.truncation_margins(result)
+    assert [m["method"] for m in found] == ["hydraopt:plan@0.125", "hydraopt:plan+act@0.125"]
+    first = found[0]
+    assert first["margin"][0] == pytest.approx(0.05) and first["margin"][1] == pytest.approx(0.05)
+    assert first["nll"][0] == pytest.approx(-0.075)
+    assert first["nll"][1] == pytest.approx(np.std([-0.05, -0.10], ddof=1) / np.sqrt(2))
+    md = report.markdown([result], "t", "cmd")
+    assert "## c: against per-task truncation at its storage" in md
+    assert "| reference:truncate-r/8 | 0.8500 | hydraopt:plan@0.125 | 0.1249 | 0.9000 | " in md
+    # without per-task NLLs the difference is "-", not a number
+    no_nll = {m: {"accuracy": d["accuracy"]} for m, d in details.items()}
+    assert analysis.truncation_margins(dict(result, details=no_nll))[0]["nll"] is None
+
+
 def test_markdown_and_chart(tmp_path):
     rows = [
         _row("lora", 1.0, 1.0),

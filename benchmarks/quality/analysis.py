@@ -13,8 +13,10 @@ __all__ = [
     "hydraopt_front",
     "is_rival",
     "paired_margin",
+    "paired_nll",
     "summarize",
     "task_ratios",
+    "truncation_margins",
 ]
 
 ONE_ADAPTER_RIVALS = (
@@ -96,6 +98,17 @@ def task_ratios(accuracy: Mapping[str, float], own: Mapping[str, float]) -> dict
     return {t: a / own[t] if own[t] > 0 else math.nan for t, a in accuracy.items()}
 
 
+def _paired(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float] | None:
+    """`(mean, s.e.)` over tasks of `a[t] - b[t]` (tasks in both, NaN dropped); None below two
+    tasks."""
+    diffs = [a[t] - b[t] for t in a if t in b and not math.isnan(a[t] - b[t])]
+    if len(diffs) < 2:
+        return None
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return mean, math.sqrt(var / len(diffs))
+
+
 def paired_margin(result: dict, method: str, rival: str) -> tuple[float, float] | None:
     """`(margin, s.e.)` of `method`'s score minus `rival`'s, paired over tasks: the mean of the
     per-task ratio differences (equal to the difference of the two scores) and its standard
@@ -105,13 +118,36 @@ def paired_margin(result: dict, method: str, rival: str) -> tuple[float, float] 
     acc = [details.get(m, {}).get("accuracy") for m in (method, rival)]
     if own is None or None in acc:
         return None
-    ra, rb = (task_ratios(a, own) for a in acc)
-    diffs = [ra[t] - rb[t] for t in ra if t in rb and not math.isnan(ra[t] - rb[t])]
-    if len(diffs) < 2:
-        return None
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, math.sqrt(var / len(diffs))
+    return _paired(*(task_ratios(a, own) for a in acc))
+
+
+def paired_nll(result: dict, method: str, rival: str) -> tuple[float, float] | None:
+    """`(difference, s.e.)` of the mean answer NLL, `method` minus `rival`, paired over tasks
+    (negative: `method` gives the answers more likelihood); None without per-task NLLs."""
+    details = result.get("details", {})
+    nll = [details.get(m, {}).get("answer_nll") for m in (method, rival)]
+    return None if None in nll else _paired(*nll)
+
+
+def truncation_margins(result: dict, rel_tol: float = 0.01) -> list[dict]:
+    """Every HydraOpt row at a per-task truncation's storage (within `rel_tol`) against it:
+    `{truncation, truncation_score, method, storage, score, margin, nll}` with `margin` and
+    `nll` as `paired_margin` and `paired_nll` give them (None without per-task data), by
+    storage, then HydraOpt score (best first)."""
+    rows = result["rows"]
+    out = []
+    for t in sorted((r for r in rows if _is(TRUNCATION, r)), key=lambda r: r["storage_ratio"]):
+        level = t["storage_ratio"]
+        near = rel_tol * level
+        same = [r for r in rows if _is("hydraopt:", r) and abs(r["storage_ratio"] - level) <= near]
+        for h in sorted(same, key=lambda r: -r["score"]):
+            out.append(dict(
+                truncation=t["method"], truncation_score=t["score"], method=h["method"],
+                storage=h["storage_ratio"], score=h["score"],
+                margin=paired_margin(result, h["method"], t["method"]),
+                nll=paired_nll(result, h["method"], t["method"]),
+            ))  # fmt: skip
+    return out
 
 
 def summarize(rows: Sequence[dict]) -> dict:

@@ -7,7 +7,7 @@ import math
 import pathlib
 from collections.abc import Sequence
 
-from .analysis import hydraopt_front, is_rival, paired_margin, summarize
+from .analysis import hydraopt_front, is_rival, paired_margin, summarize, truncation_margins
 
 __all__ = ["combine_results", "load_results", "markdown", "save_chart", "write_result"]
 
@@ -128,12 +128,39 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
                 f"| {name} | {row['storage_ratio']:.4f} | {row['score']:.4f} | "
                 f"{row['min_task_ratio']:.4f} | {'-' if err is None else f'{err:.3f}'} |{extra}"
             )
+    for res in results:
+        margins = truncation_margins(res)
+        if not margins:
+            continue
+        out += [
+            "",
+            f"## {res['collection']}: against per-task truncation at its storage",
+            "",
+            "| truncation | its score | HydraOpt row | storage | score | margin ± s.e. "
+            "| answer NLL difference ± s.e. |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m in margins:
+            pm, nl = m["margin"], m["nll"]
+            out.append(
+                f"| {m['truncation']} | {m['truncation_score']:.4f} | {m['method']} | "
+                f"{m['storage']:.4f} | {m['score']:.4f} | "
+                f"{'-' if pm is None else f'{pm[0]:+.4f} ± {pm[1]:.4f}'} | "
+                f"{'-' if nl is None else f'{nl[0]:+.4f} ± {nl[1]:.4f}'} |"
+            )
     out += [
         "",
         "Bold: on the HydraOpt front. rel. error: each task's relative error of its whole "
         "update (`hydraopt_jax.task_relative_errors`), mean over tasks (`+act`: in the "
         "activation metric).",
     ]
+    if any(truncation_margins(res) for res in results):
+        out.append(
+            "Against per-task truncation: every HydraOpt row within 1% of a truncation's "
+            "storage; margin = its score minus truncation's, and the answer NLL difference "
+            "(negative: HydraOpt more likely), each the mean over tasks of the per-task "
+            "difference with its standard error across tasks."
+        )
     if any("answer_nll_mean" in d for res in results for d in res.get("details", {}).values()):
         out.append(
             "answer NLL: mean over tasks of the answers' per-token negative log-likelihood "
