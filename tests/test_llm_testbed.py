@@ -102,6 +102,38 @@ def test_update_spectrum_shares_from_the_factors():
     np.testing.assert_allclose(shares[8], 1.0, rtol=1e-12)
 
 
+def test_rank_allocation_orders_truncation_below_uneven_ranks():
+    """Every task at rank j is truncation (dense SVD here); one rank per module, then one per
+    module and task, can only lower the summed squared errors at the same storage (modules
+    of one shape: the greedy allocation is then optimal), and the storage is kept."""
+    from benchmarks.llm_testbed.stats import rank_allocation
+
+    rng = np.random.default_rng(3)
+    r, d_in, d_out = 4, 12, 10
+    factors = {
+        f"t{t}": {
+            m: (rng.normal(size=(r, d_in)) * rng.uniform(0.1, 2.0, size=(r, 1)),
+                rng.normal(size=(d_out, r)) * rng.uniform(0.1, 3.0))
+            for m in ("q", "k", "v")
+        }
+        for t in range(5)
+    }  # fmt: skip
+    rows = rank_allocation(factors, fractions=(0.25, 0.5))
+    for row, j in zip(rows, (1, 2), strict=True):
+        errs = []
+        for mods in factors.values():
+            num = den = 0.0
+            for a, b in mods.values():
+                sv = np.linalg.svd(b @ a, compute_uv=False) ** 2
+                num, den = num + sv[j:].sum(), den + sv.sum()
+            errs.append(np.sqrt(num / den))
+        assert row["uniform"]["mean"] == pytest.approx(np.mean(errs), rel=1e-9)
+        assert row["uniform"]["storage"] == pytest.approx(j / r)
+        u, pm, pt = (row[k] for k in ("uniform", "per_module", "per_module_task"))
+        assert pt["sum_sq"] <= pm["sum_sq"] + 1e-12 <= u["sum_sq"] + 2e-12
+        assert pm["storage"] <= j / r + 1e-12 and pt["storage"] <= j / r + 1e-12
+
+
 def _tiny_llama():
     """A random 2-layer Llama (vocabulary 32, hidden 16), seeded, in eval mode."""
     import torch

@@ -4,6 +4,7 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
     python -m benchmarks.llm_testbed.stats                 # both collections
     python -m benchmarks.llm_testbed.stats --collection same_seed
     python -m benchmarks.llm_testbed.stats --accuracies    # each task's own accuracy only
+    python -m benchmarks.llm_testbed.stats --ranks         # what uneven ranks could add
 
 * own / base accuracy: teacher-forced exact match on each task's 64 test examples, with the
   task's own LoRA and with the base model (from `manifest.json`, written by `train.py`);
@@ -46,6 +47,89 @@ def spectrum_shares(factors: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
             for j in TOP:
                 shares[j].append(s[:j].sum() / s.sum())
     return {j: float(np.mean(v)) for j, v in shares.items()}
+
+
+def _squared_spectra(factors) -> tuple[dict[str, np.ndarray], dict[str, int], list[str]]:
+    """`({module: [T, r] squared singular values of dW_{m,t}}, {module: d_in + d_out}, tasks)`
+    (0 rows for a task that does not adapt the module)."""
+    tasks = list(factors)
+    modules = sorted({m for mods in factors.values() for m in mods})
+    spectra, cost = {}, {}
+    for m in modules:
+        a0, b0 = next(factors[t][m] for t in tasks if m in factors[t])
+        r = max(factors[t][m][0].shape[0] for t in tasks if m in factors[t])
+        rows = np.zeros((len(tasks), r))
+        for i, t in enumerate(tasks):
+            if m in factors[t]:
+                a, b = (x.astype(np.float64) for x in factors[t][m])
+                _, ra = np.linalg.qr(a.T)
+                _, rb = np.linalg.qr(b)
+                sv = np.linalg.svd(rb @ ra.T, compute_uv=False) ** 2
+                rows[i, : len(sv)] = sv
+        spectra[m], cost[m] = rows, a0.shape[1] + b0.shape[0]
+    return spectra, cost, tasks
+
+
+def rank_allocation(factors, fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2)) -> list[dict]:
+    """What uneven ranks could add to per-task truncation, in each task's relative error of
+    its whole update (the `"adapter"` weighting's `err_t`): at each storage `f` (a fraction
+    of the adapters' parameters), every task at rank `f r` on every module (`uniform`); one
+    rank per module, the same for every task (`per_module`: what plans without nested ranks
+    can express); one rank per module and task (`per_module_task`). The last two are greedy
+    allocations of rank units by error removed per parameter, with every task weighted by
+    `1 / ||dW_t||^2` (optimal for these concave gains up to one unit per module).
+    **Returns** one `{fraction, <allocation>: {storage, mean, max, sum_sq}}` per fraction."""
+    import heapq
+
+    spectra, cost, tasks = _squared_spectra(factors)
+    total = sum(s.sum(1) for s in spectra.values())  # [T] ||dW_t||^2 over modules
+    w = np.where(total > 0, 1 / np.where(total > 0, total, 1), 0.0)
+    original = sum(cost[m] * np.count_nonzero(s.any(1)) * s.shape[1] for m, s in spectra.items())
+
+    def summary(ranks):  # {module: [T] ranks}
+        kept = sum(np.take_along_axis(np.cumsum(np.pad(s, ((0, 0), (1, 0))), 1),
+                                      ranks[m][:, None], 1)[:, 0]
+                   for m, s in spectra.items())  # fmt: skip
+        err = np.sqrt(np.maximum(total - kept, 0) * w)
+        params = sum(cost[m] * ranks[m][spectra[m].any(1)].sum() for m in spectra)
+        return dict(storage=params / original, mean=float(err.mean()), max=float(err.max()),
+                    sum_sq=float(np.sum(err**2)))  # fmt: skip
+
+    def greedy(units, budget):  # units: {key: (module, task rows)}; one rank unit at a time
+        ranks = {m: np.zeros(len(tasks), int) for m in spectra}
+        heap, used = [], 0.0
+
+        def push(key):  # noqa: E306
+            m, rows = units[key]
+            j = ranks[m][rows[0]]
+            if j < spectra[m].shape[1]:
+                gain = float((w[rows] * spectra[m][rows, j]).sum())
+                heapq.heappush(heap, (-gain / (cost[m] * len(rows)), key))
+
+        for key in units:
+            push(key)
+        while heap:
+            _, key = heapq.heappop(heap)
+            m, rows = units[key]
+            if used + cost[m] * len(rows) <= budget:
+                used += cost[m] * len(rows)
+                ranks[m][rows] += 1
+                push(key)
+        return ranks
+
+    out = []
+    for f in fractions:
+        budget = f * original * (1 + 1e-12)
+        present = {m: np.flatnonzero(s.any(1)) for m, s in spectra.items()}
+        uniform = {
+            m: np.full(len(tasks), max(1, round(f * s.shape[1]))) for m, s in spectra.items()
+        }
+        per_module = greedy({m: (m, present[m]) for m in spectra}, budget)
+        per_task = greedy({(m, t): (m, np.array([t])) for m in spectra for t in present[m]},
+                          budget)  # fmt: skip
+        out.append(dict(fraction=f, uniform=summary(uniform), per_module=summary(per_module),
+                        per_module_task=summary(per_task)))  # fmt: skip
+    return out
 
 
 def collection_stats(name: str, base) -> dict:
@@ -124,6 +208,17 @@ def accuracy_grid(collections) -> str:
     return "\n".join(lines)
 
 
+def allocation_markdown(name: str, rows: list[dict]) -> str:
+    """`rank_allocation`'s rows as a table: mean (worst) per-task error of each allocation."""
+    lines = [f"| {name}: storage | every task rank f r | one rank per module "
+             "| one rank per module and task |", "|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        cells = [f"{row[k]['mean']:.4f} ({row[k]['max']:.3f})"
+                 for k in ("uniform", "per_module", "per_module_task")]  # fmt: skip
+        lines.append(f"| {row['uniform']['storage']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collection", action="append", choices=TR.COLLECTIONS)
@@ -132,9 +227,19 @@ def main(argv: list[str] | None = None) -> None:
         "--accuracies", action="store_true",
         help="only the per-task own-accuracy grid (from the manifests, fast)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ranks", action="store_true",
+        help="only what uneven ranks could add to per-task truncation (rank_allocation)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.accuracies:
         print(accuracy_grid(args.collection or TR.COLLECTIONS))
+        return
+    if args.ranks:
+        for c in args.collection or TR.COLLECTIONS:
+            folder = TR.ADAPTERS / c
+            rows = json.loads((folder / "manifest.json").read_text())["tasks"]
+            print(allocation_markdown(c, rank_allocation(O.load_adapters(folder, rows))) + "\n")
         return
     base, _tokenizer = M.load_base_model()
     stats = [collection_stats(c, base) for c in args.collection or TR.COLLECTIONS]
