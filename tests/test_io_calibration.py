@@ -157,6 +157,29 @@ def test_plan_and_merge_with_calibration_fit_the_library_objective(
         )
 
 
+def test_adapter_weighting_with_covariances_plans_and_merges_the_reported_errors(
+    tmp_path, capsys, collection, adapter_dirs
+):
+    """`--weighting adapter --calibration F` (covariances only): the plan's loss is the sum
+    of the squared per-task errors it predicts, in the activation metric, and `merge` with
+    the same flags reports those errors."""
+    covs, _ = _grid_statistics(collection)
+    path = save_calibration(tmp_path / "c.safetensors", covs)
+    plan_file = tmp_path / "plan.yaml"
+    flags = ("--calibration", path, "--weighting", "adapter", "--json")
+    rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.3", "--out",
+                               plan_file, *flags)  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    errors = np.array([summary["tasks"][n] for n in NAMES])
+    assert summary["loss"] == pytest.approx(float(np.sum(errors**2)), rel=1e-6)
+    rc, stdout, err = run_main(capsys, "merge", *adapter_dirs, "--config", plan_file, "--out",
+                               tmp_path / "bundle", *flags)  # fmt: skip
+    assert rc == 0, err
+    merged = json.loads(stdout)
+    np.testing.assert_allclose([merged["tasks"][n] for n in NAMES], errors, rtol=1e-3, atol=1e-6)
+
+
 def test_calibration_flag_errors_write_nothing(tmp_path, capsys, collection, adapter_dirs):
     covs, weights = _grid_statistics(collection)
     full = save_calibration(tmp_path / "in" / "full.safetensors", covs, weights)
