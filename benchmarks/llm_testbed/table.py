@@ -56,7 +56,8 @@ def _output_aware(budget: str):
 # storage of the row's methods (read from the results: it moves with the number of tasks).
 ROWS: tuple[tuple[str, dict], ...] = (
     ("(one adapter)", {
-        "hydraopt": [("`full-merge`", "hydraopt:full-merge", ())],
+        "hydraopt": [("`full-merge`", "hydraopt:full-merge", ()),
+                     ("planner", "hydraopt:plan+nested@0.025", ())],
         "merges": [("linear", "baseline:linear", ()), ("TIES", "baseline:ties", ()),
                    ("DARE-TIES", "baseline:dare_ties", ()), ("SVD", "baseline:svd", ())],
     }),
@@ -74,6 +75,7 @@ ROWS: tuple[tuple[str, dict], ...] = (
     ("", {"hydraopt": [("`shared-a`, each task rank 2 inside",
                         "hydraopt:shared-a@k=r,j=r/8", ())]}),
     ("0.10", {"hydraopt": _planner("0.10", ("without nested ranks", "hydraopt:plan@0.10"))}),
+    ("0.12", {"hydraopt": _planner("0.12")}),
     ("0.125", {
         "truncation": [("rank 2", "reference:truncate-r/8", ())],
         "hydraopt": _output_aware("0.125"),
@@ -82,6 +84,7 @@ ROWS: tuple[tuple[str, dict], ...] = (
         "truncation": [("rank 4", "reference:truncate-r/4", ())],
         "hydraopt": _output_aware("0.25"),
     }),
+    ("0.30", {"hydraopt": _planner("0.30")}),
     ("", {"hydraopt": [("`shared-a`", "hydraopt:shared-a",
                         ((ACT, "hydraopt:shared-a+act"),))]}),
     ("0.50", {
