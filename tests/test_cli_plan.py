@@ -142,3 +142,25 @@ def test_cli_sweep(tmp_path, capsys, adapter_dirs):
         methods["truncation rank 2"]["mean_relative_error"], rel=1e-12
     )
     (tmp_path / "p.yaml").unlink()
+
+
+def test_truncation_reference_counts_the_tasks_it_pads(tmp_path, capsys):
+    """Adapters of mixed ranks on one module (4, 2, 2): truncation at the module's rank 4
+    stores the rank-2 tasks padded to 4, as `merge --plan separate --rank` does; the plan
+    says how many (module, task) pairs, and none at ranks every task has."""
+    from tests.helpers.peft_models import llama_adapters
+
+    dirs = llama_adapters()
+    out = tmp_path / "plan.yaml"
+    rc, stdout, err = run_main(capsys, "plan", *dirs, "--budget", "3.0", "--out", out, "--json")
+    assert rc == 0, err
+    reference = json.loads(stdout)["truncation"]
+    assert reference["rank_fraction"] == 1.0 and reference["padded"] > 0
+    assert reference["storage_ratio"] > 1.0  # the padding costs storage
+    rc, stdout, err = run_main(capsys, "plan", *dirs, "--budget", "0.3", "--out", out, "--json")
+    assert rc == 0, err
+    assert json.loads(stdout)["truncation"]["padded"] == 0
+    rc, stdout, err = run_main(capsys, "plan", *dirs, "--budget", "3.0", "--out", out)
+    assert rc == 0, err
+    text = " ".join(stdout.split())  # the console wraps long lines
+    assert f"{reference['padded']} (module, task) pairs of lower rank stored padded to it" in text

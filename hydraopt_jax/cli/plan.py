@@ -211,7 +211,7 @@ def plan(
         "groupings": sorted(groupings),
         "calibration": None if calibration_file is None else str(calibration_file),
         "method": chosen.method,
-        "truncation": _truncation_summary(truncation),
+        "truncation": _truncation_summary(truncation, options),
         "modules": chosen.summary(),
         "out": str(out),
         "seconds": time.perf_counter() - start,
@@ -256,14 +256,24 @@ def plan(
             f"this plan's {summary['loss']:.4g}; predicted mean relative error "
             f"{reference['mean_relative_error']:.4g} (worst task "
             f"{reference['max_relative_error']:.4g})"
+            + (
+                f"; {reference['padded']} (module, task) pairs of lower rank stored padded to it"
+                if reference["padded"]
+                else ""
+            )
         )
 
 
-def _truncation_summary(reference) -> dict | None:
-    """The JSON of `planner.per_task_truncation` (None when no level fits the budget)."""
+def _truncation_summary(reference, options) -> dict | None:
+    """The JSON of `planner.per_task_truncation` (None when no level fits the budget);
+    `padded`: how many (module, task) pairs have a LoRA rank below the level's and are
+    stored padded to it, as `merge --plan separate --rank J` stores them."""
     if reference is None:
         return None
     level, plan = reference
+    padded = sum(
+        stats.ranks[t] < level.ranks[m] for m, (stats, _) in options.items() for t in stats.present
+    )
     errors = plan.task_relative_errors()
     ranks = set(level.ranks.values())
     return {
@@ -275,4 +285,5 @@ def _truncation_summary(reference) -> dict | None:
         "mean_relative_error": float(np.mean(errors)),
         "max_relative_error": float(np.max(errors)),
         "loss": plan.loss,
+        "padded": int(padded),
     }
