@@ -36,14 +36,19 @@ from . import train as TR
 TOP = (1, 2, 4, 8)
 
 
+def squared_singular_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The squared singular values of `dW = B A` from its `r x r` core (two thin QRs)."""
+    _, ra = np.linalg.qr(a.astype(np.float64).T)  # A^T = Qa Ra
+    _, rb = np.linalg.qr(b.astype(np.float64))  # B = Qb Rb
+    return np.linalg.svd(rb @ ra.T, compute_uv=False) ** 2  # dW = Qb (Rb Ra^T) Qa^T
+
+
 def spectrum_shares(factors: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> dict:
     """Mean share of `||B A||_F^2` in the top-`j` singular directions, for `j` in `TOP`."""
     shares = {j: [] for j in TOP}
     for modules in factors.values():
         for a, b in modules.values():
-            _, ra = np.linalg.qr(a.astype(np.float64).T)  # A^T = Qa Ra
-            _, rb = np.linalg.qr(b.astype(np.float64))  # B = Qb Rb
-            s = np.linalg.svd(rb @ ra.T, compute_uv=False) ** 2  # dW = Qb (Rb Ra^T) Qa^T
+            s = squared_singular_values(a, b)
             for j in TOP:
                 shares[j].append(s[:j].sum() / s.sum())
     return {j: float(np.mean(v)) for j, v in shares.items()}
@@ -61,10 +66,7 @@ def _squared_spectra(factors) -> tuple[dict[str, np.ndarray], dict[str, int], li
         rows = np.zeros((len(tasks), r))
         for i, t in enumerate(tasks):
             if m in factors[t]:
-                a, b = (x.astype(np.float64) for x in factors[t][m])
-                _, ra = np.linalg.qr(a.T)
-                _, rb = np.linalg.qr(b)
-                sv = np.linalg.svd(rb @ ra.T, compute_uv=False) ** 2
+                sv = squared_singular_values(*factors[t][m])
                 rows[i, : len(sv)] = sv
         spectra[m], cost[m] = rows, a0.shape[1] + b0.shape[0]
     return spectra, cost, tasks
