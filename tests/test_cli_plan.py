@@ -80,6 +80,27 @@ def test_cli_adapter_weighting_plans_and_merges_the_reported_errors(tmp_path, ca
         assert merged["tasks"][name] == pytest.approx(summary["tasks"][name], rel=1e-3, abs=1e-5)
 
 
+def test_cli_per_task_ranks_plan_then_merge(tmp_path, capsys, adapter_dirs):
+    """`--per-task-ranks`: some module keeps a rank per task inside its shared factor, the
+    plan file lists them, and `merge --config` reproduces the planned storage and errors."""
+    out = tmp_path / "plan.yaml"
+    rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--budget", "0.2", "--out", out,
+                               "--per-task-ranks", "--json")  # fmt: skip
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    per_task = [row for row in summary["modules"].values() if isinstance(row["task_rank"], list)]
+    assert per_task and all(len(row["task_rank"]) == len(NAMES) for row in per_task)
+    assert "task_rank: [" in out.read_text()
+    rc, stdout, err = run_main(
+        capsys, "merge", *adapter_dirs, "--config", out, "--out", tmp_path / "b", "--json"
+    )
+    assert rc == 0, err
+    merged = json.loads(stdout)
+    assert merged["num_params"] == summary["num_params"]
+    for name in NAMES:
+        assert merged["tasks"][name] == pytest.approx(summary["tasks"][name], rel=1e-3, abs=1e-5)
+
+
 def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
     out = tmp_path / "plan.yaml"
     cases = [
@@ -88,6 +109,7 @@ def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
         (["--budget", "0.3", "--rank-multipliers", "x"], "--rank-multipliers"),
         (["--budget", "0.3", "--attributes", "(?P<a>[a-z]+)-(?P<b>.*)"], "--attributes"),
         (["--budget", "0.3", "--module-weighting", "bytes"], "--module-weighting"),
+        (["--budget", "0.3", "--per-task-ranks", "--no-nested"], "--per-task-ranks"),
     ]
     for extra, where in cases:
         rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--out", out, *extra)

@@ -232,6 +232,11 @@ def test_per_task_truncation_bounds(options):
 def _mixed_options(collection, **kwargs):
     """Modules of LoRA rank 4 and 16 (the q and v projections widened to r = 16), and one
     module that only tasks 0 and 3 adapt."""
+    mixed = _mixed_collection(collection)
+    return collection_options(mixed, task_names=NAMES, task_attributes=ATTRS, **kwargs)
+
+
+def _mixed_collection(collection):
     rng = np.random.default_rng(3)
     mixed = {}
     for name, (a, b) in collection.items():
@@ -242,7 +247,7 @@ def _mixed_options(collection, **kwargs):
     a, b = mixed["model.layers.0.self_attn.k_proj"]
     ranks = tuple(4 if t in (0, 3) else 0 for t in range(a.shape[0]))
     mixed["model.layers.0.self_attn.k_proj"] = (a * np.array(ranks)[:, None, None] / 4, b, ranks)
-    return collection_options(mixed, task_names=NAMES, task_attributes=ATTRS, **kwargs)
+    return mixed
 
 
 def test_per_task_truncation_with_mixed_ranks_and_absent_tasks(collection):
@@ -361,3 +366,108 @@ def test_adapter_weighted_planner_minimises_the_reported_task_errors(collection,
         ref = per_task_truncation(groupings, opts, budget)[1]
         assert bp.loss <= ref.loss + 1e-12
         assert np.sum(errors**2) <= np.sum(ref.task_relative_errors() ** 2) + 1e-12
+
+
+# --------------------------------------------------------------- per-task ranks in a module
+def test_per_task_rank_paths_hold_every_choice_a_price_makes():
+    """Each task at `argmin_i loss[t, i] + lam cost[i]`, for any price `lam`, is one of the
+    rows; consecutive rows move one task up one of its levels."""
+    from hydraopt_jax.planner._curves import per_task_rank_paths
+
+    rng = np.random.default_rng(0)
+    cost = np.array([1.0, 2.0, 4.0, 8.0, 12.0])
+    for _ in range(20):
+        loss = np.sort(rng.uniform(0, 1, size=(6, 5)), axis=1)[:, ::-1].copy()
+        loss[0, 2] = loss[0, 1]  # a level that saves nothing is never picked
+        rows = per_task_rank_paths(cost, loss)
+        assert (rows[0] == 0).all()
+        steps = np.diff(rows, axis=0)
+        assert ((steps > 0).sum(axis=1) == 1).all() and (steps >= 0).all()
+        assert not (rows[:, 0] == 2).any()
+        found = {tuple(r) for r in rows}
+        for lam in np.geomspace(1e-4, 10, 200):
+            pick = np.argmin(loss + lam * cost, axis=1)
+            assert tuple(pick) in found, lam
+
+
+@pytest.mark.parametrize("with_cov", [False, True])
+def test_per_task_rank_options_match_merge(with_cov):
+    """Options with a rank per task inside a shared factor (mixed LoRA ranks, an absent
+    task): loss, per-task errors and storage are `merge`'s, and no option of the module
+    beats one of them on both storage and loss."""
+    from hydraopt_jax.planner._allocate import pareto
+
+    coll = make_collection(seed=1, ranks=(4, 2, 4, 0, 3, 4))
+    a, b, ranks = coll["model.layers.0.self_attn.q_proj"]
+    cov = None
+    if with_cov:
+        x = np.random.default_rng(2).normal(size=(64, a.shape[2]))
+        cov = x.T @ x / 64
+    stats = module_stats("m", a, b, ranks, activation_cov=cov)
+    plain = module_options(stats, groupings(len(NAMES), ATTRS))
+    opts = module_options(
+        stats, groupings(len(NAMES), ATTRS), per_task_ranks=True, module_weight=2.0
+    )
+    per_task = [o for o in opts if isinstance(o.task_rank, tuple)]
+    assert len(opts) == len(plain) + len(per_task) and len(per_task) >= 5
+    assert {o.a_by for o in per_task} > {"all"} and {o.b_by for o in per_task} >= {"task"}
+    present = list(stats.present)
+    for o in per_task:
+        assert len(set(o.task_rank)) > 1 and max(o.task_rank) <= o.rank
+        assert o.plan.task_rank == o.task_rank
+        sol = hj.merge(a[present], b[present], o.plan, activation_cov=cov)
+        assert o.num_params == sol.num_params
+        np.testing.assert_allclose(o.loss, 2.0 * float(sol.loss), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(o.relative_error, np.asarray(sol.relative_error), rtol=1e-5,
+                                   atol=1e-7)  # fmt: skip
+    front = set(pareto(np.array([o.num_params for o in opts], float),
+                       np.array([o.loss for o in opts])).tolist())  # fmt: skip
+    assert all(i in front for i, o in enumerate(opts) if isinstance(o.task_rank, tuple))
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.2, 0.3])
+def test_per_task_ranks_plan_merge_and_round_trip(collection, budget):
+    """With a rank per task the planner's loss is no higher than with one per module (here
+    it picks one on some module at each budget); the plans merge as predicted (storage and
+    loss) and read back from their plan file."""
+    one = plan_budget(collection, budget, task_names=NAMES, task_attributes=ATTRS)
+    each = plan_budget(collection, budget, task_names=NAMES, task_attributes=ATTRS,
+                       per_task_ranks=True)  # fmt: skip
+    assert any(isinstance(c.option.task_rank, tuple) for c in each.modules.values())
+    assert each.storage_ratio <= budget + 1e-12
+    assert each.loss <= one.loss * (1 + 1e-9)
+    solutions = hj.merge_adapters(collection, each.plans)
+    for module, sol in solutions.items():
+        assert sol.num_params == each.modules[module].option.num_params
+        np.testing.assert_allclose(float(sol.loss), each.modules[module].option.loss, rtol=1e-5,
+                                   atol=1e-7)  # fmt: skip
+    spec = yaml.safe_load(each.to_yaml(NAMES))
+    assert plans_from_config(spec, NAMES, list(each.modules)) == each.plans
+
+
+def test_per_task_ranks_with_absent_tasks_and_its_argument_errors(collection):
+    """Where task 3 adapts no module (and the others have mixed ranks), a per-task choice
+    becomes a plan over all tasks with a rank for each (the present tasks' as chosen) that
+    merges to the predicted storage and loss; per-task ranks need nested ranks."""
+    from hydraopt_jax.planner._budget import _budget_plan
+
+    mixed = make_collection(seed=1, ranks=(4, 2, 4, 0, 3, 4))
+    groupings_, opts = collection_options(mixed, task_names=NAMES, task_attributes=ATTRS,
+                                          per_task_ranks=True)  # fmt: skip
+    picks = {}
+    for m, (stats, o_list) in opts.items():
+        assert stats.present == (0, 1, 2, 4, 5)
+        picks[m] = next(i for i, o in enumerate(o_list) if isinstance(o.task_rank, tuple))
+    bp = _budget_plan(groupings_, opts, 1.0, picks, "test")
+    plans = {}
+    for module, choice in bp.modules.items():
+        assert len(choice.plan.task_rank) == len(NAMES)
+        assert tuple(choice.plan.task_rank[t] for t in choice.task_ids) == choice.option.task_rank
+        assert bp.summary()[module]["task_rank"] == list(choice.plan.task_rank)
+        plans[module] = choice.plan
+    for module, sol in hj.merge_adapters(mixed, plans).items():
+        option = bp.modules[module].option
+        assert sol.num_params == option.num_params
+        np.testing.assert_allclose(float(sol.loss), option.loss, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="per_task_ranks=True needs nested=True"):
+        collection_options(collection, nested=False, per_task_ranks=True)

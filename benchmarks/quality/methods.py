@@ -50,12 +50,18 @@ FISHER = "fisher"
 ADAPTER = "adapter"
 # The activation-aware planner with whole-adapter task weights (`+act+adapter`)
 ACT_ADAPTER = "act+adapter"
+# The nested planner with a rank per task in each module (`per_task_ranks`), and with
+# whole-adapter task weights too
+TASK_RANKS = "task-ranks"
+ADAPTER_TASK_RANKS = "adapter+task-ranks"
 # The nested planner's other objectives: variant -> (name suffix, `Method` options).
 NESTED_VARIANTS = {
     "act": ("+act", dict(activation=True)),
     ADAPTER: ("+adapter", dict(task_weighting=ADAPTER)),
     ACT_ADAPTER: ("+act+adapter", dict(activation=True, task_weighting=ADAPTER)),
     FISHER: ("+act+fisher", dict(activation=True, module_weighting=FISHER)),
+    TASK_RANKS: ("+task-ranks", dict(per_task_ranks=True)),
+    ADAPTER_TASK_RANKS: ("+adapter+task-ranks", dict(task_weighting=ADAPTER, per_task_ranks=True)),
 }
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
 BASELINE_SWEEP = ("joint", "pca")
@@ -73,7 +79,8 @@ class Method:
     (`"equal"`, `"size"`, or `"fisher"`: the testbed's output sensitivities), `nested`: the
     planner's arguments; `task_weighting`: the planner's and the merge's `weights`,
     `"relative"` (each task's error relative to its update, module by module) or `"adapter"`
-    (relative to its whole adapter's update: `hydraopt_jax._loss.adapter_task_weights`).
+    (relative to its whole adapter's update: `hydraopt_jax._loss.adapter_task_weights`);
+    `per_task_ranks`: the planner may give each task of a module its own nested rank.
     """
 
     name: str
@@ -88,6 +95,7 @@ class Method:
     nested: bool = False
     task_rank_mult: float | None = None
     task_weighting: str = "relative"
+    per_task_ranks: bool = False
 
     def rank(self, r: int) -> int | None:
         return _rank(self.rank_mult, r)
@@ -262,7 +270,7 @@ def task_loras(coll: Collection, solutions: dict) -> dict[str, dict]:
 # The planner's options of one collection per objective: every budget's plan is chosen from
 # the same options (`plan_budget` = `collection_options` + `choose`), so they are computed
 # once per run rather than once per budget.
-# One entry at a time: `(collection, covariances, weighting, nested)` (held, so that their
+# One entry at a time: `(collection, covariances, objective)` (held, so that their
 # identities stay theirs) and the options.
 _OPTIONS: list = [None, None]
 
@@ -273,15 +281,15 @@ def _planner_options(coll: Collection, method: Method, act: dict | None,
 
     weights = fisher if method.module_weighting == FISHER else method.module_weighting
     key = _OPTIONS[0]
-    if not (key and key[0] is coll and key[1] is act and key[2] == weights
-            and key[3] == method.nested and key[4] == method.task_weighting):  # fmt: skip
+    objective = (weights, method.nested, method.task_weighting, method.per_task_ranks)
+    if not (key and key[0] is coll and key[1] is act and key[2] == objective):
         _OPTIONS[:] = [None, None]  # free the previous options first (per-module curves)
         _OPTIONS[1] = collection_options(
             coll.factors(), task_names=coll.tasks, task_attributes=coll.attributes(),
             activation_covs=act, module_weights=weights, nested=method.nested,
-            weights=method.task_weighting,
+            weights=method.task_weighting, per_task_ranks=method.per_task_ranks,
         )  # fmt: skip
-        _OPTIONS[0] = (coll, act, weights, method.nested, method.task_weighting)
+        _OPTIONS[0] = (coll, act, objective)
     return _OPTIONS[1]
 
 

@@ -128,8 +128,10 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
                 f"| {name} | {row['storage_ratio']:.4f} | {row['score']:.4f} | "
                 f"{row['min_task_ratio']:.4f} | {'-' if err is None else f'{err:.3f}'} |{extra}"
             )
+    any_margins = False
     for res in results:
         margins = truncation_margins(res)
+        any_margins = any_margins or bool(margins)
         if not margins:
             continue
         out += [
@@ -154,7 +156,7 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
         "update (`hydraopt_jax.task_relative_errors`), mean over tasks (`+act`: in the "
         "activation metric).",
     ]
-    if any(truncation_margins(res) for res in results):
+    if any_margins:
         out.append(
             "Against per-task truncation: every HydraOpt row within 1% of a truncation's "
             "storage; margin = its score minus truncation's, and the answer NLL difference "

@@ -4,7 +4,7 @@
 hydraopt plan DIR... --budget 0.3 --out PLAN.yaml [--names a,b,...] [--ranks 8,16]
               [--rank-multipliers 0.5,1,1.5,2,3,4] [--attributes REGEX] [--no-attributes]
               [--weighting relative|uniform|adapter] [--module-weighting equal|size]
-              [--calibration FILE] [--nested/--no-nested] [--json]
+              [--calibration FILE] [--nested/--no-nested] [--per-task-ranks] [--json]
 hydraopt merge DIR... --out OUT --config PLAN.yaml [--calibration FILE]   # uses the plan
 ```
 
@@ -120,6 +120,14 @@ def plan(
             help="Also try nested ranks: each task at a rank j < k inside the shared factor.",
         ),
     ] = True,
+    per_task_ranks: Annotated[
+        bool,
+        typer.Option(
+            "--per-task-ranks",
+            help="With nested ranks, let each task of a module have its own rank j_t inside "
+            "the shared factor (more choices, a slower plan).",
+        ),
+    ] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON summary object.")
     ] = False,
@@ -143,6 +151,8 @@ def plan(
     if module_weighting is not None:
         choice(module_weighting, MODULE_WEIGHTINGS, "--module-weighting", "module weighting")
     check_output_file(out, "--out", (".yaml", ".yml"))
+    if per_task_ranks and not nested:
+        raise CliError("--per-task-ranks", "needs nested ranks: drop --no-nested")
     multipliers = floats(rank_multipliers, "--rank-multipliers")
     extra = ints(ranks, "--ranks") if ranks is not None else None
     collection = load(dirs, names)
@@ -162,7 +172,7 @@ def plan(
     groupings, options = collection_options(
         collection, task_names=task_names, task_attributes=attrs, rank_multipliers=multipliers,
         ranks=extra, weights=weighting, module_weights=module_weights, nested=nested,
-        activation_covs=covs,
+        per_task_ranks=per_task_ranks, activation_covs=covs,
     )  # fmt: skip
     try:
         chosen = choose(groupings, options, budget)
@@ -195,8 +205,8 @@ def plan(
             raise RuntimeError(f"plan file does not round-trip for {module}")
     write_file_atomically(out, lambda p: p.write_text(text, encoding="utf-8"))
     errors = chosen.task_relative_errors()
-    truncation = per_task_truncation(groupings, options, budget)
-    offered = bool(truncation) or bool(truncation_levels(options))
+    levels = truncation_levels(options)
+    truncation = per_task_truncation(groupings, options, budget, levels)
     summary = {
         "budget": budget,
         "storage_ratio": chosen.storage_ratio,
@@ -245,7 +255,7 @@ def plan(
     if reference is None:
         console.print(
             "per-task truncation: its lowest candidate rank does not fit this budget"
-            if offered
+            if levels
             else "per-task truncation: none offered (--rank-multipliers has no rank at or "
             "below each module's LoRA rank)"
         )

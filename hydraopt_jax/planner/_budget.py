@@ -115,7 +115,12 @@ class BudgetPlan:
                 "a": c.option.a_by,
                 "b": c.option.b_by,
                 "rank": c.option.rank,
-                "task_rank": c.option.task_rank,
+                # one j for every task, or one per task of the collection
+                "task_rank": (
+                    list(c.plan.task_rank)
+                    if isinstance(c.option.task_rank, tuple)
+                    else c.option.task_rank
+                ),
                 "num_params": c.option.num_params,
                 "storage_ratio": c.storage_ratio,
                 "loss": c.option.loss,
@@ -205,8 +210,11 @@ def collection_options(
     activation_covs: Mapping[str, Any] | None = None,
     module_weights: Mapping[str, float] | str | None = None,
     nested: bool = True,
+    per_task_ranks: bool = False,
 ):
     """`(groupings, {module: (ModuleStats, [PlanOption])})` for a whole collection."""
+    if per_task_ranks and not nested:
+        raise ValueError("per_task_ranks=True needs nested=True (ranks inside a shared factor)")
     if isinstance(collection, AdapterCollection) and task_names is None:
         task_names = list(collection.names)
     module_weights = _resolve_module_weights(collection, module_weights)
@@ -239,7 +247,7 @@ def collection_options(
         weight = 1.0 if module_weights is None else float(module_weights.get(name, 1.0))
         opts = module_options(
             stats, groupings, rank_multipliers=rank_multipliers, ranks=ranks,
-            module_weight=weight, nested=nested,
+            module_weight=weight, nested=nested, per_task_ranks=per_task_ranks,
         )  # fmt: skip
         # keep only what the allocation and the report need (the Grams can be large)
         stats = dataclasses.replace(stats, p=np.zeros((0, 0)), q=np.zeros((0, 0)))
@@ -257,7 +265,12 @@ def _budget_plan(groupings, options, budget: float, picks: Mapping[str, int], me
         stats, opts = options[m]
         opt = opts[i]
         plan = SharingPlan.from_labels(groupings[opt.a_by], groupings[opt.b_by], opt.rank)
-        if opt.task_rank is not None:
+        if isinstance(opt.task_rank, tuple):  # one j per task present; absent ones are unused
+            ranks = [min(opt.task_rank)] * num_tasks
+            for t, j in zip(stats.present, opt.task_rank, strict=True):
+                ranks[t] = j
+            plan = plan.with_task_rank(ranks)
+        elif opt.task_rank is not None:
             plan = plan.with_task_rank(opt.task_rank)
         assert plan.num_tasks == num_tasks
         chosen[m] = ModuleChoice(
@@ -327,7 +340,7 @@ def truncation_levels(options) -> list[TruncationLevel]:
 
 
 def per_task_truncation(
-    groupings, options, max_storage: float
+    groupings, options, max_storage: float, levels: Sequence[TruncationLevel] | None = None
 ) -> tuple[TruncationLevel, BudgetPlan] | None:
     """The reference a plan has to beat: per-task truncation with the largest storage
     `<= max_storage` among `truncation_levels(options)` (every task's own update cut to its
@@ -338,10 +351,10 @@ def per_task_truncation(
 
     `choose` at a budget never returns a higher loss than this at that budget (these levels
     are among its starting points); the comparison says how much sharing adds on top of
-    rank reduction."""
+    rank reduction. `levels`: `truncation_levels(options)`, when the caller has them."""
     original = sum(stats.original_params for stats, _ in options.values())
     best = None
-    for level in truncation_levels(options):
+    for level in truncation_levels(options) if levels is None else levels:
         params = sum(options[m][1][i].num_params for m, i in level.picks.items())
         if params <= max_storage * original * (1 + 1e-12):
             best = level  # levels go up in rank, so in storage
@@ -391,6 +404,7 @@ def plan_budget(
     activation_covs: Mapping[str, Any] | None = None,
     module_weights: Mapping[str, float] | str | None = None,
     nested: bool = True,
+    per_task_ranks: bool = False,
 ) -> BudgetPlan:
     """Choose per module the shared side, task groups and rank under one storage budget.
 
@@ -419,6 +433,9 @@ def plan_budget(
       in proportion to its share of the adapters' parameters), or `{module: weight}`.
     - `nested`: also offer nested ranks (a shared factor of rank `k` with every task at a
       rank `j < k` inside it, where the other side is task-specific); default on.
+    - `per_task_ranks`: with `nested`, also let the rank `j_t <= k` differ between the tasks
+      of a module (each shared factor with the per-task ranks a price on storage picks:
+      `module_options`); default off.
 
     **Returns:** a `BudgetPlan`; `.plans` feeds `merge_adapters`, `.to_yaml(names)` writes a
     plan file for `hydraopt merge --config`.
@@ -439,5 +456,6 @@ def plan_budget(
         activation_covs=activation_covs,
         module_weights=module_weights,
         nested=nested,
+        per_task_ranks=per_task_ranks,
     )
     return choose(groupings, options, budget)

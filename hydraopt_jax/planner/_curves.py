@@ -16,6 +16,7 @@ gives every rank; the shared-B family swaps the two Grams.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -48,12 +49,18 @@ class PlanOption:
     loss: float
     plan: SharingPlan
     relative_error: tuple[float, ...] = ()  # per task present, as `merge` reports it
-    task_rank: int | None = None  # nested: every task's rank j inside the shared factor
+    # nested: every task's rank j inside the shared factor (one int), or one j per task
+    # present (`per_task_ranks`)
+    task_rank: int | tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
         base = NAMED_PAIRS.get((self.a_by, self.b_by), f"A:{self.a_by},B:{self.b_by}")
-        return base if self.task_rank is None else f"{base} j={self.task_rank}"
+        if self.task_rank is None:
+            return base
+        if isinstance(self.task_rank, tuple):
+            return f"{base} j={min(self.task_rank)}..{max(self.task_rank)}"
+        return f"{base} j={self.task_rank}"
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -199,6 +206,53 @@ def _nested_curves(p, q, w, r, outer, ranks, inner_ranks) -> dict:
     return out
 
 
+def _lower_hull(cost: np.ndarray, loss: np.ndarray) -> list[int]:
+    """Indices of the points on the lower convex hull of `(cost, loss)` (cost increasing)
+    where the loss still falls: the levels a Lagrangian price can pick, cheapest first."""
+    hull: list[int] = []
+    for i in range(len(cost)):
+        if hull and loss[i] >= loss[hull[-1]]:
+            continue  # no cheaper in loss than a cheaper level
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b is above the segment a -> i: drop it
+            if (loss[b] - loss[a]) * (cost[i] - cost[a]) >= (loss[i] - loss[a]) * (
+                cost[b] - cost[a]
+            ):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def per_task_rank_paths(cost: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Per-task levels along the lower convex hull of `sum_t loss[t, i_t]` against
+    `sum_t cost[i_t]`.
+
+    `cost [J]`: what one task stores at each level (the same for every task, increasing);
+    `loss [n, J]`: each task's loss there. Start with every task at the cheapest level, then
+    move one task at a time to its next hull level, the largest loss drop per parameter
+    first: every choice a price `lambda` on parameters makes (each task at
+    `argmin_i loss[t, i] + lambda cost[i]`) is one of the rows.
+
+    Returns `[num_steps + 1, n]` level indices.
+    """
+    n = loss.shape[0]
+    events = []  # (-slope, task, level)
+    start = np.zeros(n, dtype=np.int64)
+    for t in range(n):
+        hull = _lower_hull(cost, loss[t])
+        start[t] = hull[0]
+        for a, b in itertools.pairwise(hull):
+            events.append(((loss[t, a] - loss[t, b]) / (cost[b] - cost[a]), t, b))
+    events.sort(key=lambda e: -e[0])  # stable: a task's own levels stay in order
+    rows = np.tile(start, (len(events) + 1, 1))
+    for step, (_, t, level) in enumerate(events, start=1):
+        rows[step:, t] = level
+    return rows
+
+
 @dataclasses.dataclass
 class ModuleStats:
     """What the planner keeps of a module: its two `n r x n r` Grams and bookkeeping."""
@@ -283,18 +337,23 @@ def module_options(
     ranks: Sequence[int] | None = None,
     module_weight: float = 1.0,
     nested: bool = True,
+    per_task_ranks: bool = False,
 ) -> list[PlanOption]:
     """Every closed-form candidate of one module at every candidate rank, with its loss.
 
     With `nested`, plans whose other side is task-specific (shared A with a B per task, or
     the mirror image) are also offered with every task at a rank `j < k` inside the shared
-    factor (`_nested_curves`; one `j` for all tasks of the module)."""
+    factor (`_nested_curves`; one `j` for all tasks of the module). With `per_task_ranks`
+    too, each such shared factor is also offered with a rank `j_t <= k` per task: the
+    choices along `per_task_rank_paths` that no other option of the module beats on both
+    storage and loss."""
     local = {g: relabel([labels[t] for t in stats.present]) for g, labels in groupings.items()}
     rank_list = _candidate_ranks(stats, rank_multipliers, ranks)
     kmax = max(k for k, _ in rank_list)
     metric = _block_traces(stats.q, stats.p, stats.r)
     inner = _inner_ranks(rank_list)
     options: list[PlanOption] = []
+    per_task: list = []  # nested families for `per_task_ranks`
     seen: set = set()
 
     total = float(np.sum(stats.weights * metric))
@@ -342,7 +401,56 @@ def module_options(
                     label = dict(rank_list)[k]
                     nested_plan = plan.with_rank(k).with_task_rank(j)
                     options.append(_option(a_by, b_by, k, label, nested_plan, res_kj, j))
+                if per_task_ranks:
+                    d_task = stats.d_out if one_side == ["b"] else stats.d_in
+                    for k, label in rank_list:
+                        levels = [j for j in inner if j < k] + [k]
+                        if len(levels) < 2:
+                            continue
+                        residual = np.stack(
+                            [curves[(k, j)] for j in levels[:-1]] + [res[k]], axis=1
+                        )  # [n, J]
+                        per_task.append(
+                            (a_by, b_by, k, label, plan.with_rank(k), d_task, levels, residual)
+                        )
+    if per_task:
+        options += _per_task_options(stats, options, per_task, module_weight, _option)
     return options
+
+
+def _per_task_options(stats, options, families, module_weight, make_option) -> list[PlanOption]:
+    """The per-task-rank choices of `families` (`per_task_rank_paths` of each nested family
+    and rank) that no option of `options` or another family beats on storage and loss."""
+    from ._allocate import pareto
+
+    n = len(stats.present)
+    candidates = []  # (cost, loss, family, levels per task)
+    for f, (*_, plan, d_task, levels, residual) in enumerate(families):
+        k = plan.rank
+        unit = np.asarray(levels, np.float64) * (d_task + k)  # one task's storage per level
+        weighted = module_weight * stats.weights[:, None] * residual
+        shared = plan.with_task_rank(1).num_params(stats.d_in, stats.d_out) - n * (d_task + k)
+        for row in per_task_rank_paths(unit, weighted):
+            if np.all(row == row[0]):
+                continue  # one j for every task: already an option (or the plain plan)
+            loss = float(weighted[np.arange(n), row].sum())
+            candidates.append((shared + float(unit[row].sum()), loss, f, row))
+    if not candidates:
+        return []
+    costs = np.array([o.num_params for o in options] + [c[0] for c in candidates], np.float64)
+    losses = np.array([o.loss for o in options] + [c[1] for c in candidates], np.float64)
+    out = []
+    for i in pareto(costs, losses):
+        if i < len(options):
+            continue
+        _, _, f, row = candidates[i - len(options)]
+        a_by, b_by, k, label, plan, _, levels, residual = families[f]
+        js = tuple(int(levels[x]) for x in row)
+        out.append(
+            make_option(a_by, b_by, k, label, plan.with_task_rank(js),
+                        residual[np.arange(n), row], js)
+        )  # fmt: skip
+    return out
 
 
 def _block_traces(q: np.ndarray, p: np.ndarray, r: int) -> np.ndarray:
