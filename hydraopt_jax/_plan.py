@@ -11,6 +11,11 @@ shared) then stores a rank-`j_t` factor inside the shared one:
     shared B:  dW_hat_t = Bh[b_group[t]] W_t Z_t^T     W_t [k, j_t],     Z_t [d_in, j_t]
 
 `j_t = k` is the plain plan; groups of one with `j_t = k` are per-task truncation.
+
+**Own ranks.** In a plan whose A-groups and B-groups are all single tasks (`separate`),
+`task_rank` is each task's own rank: task `t` keeps the rank-`j_t` factors `Ah[t] [j_t, d_in]`,
+`Bh[t] [d_out, j_t]` (stored padded to `k = max_t j_t`), per-task truncation with a rank per
+task, at `j_t (d_in + d_out)` parameters each.
 """
 
 from __future__ import annotations
@@ -262,22 +267,33 @@ class SharingPlan:
         return self.b_nested_in_a or self.a_nested_in_b
 
     @property
+    def own_ranks(self) -> bool:
+        """Both sides hold one factor per task and `task_rank` gives each task its own rank
+        (module docstring): per-task truncation at a rank per task."""
+        return self.task_rank is not None and self.a_task_specific and self.b_task_specific
+
+    @property
     def nested(self) -> bool:
-        """Some task keeps fewer directions than the shared rank (`task_rank` below `k`)."""
-        return self.task_rank is not None and (self.rank is None or min(self.task_rank) < self.rank)
+        """Some task keeps fewer directions than the shared rank (`task_rank` below `k`)
+        inside a shared factor (not `own_ranks`)."""
+        return (
+            self.task_rank is not None
+            and not self.own_ranks
+            and (self.rank is None or min(self.task_rank) < self.rank)
+        )
 
     @property
     def nested_side(self) -> str | None:
         """`"b"` when the per-task factor sits on the B side (A shared: `U_t V_t^T Ah`),
-        `"a"` for the mirror image, `None` for a plain plan."""
-        if self.task_rank is None:
+        `"a"` for the mirror image, `None` for a plain plan or one of `own_ranks`."""
+        if self.task_rank is None or self.own_ranks:
             return None
         return "b" if self.b_task_specific else "a"
 
     @property
     def name(self) -> str:
         """`shared_a`, `shared_b`, `full_merge`, `separate` or `grouped` (with `+nested`
-        when tasks keep nested ranks below `k`)."""
+        when tasks keep nested ranks below `k`, `+ranks` for `own_ranks` that differ)."""
         base = "grouped"
         for key, (a_by, b_by) in NAMED_PLANS.items():
             if (self.a_group, self.b_group) == (
@@ -286,7 +302,9 @@ class SharingPlan:
             ):
                 base = key
                 break
-        return base + "+nested" if self.nested else base
+        if self.nested:
+            return base + "+nested"
+        return base + "+ranks" if self.own_ranks and len(set(self.task_rank)) > 1 else base
 
     def with_rank(self, rank: int) -> SharingPlan:
         return dataclasses.replace(self, rank=rank)
@@ -338,13 +356,16 @@ class SharingPlan:
     # ------------------------------------------------------------------ storage
     def num_params(self, d_in: int, d_out: int, rank: int | None = None) -> int:
         """Stored parameters on one module: `K_A k d_in + K_B d_out k`; with nested ranks
-        (A shared) `K_A k d_in + sum_t j_t (d_out + k)`, or the mirror image."""
+        (A shared) `K_A k d_in + sum_t j_t (d_out + k)`, or the mirror image; with
+        `own_ranks`, `sum_t j_t (d_in + d_out)`."""
         k = self.rank if rank is None else rank
         if k is None:
             raise ValueError("num_params: the plan has no rank yet; pass rank=")
         if self.task_rank is None:
             return self.num_a_groups * k * d_in + self.num_b_groups * d_out * k
         inner = sum(self.task_rank)
+        if self.own_ranks:
+            return inner * (d_in + d_out)
         if self.nested_side == "b":
             return self.num_a_groups * k * d_in + inner * (d_out + k)
         return self.num_b_groups * d_out * k + inner * (d_in + k)

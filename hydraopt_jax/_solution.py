@@ -229,6 +229,9 @@ def factor_pair(shared_a, shared_b, cores, plan: SharingPlan, core: str | None, 
     a = shared_a[..., plan.a_group[t], :, :]
     b = shared_b[..., plan.b_group[t], :, :]
     if cores is None:
+        if plan.own_ranks:  # per-task truncation at a rank per task: drop the padding
+            j = plan.task_rank[t]
+            return a[..., :j, :], b[..., :, :j]
         return a, b
     c = cores[..., t, :, :]
     if core == "nested":

@@ -146,6 +146,20 @@ def _solve_nested(A, B, weights, norms_sq, plan, k, kind, transformation, traced
     return (*params, steps, converged, state)
 
 
+def _own_ranks(shared_a, shared_b, plan: SharingPlan):
+    """Each task's rank-`k` optimum (groups of one, directions by decreasing energy) cut to
+    its own rank `j_t`: its best rank-`j_t` approximation (Eckart-Young), zero-padded."""
+    keep_a = np.zeros((plan.num_a_groups, plan.rank), bool)
+    keep_b = np.zeros((plan.num_b_groups, plan.rank), bool)
+    for t, j in enumerate(plan.task_rank):
+        keep_a[plan.a_group[t], :j] = True
+        keep_b[plan.b_group[t], :j] = True
+    return (
+        jnp.where(keep_a[:, :, None], shared_a, 0.0),
+        jnp.where(keep_b[:, None, :], shared_b, 0.0),
+    )
+
+
 # ---------------------------------------------------------------------------- the solve
 def solve_module(
     A,
@@ -191,8 +205,10 @@ def solve_module(
         plain_a, plain_b, plain = plain_factors(shared_a, shared_b, cores, plan, "nested")
         residual = reported_residuals(A, B, plain_a, plain_b, plain, norms_sq, module_axis)
     else:
-        if kind == "exact":
+        if kind == "exact" or plan.own_ranks:  # own ranks: the closed form is the optimum
             shared_a, shared_b = solve_exact(A, B, weights, plan, k, svd_method, deps, module_axis)
+            if plan.own_ranks:
+                shared_a, shared_b = _own_ranks(shared_a, shared_b, plan)
         else:
             if init == "given":
                 shared_a, shared_b = traced["init"][:2]

@@ -109,7 +109,6 @@ def test_cli_plan_errors_write_nothing(tmp_path, capsys, adapter_dirs):
         (["--budget", "0.3", "--rank-multipliers", "x"], "--rank-multipliers"),
         (["--budget", "0.3", "--attributes", "(?P<a>[a-z]+)-(?P<b>.*)"], "--attributes"),
         (["--budget", "0.3", "--module-weighting", "bytes"], "--module-weighting"),
-        (["--budget", "0.3", "--per-task-ranks", "--no-nested"], "--per-task-ranks"),
     ]
     for extra, where in cases:
         rc, stdout, err = run_main(capsys, "plan", *adapter_dirs, "--out", out, *extra)

@@ -123,6 +123,38 @@ def test_storage_counts_the_shared_factor_once_and_each_tasks_inner_factor():
     assert mirror.nested_side == "a"
 
 
+@pytest.mark.parametrize("with_cov", [False, True])
+def test_own_ranks_are_each_tasks_truncation_whatever_the_solver(rng, with_cov):
+    """`separate` with a rank per task (`own_ranks`): each task's best rank-`j_t`
+    approximation (a dense SVD here, in the activation metric with a covariance), stored at
+    `sum_t j_t (d_in + d_out)`; iterative solvers give the same closed form."""
+    A, B = random_collection(rng, num_tasks=4, rank=6)
+    js = (1, 3, 6, 2)
+    plan = SharingPlan.separate(4, 6).with_task_rank(js)
+    assert plan.own_ranks and not plan.nested and plan.nested_side is None
+    assert plan.name == "separate+ranks" and plan.num_params(20, 14) == 12 * 34
+    d_in = A.shape[2]
+    cov = None
+    half = np.eye(d_in)
+    if with_cov:
+        x = rng.normal(size=(3 * d_in, d_in))
+        cov = x.T @ x / len(x)
+        half = np.linalg.cholesky(hj._loss.regularized_covariance(cov, np))
+    expected = []
+    for t, j in enumerate(js):
+        s = np.linalg.svd(B[t] @ A[t] @ half, compute_uv=False)
+        expected.append(np.sqrt(np.sum(s[j:] ** 2) / np.sum(s**2)))
+    for solver in ("exact", "als", "adam"):
+        sol = hj.merge(A, B, plan, solver, activation_cov=cov)
+        assert sol.core is None and sol.num_params == plan.num_params(d_in, B.shape[1])
+        np.testing.assert_allclose(sol.relative_error, expected, rtol=1e-5, atol=1e-7)
+        for t, j in enumerate(js):
+            a, b = sol.task_factors(t)
+            assert a.shape == (j, d_in) and b.shape == (B.shape[1], j)
+    same = hj.merge(A, B, SharingPlan.separate(4, 6).with_task_rank(6))
+    assert not same.plan.own_ranks and same.plan == SharingPlan.separate(4, 6)
+
+
 def test_bad_nested_plans_are_refused_with_what_arrived():
     with pytest.raises(ValueError, match=r"task_rank \[3, 9\] exceeds the shared rank 4"):
         SharingPlan.shared_a(2, 4).with_task_rank([3, 9])
@@ -163,10 +195,10 @@ def test_plan_files_carry_nested_ranks():
         plans_from_config({"a": "shared", "b": "shared", "rank": 8, "task_rank": 2}, tasks, ["m"])
 
 
-@pytest.mark.parametrize("side", ["a", "b"])
+@pytest.mark.parametrize("side", ["a", "b", "own"])
 def test_export_gives_peft_adapters_of_rank_j_exact_against_the_bundle(tmp_path, side):
     """A nested bundle exported: each task's adapter has rank `j_t` (`lora_A = V_t^T Ah`,
-    `lora_B = U_t`, or the mirror image), PEFT loads it, and its deltas equal the bundle's
+    `lora_B = U_t`, or the mirror image; its own truncation for `own_ranks`), PEFT loads it, and its deltas equal the bundle's
     reconstruction; `bfloat16` export works too."""
     from hydraopt_jax.io import export_peft, load_bundle, load_collection, load_peft_adapter
     from tests.helpers.peft_models import (
@@ -178,11 +210,13 @@ def test_export_gives_peft_adapters_of_rank_j_exact_against_the_bundle(tmp_path,
     )
 
     collection = load_collection(llama_adapters())
-    shared = SharingPlan.shared_a if side == "a" else SharingPlan.shared_b
-    plan = shared(collection.num_tasks, 4).with_task_rank([1, 2, 3])
+    shared = {"a": SharingPlan.shared_a, "b": SharingPlan.shared_b, "own": SharingPlan.separate}
+    plan = shared[side](collection.num_tasks, 4).with_task_rank([1, 2, 3])
     bundle = hj.merge_collection(collection, plan, out=tmp_path / "bundle")
     back = load_bundle(tmp_path / "bundle")
-    assert {m.core for m in back.modules.values()} == {"nested"}
+    cores = {m.core for m in back.modules.values()}
+    # (a module only one task adapts keeps that task's own truncation: no cores)
+    assert cores == {None} if side == "own" else cores == {None, "nested"}
     export_peft(back, tmp_path / "peft")
     for t, task in enumerate(collection.names):
         config = json.loads((tmp_path / "peft" / task / "adapter_config.json").read_text())

@@ -392,8 +392,8 @@ def test_per_task_rank_paths_hold_every_choice_a_price_makes():
 
 @pytest.mark.parametrize("with_cov", [False, True])
 def test_per_task_rank_options_match_merge(with_cov):
-    """Options with a rank per task inside a shared factor (mixed LoRA ranks, an absent
-    task): loss, per-task errors and storage are `merge`'s, and no option of the module
+    """Options with a rank per task, inside a shared factor or each task's own truncation
+    (mixed LoRA ranks, an absent task): loss, per-task errors and storage are `merge`'s, and no option of the module
     beats one of them on both storage and loss."""
     from hydraopt_jax.planner._allocate import pareto
 
@@ -411,6 +411,7 @@ def test_per_task_rank_options_match_merge(with_cov):
     per_task = [o for o in opts if isinstance(o.task_rank, tuple)]
     assert len(opts) == len(plain) + len(per_task) and len(per_task) >= 5
     assert {o.a_by for o in per_task} > {"all"} and {o.b_by for o in per_task} >= {"task"}
+    assert any(o.plan.own_ranks for o in per_task)  # per-task truncation at a rank per task
     present = list(stats.present)
     for o in per_task:
         assert len(set(o.task_rank)) > 1 and max(o.task_rank) <= o.rank
@@ -469,5 +470,3 @@ def test_per_task_ranks_with_absent_tasks_and_its_argument_errors(collection):
         option = bp.modules[module].option
         assert sol.num_params == option.num_params
         np.testing.assert_allclose(float(sol.loss), option.loss, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="per_task_ranks=True needs nested=True"):
-        collection_options(collection, nested=False, per_task_ranks=True)

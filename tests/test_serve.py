@@ -26,6 +26,7 @@ PLANS = {
     "a_per_lang_b_per_app": SharingPlan.from_labels([0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 2, 2]),
     "nested_a": SharingPlan.shared_a(T, 6).with_task_rank([1, 2, 3, 2, 1, 3]),
     "nested_b": SharingPlan.shared_b(T, 5).with_task_rank(2),
+    "own_ranks": SharingPlan.separate(T, 4).with_task_rank([1, 4, 2, 3, 1, 2]),
 }
 
 

@@ -124,8 +124,9 @@ def plan(
         bool,
         typer.Option(
             "--per-task-ranks",
-            help="With nested ranks, let each task of a module have its own rank j_t inside "
-            "the shared factor (more choices, a slower plan).",
+            help="Let the tasks of a module differ in rank: per-task truncation at a rank "
+            "per task and, with nested ranks, a rank j_t per task inside the shared factor "
+            "(more choices, a slower plan).",
         ),
     ] = False,
     json_out: Annotated[
@@ -151,8 +152,6 @@ def plan(
     if module_weighting is not None:
         choice(module_weighting, MODULE_WEIGHTINGS, "--module-weighting", "module weighting")
     check_output_file(out, "--out", (".yaml", ".yml"))
-    if per_task_ranks and not nested:
-        raise CliError("--per-task-ranks", "needs nested ranks: drop --no-nested")
     multipliers = floats(rank_multipliers, "--rank-multipliers")
     extra = ints(ranks, "--ranks") if ranks is not None else None
     collection = load(dirs, names)

@@ -213,8 +213,6 @@ def collection_options(
     per_task_ranks: bool = False,
 ):
     """`(groupings, {module: (ModuleStats, [PlanOption])})` for a whole collection."""
-    if per_task_ranks and not nested:
-        raise ValueError("per_task_ranks=True needs nested=True (ranks inside a shared factor)")
     if isinstance(collection, AdapterCollection) and task_names is None:
         task_names = list(collection.names)
     module_weights = _resolve_module_weights(collection, module_weights)
@@ -433,9 +431,10 @@ def plan_budget(
       in proportion to its share of the adapters' parameters), or `{module: weight}`.
     - `nested`: also offer nested ranks (a shared factor of rank `k` with every task at a
       rank `j < k` inside it, where the other side is task-specific); default on.
-    - `per_task_ranks`: with `nested`, also let the rank `j_t <= k` differ between the tasks
-      of a module (each shared factor with the per-task ranks a price on storage picks:
-      `module_options`); default off.
+    - `per_task_ranks`: also let ranks differ between the tasks of a module: per-task
+      truncation at a rank per task (`SharingPlan.own_ranks`) and, with `nested`, each
+      shared factor with a nested rank `j_t <= k` per task (the per-task ranks a price on
+      storage picks: `module_options`); default off.
 
     **Returns:** a `BudgetPlan`; `.plans` feeds `merge_adapters`, `.to_yaml(names)` writes a
     plan file for `hydraopt merge --config`.

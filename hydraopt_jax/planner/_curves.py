@@ -58,8 +58,10 @@ class PlanOption:
         base = NAMED_PAIRS.get((self.a_by, self.b_by), f"A:{self.a_by},B:{self.b_by}")
         if self.task_rank is None:
             return base
-        if isinstance(self.task_rank, tuple):
+        if isinstance(self.task_rank, tuple) and len(set(self.task_rank)) > 1:
             return f"{base} j={min(self.task_rank)}..{max(self.task_rank)}"
+        if isinstance(self.task_rank, tuple):
+            return f"{base} j={self.task_rank[0]}"
         return f"{base} j={self.task_rank}"
 
     @property
@@ -343,10 +345,11 @@ def module_options(
 
     With `nested`, plans whose other side is task-specific (shared A with a B per task, or
     the mirror image) are also offered with every task at a rank `j < k` inside the shared
-    factor (`_nested_curves`; one `j` for all tasks of the module). With `per_task_ranks`
-    too, each such shared factor is also offered with a rank `j_t <= k` per task: the
-    choices along `per_task_rank_paths` that no other option of the module beats on both
-    storage and loss."""
+    factor (`_nested_curves`; one `j` for all tasks of the module). With `per_task_ranks`,
+    each such shared factor is also offered with a rank `j_t <= k` per task, and `separate`
+    with a rank per task (`SharingPlan.own_ranks`): the choices along
+    `per_task_rank_paths` that no other option of the module beats on both storage and
+    loss."""
     local = {g: relabel([labels[t] for t in stats.present]) for g, labels in groupings.items()}
     rank_list = _candidate_ranks(stats, rank_multipliers, ranks)
     kmax = max(k for k, _ in rank_list)
@@ -410,44 +413,62 @@ def module_options(
                         residual = np.stack(
                             [curves[(k, j)] for j in levels[:-1]] + [res[k]], axis=1
                         )  # [n, J]
+                        unit = np.asarray(levels, np.float64) * (d_task + k)
                         per_task.append(
-                            (a_by, b_by, k, label, plan.with_rank(k), d_task, levels, residual)
+                            (a_by, b_by, label, plan.with_rank(k), unit, levels, residual)
                         )
+            n = len(stats.present)
+            if per_task_ranks and len(set(a_lab)) == n and len(set(b_lab)) == n and n > 1:
+                # separate: every task truncated to its own rank j_t (`own_ranks`)
+                base = min(max(stats.ranks[t] for t in stats.present), kmax)
+                levels = list(range(1, base + 1))
+                unit = np.asarray(levels, np.float64) * (stats.d_in + stats.d_out)
+                label = next((lb for k, lb in rank_list if k == base), f"k={base}")
+                residual = res[1 : base + 1].T  # [n, J]
+                per_task.append((a_by, b_by, label, plan.with_rank(base), unit, levels, residual))
     if per_task:
         options += _per_task_options(stats, options, per_task, module_weight, _option)
     return options
 
 
 def _per_task_options(stats, options, families, module_weight, make_option) -> list[PlanOption]:
-    """The per-task-rank choices of `families` (`per_task_rank_paths` of each nested family
-    and rank) that no option of `options` or another family beats on storage and loss."""
+    """The per-task-rank choices of `families` (`per_task_rank_paths` of each family with
+    one factor per task: nested ranks in a shared factor of rank `k`, or per-task truncation
+    to a rank per task) that no option of `options` or another family beats on storage and
+    loss. A family is `(a_by, b_by, rank_label, plan, unit, levels, residual)`: `unit[i]`
+    what one task stores at rank `levels[i]`, `residual [n, J]` each task's there."""
     from ._allocate import pareto
 
     n = len(stats.present)
     candidates = []  # (cost, loss, family, levels per task)
-    for f, (*_, plan, d_task, levels, residual) in enumerate(families):
-        k = plan.rank
-        unit = np.asarray(levels, np.float64) * (d_task + k)  # one task's storage per level
+
+    def own(plan):  # per-task truncation: both sides one factor per task
+        return plan.a_task_specific and plan.b_task_specific
+
+    for f, (*_, plan, unit, levels, residual) in enumerate(families):
         weighted = module_weight * stats.weights[:, None] * residual
-        shared = plan.with_task_rank(1).num_params(stats.d_in, stats.d_out) - n * (d_task + k)
+        # the part not per task (the shared factor of a nested plan; 0 for own ranks)
+        fixed = plan.with_task_rank(levels[0]).num_params(stats.d_in, stats.d_out) - n * unit[0]
         for row in per_task_rank_paths(unit, weighted):
-            if np.all(row == row[0]):
+            if np.all(row == row[0]) and not own(plan):
                 continue  # one j for every task: already an option (or the plain plan)
             loss = float(weighted[np.arange(n), row].sum())
-            candidates.append((shared + float(unit[row].sum()), loss, f, row))
+            candidates.append((fixed + float(unit[row].sum()), loss, f, row))
     if not candidates:
         return []
     costs = np.array([o.num_params for o in options] + [c[0] for c in candidates], np.float64)
     losses = np.array([o.loss for o in options] + [c[1] for c in candidates], np.float64)
     out = []
-    for i in pareto(costs, losses):
+    for i in pareto(costs, losses):  # stable: an equal existing option wins
         if i < len(options):
             continue
         _, _, f, row = candidates[i - len(options)]
-        a_by, b_by, k, label, plan, _, levels, residual = families[f]
+        a_by, b_by, label, plan, _, levels, residual = families[f]
         js = tuple(int(levels[x]) for x in row)
+        if own(plan):
+            plan = plan.with_rank(max(js))  # no padding beyond the largest rank kept
         out.append(
-            make_option(a_by, b_by, k, label, plan.with_task_rank(js),
+            make_option(a_by, b_by, plan.rank, label, plan.with_task_rank(js),
                         residual[np.arange(n), row], js)
         )  # fmt: skip
     return out
