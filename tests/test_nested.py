@@ -198,8 +198,8 @@ def test_plan_files_carry_nested_ranks():
 @pytest.mark.parametrize("side", ["a", "b", "own"])
 def test_export_gives_peft_adapters_of_rank_j_exact_against_the_bundle(tmp_path, side):
     """A nested bundle exported: each task's adapter has rank `j_t` (`lora_A = V_t^T Ah`,
-    `lora_B = U_t`, or the mirror image; its own truncation for `own_ranks`), PEFT loads it, and its deltas equal the bundle's
-    reconstruction; `bfloat16` export works too."""
+    `lora_B = U_t`, or the mirror image; its own truncation for `own_ranks`), PEFT loads
+    it, and its deltas equal the bundle's reconstruction; `bfloat16` export works too."""
     from hydraopt_jax.io import export_peft, load_bundle, load_collection, load_peft_adapter
     from tests.helpers.peft_models import (
         as_update,

@@ -393,8 +393,8 @@ def test_per_task_rank_paths_hold_every_choice_a_price_makes():
 @pytest.mark.parametrize("with_cov", [False, True])
 def test_per_task_rank_options_match_merge(with_cov):
     """Options with a rank per task, inside a shared factor or each task's own truncation
-    (mixed LoRA ranks, an absent task): loss, per-task errors and storage are `merge`'s, and no option of the module
-    beats one of them on both storage and loss."""
+    (mixed LoRA ranks, an absent task): loss, per-task errors and storage are `merge`'s,
+    and no option of the module beats one of them on both storage and loss."""
     from hydraopt_jax.planner._allocate import pareto
 
     coll = make_collection(seed=1, ranks=(4, 2, 4, 0, 3, 4))
