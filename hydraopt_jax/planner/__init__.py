@@ -30,6 +30,14 @@ no `d_out x d_in` matrix, no solver run and no compilation per candidate. The sh
 family is the same with the roles of the two Grams swapped (the transposed problem).
 `tests/test_planner.py` checks these losses against `merge`'s exact solver.
 
+**Ranks per task** (`per_task_ranks=True`, `hydraopt plan --per-task-ranks`). Within a module
+the tasks may also differ in rank: per-task truncation at a rank `j_t` per task
+(`SharingPlan.own_ranks`) and, with nested ranks, a rank `j_t` per task inside each shared
+factor. For a fixed shared factor each task's loss at each rank is known, so the choices a
+price on storage can make are the steps along the tasks' lower convex hulls, merged by
+slope (`per_task_rank_paths`: at most `T` times the number of ranks); those no other option
+of the module beats on both storage and loss join its options.
+
 **Allocation (multiple-choice knapsack).** Each module offers options `(params, loss)`;
 one per module must be chosen with total params `<= budget * original`. We keep each
 module's Pareto front and take the best feasible selection among:
@@ -41,7 +49,8 @@ module's Pareto front and take the best feasible selection among:
 2. *exact dynamic programming on a grid*: parameters rounded up to `budget / 4096` units
    (so the result is always feasible), then the same greedy fill;
 3. every *uniform* selection (the same grouping pair and rank multiple on every module, e.g.
-   shared-A at `k = r` everywhere) that fits, greedily filled.
+   shared-A at `k = r` everywhere) that fits, greedily filled (on the fronts: each option
+   replaced by the lowest-loss front option that costs no more).
 
 (3) guarantees the planner is never worse than a uniform closed-form plan (named or grouped)
 at the same or lower storage; in particular than per-task truncation (every task's own update

@@ -26,27 +26,37 @@ def pareto(costs: np.ndarray, losses: np.ndarray) -> np.ndarray:
 
 def _greedy_fill(choice, costs, losses, capacity) -> list[int]:
     """Upgrade modules while the budget allows: each time the move with the largest loss
-    decrease per extra parameter among those that fit."""
+    decrease per extra parameter among those that fit (the first module and option on a
+    tie). Each module's best move is kept and recomputed only when it changes module or no
+    longer fits (the budget left only shrinks), so a fill of many small steps stays cheap."""
     choice = list(choice)
     used = sum(costs[m][c] for m, c in enumerate(choice))
+
+    def best_move(m, left):
+        extra = costs[m] - costs[m][choice[m]]
+        gain = losses[m][choice[m]] - losses[m]
+        ok = (extra > 0) & (extra <= left) & (gain > 0)
+        if not np.any(ok):
+            return 0.0, None
+        ratio = np.where(ok, gain / np.where(extra > 0, extra, 1), -np.inf)
+        i = int(np.argmax(ratio))
+        return float(ratio[i]), i
+
+    moves = [best_move(m, capacity - used) for m in range(len(choice))]
     while True:
-        best, best_move = 0.0, None
-        left = capacity - used
-        for m, c in enumerate(choice):
-            extra = costs[m] - costs[m][c]
-            gain = losses[m][c] - losses[m]
-            ok = (extra > 0) & (extra <= left) & (gain > 0)
-            if not np.any(ok):
-                continue
-            ratio = np.where(ok, gain / np.where(extra > 0, extra, 1), -np.inf)
-            i = int(np.argmax(ratio))
-            if ratio[i] > best:
-                best, best_move = float(ratio[i]), (m, i)
-        if best_move is None:
+        best, best_m = 0.0, None
+        for m, (ratio, i) in enumerate(moves):
+            if i is not None and ratio > best:
+                best, best_m = ratio, m
+        if best_m is None:
             return choice
-        m, i = best_move
-        used += costs[m][i] - costs[m][choice[m]]
-        choice[m] = i
+        i = moves[best_m][1]
+        used += costs[best_m][i] - costs[best_m][choice[best_m]]
+        choice[best_m] = i
+        left = capacity - used
+        for m, (_, j) in enumerate(moves):
+            if m == best_m or (j is not None and costs[m][j] - costs[m][choice[m]] > left):
+                moves[m] = best_move(m, left)
 
 
 def _lagrangian(costs, losses, capacity) -> list[int]:
