@@ -187,9 +187,11 @@ def test_both_grids_offer_the_fisher_planner_at_their_variant_budgets():
         f"hydraopt:plan+nested+act+fisher@{budget_tag(b)}" for b in VARIANT_BUDGETS
     }
     assert all(m.nested and m.activation for m in fisher.values())
+    ranks = [m for m in GRID.methods() if m.per_task_ranks]
+    assert ranks and all(m.nested and m.task_weighting == "adapter" for m in ranks)
     # every objective at each per-task truncation's storage (1 / 16 ... 1 / 2 of r = 16)
     names = {m.name for m in GRID.methods()}
-    for suffix in ("+act", "+adapter", "+act+adapter", "+act+fisher"):
+    for suffix in ("+act", "+adapter", "+act+adapter", "+act+fisher", "+adapter+task-ranks"):
         for b in (0.0625, 0.125, 0.25, 0.50):
             assert f"hydraopt:plan+nested{suffix}@{budget_tag(b)}" in names
     assert TESTBED.sensitivities is not None

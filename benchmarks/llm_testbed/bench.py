@@ -54,7 +54,7 @@ GRID = Grid(
     truncation=(0.5, 0.25, 0.125, 0.0625),
     nested=((1.0, 0.0625), (1.0, 0.125), (1.0, 0.25)),
     nested_budgets=NESTED_BUDGETS,
-    planner_variants=("act", "size", "fisher", "adapter", "act+adapter"),
+    planner_variants=("act", "size", "fisher", "adapter", "act+adapter", "adapter+task-ranks"),
     variant_budgets=VARIANT_BUDGETS,
 )
 CALIBRATION = dict(examples_per_task=4, seed=777)

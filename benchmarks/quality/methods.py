@@ -7,7 +7,8 @@ the exact solver where a closed form exists, ALS otherwise; `+act`: activation-a
 nested ranks in a shared factor (`hydraopt:shared-a@k=r,j=r/4`: one shared A of rank `r`,
 every task a rank-`r/4` factor inside it); the planner's per-module plans under a budget
 (`plan@B`; `+act`, `+size` for its other objectives, `+nested` when it may also choose
-nested ranks, `+nested+act` both); rank sweeps; and every baseline of
+nested ranks, `+nested+act` both, `+task-ranks` when the tasks of a module may differ in
+rank); rank sweeps; and every baseline of
 `hydraopt_jax.baselines.BASELINES` (`baseline:<name>`) with fixed default hyperparameters
 (nothing is tuned on test data).
 """

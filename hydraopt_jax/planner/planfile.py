@@ -10,7 +10,8 @@ a_groups:             # tasks whose names match a group's pattern(s) share one A
 b_groups:
   qa: "qa_*"          # tasks matched by no group keep a task-specific factor
 task_rank: 2          # nested ranks (optional): each task's rank j_t <= k inside its
-                      # shared factor; an integer, a list (task order) or {pattern: j}
+                      # shared factor; an integer, a list (task order) or {pattern: j};
+                      # with both sides per-task, each task's own rank (truncation)
 ```
 
 A plan may differ per module: a `modules:` section maps module-name patterns (fnmatch,
