@@ -32,6 +32,7 @@ ACT = "activation-aware"
 FISHER = "Fisher-weighted"
 ADAPTER = "whole-adapter weights"
 ACT_ADAPTER = "activation-aware with whole-adapter weights"
+ADAPTER_RANKS = "whole-adapter weights, a rank per task"
 
 
 def _planner(budget: str, *asides: tuple[str, str]):
@@ -44,6 +45,7 @@ OBJECTIVES = (
     (ACT, "hydraopt:plan+nested+act"),
     (ACT_ADAPTER, "hydraopt:plan+nested+act+adapter"),
     (FISHER, "hydraopt:plan+nested+act+fisher"),
+    (ADAPTER_RANKS, "hydraopt:plan+nested+adapter+task-ranks"),
 )
 
 
