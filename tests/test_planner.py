@@ -104,6 +104,42 @@ def test_allocate_matches_brute_force():
         assert sum(losses[m][i] for m, i in enumerate(choice)) <= best + 1e-9
 
 
+def test_greedy_fill_takes_the_best_ratio_upgrade_each_time():
+    """The fill (which keeps each module's best move between steps) makes the choices of the
+    plain rule: recompute every module's upgrades each step, take the largest loss decrease
+    per extra parameter that fits (first module, then first option, on a tie)."""
+    from hydraopt_jax.planner._allocate import _greedy_fill
+
+    def reference(choice, costs, losses, capacity):
+        choice = list(choice)
+        while True:
+            left = capacity - sum(costs[m][c] for m, c in enumerate(choice))
+            moves = [
+                ((losses[m][choice[m]] - losses[m][i]) / (costs[m][i] - costs[m][choice[m]]), m, i)
+                for m in range(len(choice))
+                for i in range(len(costs[m]))
+                if 0 < costs[m][i] - costs[m][choice[m]] <= left
+                and losses[m][i] < losses[m][choice[m]]
+            ]
+            if not moves:
+                return choice
+            best = max(r for r, _, _ in moves)
+            m, i = min((m, i) for r, m, i in moves if r == best)
+            choice[m] = i
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        costs = [rng.integers(1, 40, size=rng.integers(1, 12)).astype(float) for _ in range(6)]
+        losses = [rng.uniform(0, 10, size=len(c)) for c in costs]
+        if trial % 2:
+            losses = [np.round(x) for x in losses]  # ties
+        capacity = float(rng.uniform(sum(c.min() for c in costs), sum(c.max() for c in costs)))
+        start = [int(np.argmin(c)) for c in costs]
+        assert _greedy_fill(start, costs, losses, capacity) == reference(
+            start, costs, losses, capacity
+        )
+
+
 def test_allocate_refuses_impossible_budget():
     with pytest.raises(ValueError, match="cheapest"):
         allocate([[10, 20]], [[1.0, 0.0]], 5)
