@@ -51,9 +51,8 @@ FISHER = "fisher"
 ADAPTER = "adapter"
 # The activation-aware planner with whole-adapter task weights (`+act+adapter`)
 ACT_ADAPTER = "act+adapter"
-# The nested planner with a rank per task in each module (`per_task_ranks`), and with
-# whole-adapter task weights too
-TASK_RANKS = "task-ranks"
+# The nested planner with whole-adapter task weights and a rank per task in each module
+# (`per_task_ranks`)
 ADAPTER_TASK_RANKS = "adapter+task-ranks"
 # The nested planner's other objectives: variant -> (name suffix, `Method` options).
 NESTED_VARIANTS = {
@@ -61,7 +60,6 @@ NESTED_VARIANTS = {
     ADAPTER: ("+adapter", dict(task_weighting=ADAPTER)),
     ACT_ADAPTER: ("+act+adapter", dict(activation=True, task_weighting=ADAPTER)),
     FISHER: ("+act+fisher", dict(activation=True, module_weighting=FISHER)),
-    TASK_RANKS: ("+task-ranks", dict(per_task_ranks=True)),
     ADAPTER_TASK_RANKS: ("+adapter+task-ranks", dict(task_weighting=ADAPTER, per_task_ranks=True)),
 }
 # Baselines with a rank to choose, swept like HydraOpt's plans so that the comparison is fair.
@@ -81,7 +79,8 @@ class Method:
     planner's arguments; `task_weighting`: the planner's and the merge's `weights`,
     `"relative"` (each task's error relative to its update, module by module) or `"adapter"`
     (relative to its whole adapter's update: `hydraopt_jax._loss.adapter_task_weights`);
-    `per_task_ranks`: the planner may give each task of a module its own nested rank.
+    `per_task_ranks`: the planner may give each task of a module its own rank (its own
+    truncation, or its nested rank in a shared factor).
     """
 
     name: str

@@ -49,8 +49,7 @@ module's Pareto front and take the best feasible selection among:
 2. *exact dynamic programming on a grid*: parameters rounded up to `budget / 4096` units
    (so the result is always feasible), then the same greedy fill;
 3. every *uniform* selection (the same grouping pair and rank multiple on every module, e.g.
-   shared-A at `k = r` everywhere) that fits, greedily filled (on the fronts: each option
-   replaced by the lowest-loss front option that costs no more).
+   shared-A at `k = r` everywhere) that fits, greedily filled.
 
 (3) guarantees the planner is never worse than a uniform closed-form plan (named or grouped)
 at the same or lower storage; in particular than per-task truncation (every task's own update

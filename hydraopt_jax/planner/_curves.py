@@ -417,8 +417,7 @@ def module_options(
                         per_task.append(
                             (a_by, b_by, label, plan.with_rank(k), unit, levels, residual)
                         )
-            n = len(stats.present)
-            if per_task_ranks and len(set(a_lab)) == n and len(set(b_lab)) == n and n > 1:
+            if per_task_ranks and _own(plan) and len(stats.present) > 1:
                 # separate: every task truncated to its own rank j_t (`own_ranks`)
                 base = min(max(stats.ranks[t] for t in stats.present), kmax)
                 levels = list(range(1, base + 1))
@@ -429,6 +428,11 @@ def module_options(
     if per_task:
         options += _per_task_options(stats, options, per_task, module_weight, _option)
     return options
+
+
+def _own(plan: SharingPlan) -> bool:
+    """Both sides hold one factor per task: ranks per task are each task's own truncation."""
+    return plan.a_task_specific and plan.b_task_specific
 
 
 def _per_task_options(stats, options, families, module_weight, make_option) -> list[PlanOption]:
@@ -442,15 +446,12 @@ def _per_task_options(stats, options, families, module_weight, make_option) -> l
     n = len(stats.present)
     candidates = []  # (cost, loss, family, levels per task)
 
-    def own(plan):  # per-task truncation: both sides one factor per task
-        return plan.a_task_specific and plan.b_task_specific
-
     for f, (*_, plan, unit, levels, residual) in enumerate(families):
         weighted = module_weight * stats.weights[:, None] * residual
         # the part not per task (the shared factor of a nested plan; 0 for own ranks)
         fixed = plan.with_task_rank(levels[0]).num_params(stats.d_in, stats.d_out) - n * unit[0]
         for row in per_task_rank_paths(unit, weighted):
-            if np.all(row == row[0]) and not own(plan):
+            if np.all(row == row[0]) and not _own(plan):
                 continue  # one j for every task: already an option (or the plain plan)
             loss = float(weighted[np.arange(n), row].sum())
             candidates.append((fixed + float(unit[row].sum()), loss, f, row))
@@ -465,7 +466,7 @@ def _per_task_options(stats, options, families, module_weight, make_option) -> l
         _, _, f, row = candidates[i - len(options)]
         a_by, b_by, label, plan, _, levels, residual = families[f]
         js = tuple(int(levels[x]) for x in row)
-        if own(plan):
+        if _own(plan):
             plan = plan.with_rank(max(js))  # no padding beyond the largest rank kept
         out.append(
             make_option(a_by, b_by, plan.rank, label, plan.with_task_rank(js),
