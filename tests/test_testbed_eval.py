@@ -164,6 +164,10 @@ def test_per_task_truncation_is_a_rival_of_the_front():
     assert [v["baseline"] for v in fc["violations"]] == ["reference:truncate-r/2"]
     margins = {m["rival"]: round(m["margin"], 6) for m in fc["margins"]}
     assert margins == {"reference:truncate-r/2": -0.04, "reference:truncate-r/4": 0.05}
+    # a rival below HydraOpt's smallest storage has nothing to be compared with: said so
+    rows.append(_row("reference:truncate-r/16", 0.0625, 0.5))
+    text = analysis.format_summary(dict(collection="c", tasks=["t"], rows=rows))
+    assert "r/16 storage 0.0625 score 0.5000 > no HydraOpt point at storage <= 0.0625" in text
 
 
 def test_a_front_failure_is_reported_with_its_paired_standard_error():

@@ -13,8 +13,12 @@ trainer's fixed default seed gives: one `lora_A` init for all tasks); `diff_seed
 Each adapter is written with `save_pretrained` to `adapters/<collection>/<task>/` (a
 temporary name, then renamed) and its row of `manifest.json` (steps, seconds, final loss,
 own and base accuracy on the test split, a SHA-256 of its tensors) right after it: an
-interrupted run resumes at the first task without an adapter. `--quick` trains a small grid
-for 10 steps into `_cache/quick/` (for the test suite).
+interrupted run resumes at the first task without an adapter. A task the manifest already
+records whose adapter is gone (adapters are not committed) is retrained, and its row stays the
+record of the adapter that was scored: the new stats go under `regenerated`, and the log says
+whether the tensors came back bit for bit (they do for the same library versions, also
+recorded, and torch thread count). `--quick` trains a small grid for 10 steps into
+`_cache/quick/` (for the test suite).
 """
 
 from __future__ import annotations
@@ -112,6 +116,29 @@ def tensors_sha256(adapter_dir: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+def library_versions() -> dict:
+    """The versions that decide an adapter's bits (float32 CPU training is deterministic for
+    one set of them and one torch thread count)."""
+    import peft
+    import torch
+    import transformers
+
+    return dict(torch=torch.__version__, peft=peft.__version__,
+                transformers=transformers.__version__)  # fmt: skip
+
+
+def regeneration_note(row: dict) -> str:
+    """One line comparing a manifest row with its `regenerated` entry."""
+    new = row["regenerated"]
+    if new["sha256"] == row["sha256"]:
+        return "regenerated bit for bit"
+    return (
+        f"regenerated with other bits: final loss {new['final_loss']} (recorded "
+        f"{row['final_loss']}), own accuracy {new['own_accuracy']:.4f} (recorded "
+        f"{row['own_accuracy']:.4f})"
+    )
+
+
 def _write_json(path: pathlib.Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
@@ -139,9 +166,11 @@ def train_collection(
     )
     base, tokenizer = M.load_base_model(log=log)
     scorer = E.Scorer(base, tokenizer)
+    manifest.setdefault("versions", library_versions())
     for task in training_order(tasks):
         final = out / task.name
-        if (final / "adapter_model.safetensors").exists() and task.name in manifest["tasks"]:
+        recorded = manifest["tasks"].get(task.name)
+        if (final / "adapter_model.safetensors").exists() and recorded is not None:
             continue
         seed = lora_seed(task, collection)
         model, stats = train_lora(base, tokenizer, task, seed, hp, log=log)
@@ -158,10 +187,16 @@ def train_collection(
             base_accuracy=scorer.accuracy(task, None),
             sha256=tensors_sha256(final),
         )
-        manifest["tasks"][task.name] = stats
+        if recorded is None:
+            manifest["tasks"][task.name] = stats
+        else:
+            # The row describes the adapter that was scored: keep it, and say how this
+            # regeneration compares (bit for bit, or by its loss and accuracy)
+            recorded["regenerated"] = dict(stats, versions=library_versions())
         _write_json(manifest_path, manifest)
         log(f"{collection}/{task.name}: own {own:.3f} base {stats['base_accuracy']:.3f} "
-            f"loss {stats['final_loss']:.4f} ({stats['seconds']} s)")  # fmt: skip
+            f"loss {stats['final_loss']:.4f} ({stats['seconds']} s)"
+            + ("" if recorded is None else f"; {regeneration_note(recorded)}"))  # fmt: skip
     return manifest
 
 

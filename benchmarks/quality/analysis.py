@@ -213,10 +213,16 @@ def format_summary(result: dict) -> str:
         )
     for v in fc["violations"]:
         pm = v["hydraopt"] and paired_margin(result, v["hydraopt"], v["baseline"])
-        lines.append(
+        rival = (
             f"  violation: {v['baseline']} storage {v['baseline_storage']:.4f} score "
-            f"{v['baseline_score']:.4f} > {v['hydraopt']} storage {v['hydraopt_storage']} "
-            f"score {v['hydraopt_score']}"
+            f"{v['baseline_score']:.4f} > "
+        )
+        if v["hydraopt"] is None:
+            lines.append(rival + f"no HydraOpt point at storage <= {v['baseline_storage']:.4f}")
+            continue
+        lines.append(
+            rival + f"{v['hydraopt']} storage {v['hydraopt_storage']:.4f} score "
+            f"{v['hydraopt_score']:.4f}"
             + (f" (margin {pm[0]:+.4f}, paired s.e. over tasks {pm[1]:.4f})" if pm else "")
         )
     return "\n".join(lines)
