@@ -235,3 +235,35 @@ def test_readme_storage_table_is_the_committed_llm_results():
                     assert abs(by[method]["storage_ratio"] - float(label.split()[0])) < 1e-3, (
                         label, method, by[method]["storage_ratio"],
                     )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers / PEFT deprecations
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_lost_adapter_is_regenerated_bit_for_bit_and_its_record_kept(tmp_path):
+    """Adapters are not committed: retraining one the manifest records gives the same tensor
+    checksum (same library versions, one torch thread), and the recorded row is kept."""
+    import torch
+
+    from benchmarks.llm_testbed import train as TR
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hp = dict(TR.QUICK_TRAIN, steps=2, warmup=1)
+        task = [T.task_from_name("correction_en")]
+        first = TR.train_collection("same_seed", task, tmp_path, hp, log=lambda s: None)
+        row = dict(first["tasks"]["correction_en"])
+        assert first["versions"] == TR.library_versions()
+        (tmp_path / "correction_en" / "adapter_model.safetensors").unlink()
+        again = TR.train_collection("same_seed", task, tmp_path, hp, log=lambda s: None)
+    finally:
+        torch.set_num_threads(threads)
+    kept = again["tasks"]["correction_en"]
+    assert {k: kept[k] for k in row} == row
+    assert kept["regenerated"]["sha256"] == row["sha256"]
+    assert TR.regeneration_note(kept) == "regenerated bit for bit"
+    assert json.loads((tmp_path / "manifest.json").read_text()) == again
+    other = dict(kept, regenerated=dict(kept["regenerated"], sha256="0" * 64))
+    assert "regenerated with other bits: final loss" in TR.regeneration_note(other)
