@@ -320,6 +320,35 @@ def test_resume_reuses_rows_of_the_same_tasks_only(base_model):
     assert other["tasks"] == TWO_TASKS[:1] and "hydraopt:separate" not in other["details"]
 
 
+def test_rows_name_the_adapters_they_were_scored_on(base_model):
+    """Each row records a digest of the adapter files actually read (not of a manifest), so
+    a resumed run on other adapters (e.g. regenerated with other bits) keeps old rows marked
+    as such, and the report says which rows belong to which set."""
+    from benchmarks.quality.collection import adapters_digest, tensors_sha256
+
+    (lora,) = EM.GRID.by_name(["lora"])
+    coll = EM.load_testbed_collection(COLLECTION, TWO_TASKS)
+    digest = adapters_digest({t: tensors_sha256(coll.path / t) for t in TWO_TASKS})
+    assert coll.digest == digest and len(digest) == 16
+    assert adapters_digest({TWO_TASKS[0]: coll.checksums[TWO_TASKS[0]]}) != digest
+    first = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[lora], base_model=base_model
+    )
+    assert first["details"]["lora"]["adapters"] == first["config"]["adapters"] == digest
+    md = report.markdown([first], "t", "cmd")
+    assert f"Scored on adapters `{digest}` (1 rows)." in md and "more than one set" not in md
+    stale = dict(first, details={"lora": dict(first["details"]["lora"], adapters="0" * 16)})
+    logs = []
+    again = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[], base_model=base_model,
+        previous=stale, log=logs.append,
+    )  # fmt: skip
+    assert again["details"]["lora"]["adapters"] == "0" * 16  # kept as scored
+    assert any("1 previous rows were scored on other adapters" in line for line in logs)
+    mixed = dict(again, details=dict(again["details"], x=dict(adapters=digest)))
+    assert "more than one set" in report.markdown([mixed], "t", "cmd")
+
+
 def test_redo_re_scores_the_listed_rows_in_place_and_keeps_the_others(base_model):
     lora, separate = EM.GRID.by_name(["lora", "hydraopt:separate"])
     first = evaluate_collection(

@@ -24,7 +24,6 @@ recorded, and torch thread count). `--quick` trains a small grid for 10 steps in
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
@@ -34,6 +33,7 @@ import time
 
 import numpy as np
 
+from ..quality.collection import tensors_sha256
 from ..quality.torch_lora import lora_training
 from . import evaluate as E
 from . import model as M
@@ -103,17 +103,6 @@ def train_lora(base, tokenizer, task: T.Task, seed: int, hp: dict = TRAIN, log=p
         seed=seed,
     )
     return model, stats
-
-
-def tensors_sha256(adapter_dir: pathlib.Path) -> str:
-    """SHA-256 over the adapter's tensors (names, dtypes, shapes, bytes), sorted by name."""
-    from safetensors.numpy import load_file
-
-    h = hashlib.sha256()
-    for key, value in sorted(load_file(str(adapter_dir / "adapter_model.safetensors")).items()):
-        h.update(f"{key}|{value.dtype}|{value.shape}|".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    return h.hexdigest()
 
 
 def library_versions() -> dict:

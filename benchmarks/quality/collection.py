@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Collection", "load_collection"]
+__all__ = ["Collection", "adapters_digest", "load_collection", "tensors_sha256"]
 
 
 @dataclasses.dataclass
@@ -18,7 +19,8 @@ class Collection:
 
     `A[m]`: `[T, r_max, d_in]`, `B[m]`: `[T, d_out, r_max]` with each task's LoRA scale
     folded into `B`; `scales[m]`: `[T]`, that scale; `ranks[m]`: each task's rank (0 =
-    absent); `adapters[t]`: task `t`'s own factors `{module: (A, s B)}`.
+    absent); `adapters[t]`: task `t`'s own factors `{module: (A, s B)}`; `checksums[t]`:
+    `tensors_sha256` of the adapter file read (what was scored, whatever a manifest says).
     """
 
     name: str
@@ -32,6 +34,12 @@ class Collection:
     own_accuracy: dict[str, float]
     adapters: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
     task_attributes: list[dict[str, str]]
+    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        """`adapters_digest` of the tasks read: one name for this set of adapters."""
+        return adapters_digest(self.checksums)
 
     @property
     def num_tasks(self) -> int:
@@ -87,4 +95,24 @@ def load_collection(
         name=path.name, path=path, tasks=tasks, modules=modules, A=A, B=B, scales=scales,
         ranks=ranks, own_accuracy=own, adapters=adapters,
         task_attributes=[attributes(t) for t in tasks],
+        checksums={t: tensors_sha256(path / t) for t in tasks},
     )  # fmt: skip
+
+
+def tensors_sha256(adapter_dir: pathlib.Path) -> str:
+    """SHA-256 over a PEFT adapter's tensors (names, dtypes, shapes, bytes), sorted by name:
+    unchanged by the file's metadata or tensor order."""
+    from safetensors.numpy import load_file
+
+    h = hashlib.sha256()
+    for key, value in sorted(load_file(str(adapter_dir / "adapter_model.safetensors")).items()):
+        h.update(f"{key}|{value.dtype}|{value.shape}|".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+def adapters_digest(checksums: Mapping[str, str]) -> str:
+    """16 hex digits naming a set of adapters: a SHA-256 over `task:tensors_sha256` lines,
+    sorted by task (so a manifest's recorded checksums name the set they were taken of)."""
+    text = "".join(f"{t}:{checksums[t]}\n" for t in sorted(checksums))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

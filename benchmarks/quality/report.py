@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from collections import Counter
 from collections.abc import Sequence
 
 from .analysis import hydraopt_front, is_rival, paired_margin, summarize, truncation_margins
@@ -107,14 +108,15 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
     for res in results:
         details = res.get("details", {})
         nll = any("answer_nll_mean" in d for d in details.values())
-        out += [
-            "",
-            f"## {res['collection']}",
-            "",
-            "| method | storage | score | min task ratio | rel. error |"
-            + (" answer NLL |" if nll else ""),
-            "|---|---|---|---|---|" + ("---|" if nll else ""),
-        ]
+        out += (
+            ["", f"## {res['collection']}", ""]
+            + _adapter_sets(res)
+            + [
+                "| method | storage | score | min task ratio | rel. error |"
+                + (" answer NLL |" if nll else ""),
+                "|---|---|---|---|---|" + ("---|" if nll else ""),
+            ]
+        )
         front = {r["method"] for r in hydraopt_front(res["rows"])}
         for row in sorted(res["rows"], key=lambda r: (r["storage_ratio"], r["method"])):
             d = details.get(row["method"], {})
@@ -171,6 +173,17 @@ def markdown(results: Sequence[dict], title: str, source: str) -> str:
         )
     out.append("")
     return "\n".join(out)
+
+
+def _adapter_sets(result: dict) -> list[str]:
+    """A line naming the adapters the rows were scored on (`details[m]["adapters"]`), by how
+    many rows; nothing when no row records it."""
+    sets = Counter(d.get("adapters") for d in result.get("details", {}).values())
+    if set(sets) <= {None}:
+        return []
+    listed = ", ".join(f"`{digest or 'unrecorded'}` ({n} rows)" for digest, n in sets.most_common())
+    mixed = " (more than one set: compare rows of one set)" if len(sets) > 1 else ""
+    return [f"Scored on adapters {listed}{mixed}.", ""]
 
 
 # ---------------------------------------------------------------------------- chart

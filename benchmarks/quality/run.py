@@ -154,6 +154,10 @@ def evaluate_collection(
     previous = previous or {"rows": [], "details": {}}
     carried = {r["method"]: r for r in previous["rows"] if r["method"] in previous["details"]}
     done = {m: r for m, r in carried.items() if m not in redo}  # reused, not recomputed
+    other = sorted(m for m in carried if previous["details"][m].get("adapters") != coll.digest)
+    if other:
+        log(f"[{coll.name}] {len(other)} previous rows were scored on other adapters than these "
+            f"({coll.digest}); kept, each with its own `adapters` digest")  # fmt: skip
     order = testbed.order()
 
     def result(finished: bool) -> dict:
@@ -175,6 +179,7 @@ def evaluate_collection(
                 rank=coll.rank,
                 weights="relative",
                 own_accuracy=coll.own_accuracy,
+                adapters=coll.digest,
             ),
             summary=summarize(all_rows),
         )
@@ -216,6 +221,7 @@ def evaluate_collection(
             relative_error_mean=float(np.mean(list(merged.relative_error.values()))),
             merge_seconds=round(merged.seconds, 3),
             eval_seconds=round(eval_s, 3),
+            adapters=coll.digest,  # which adapters this row was scored on
         )
         if method.module_weighting == FISHER:  # what the planner was given
             details[method.name]["module_weights"] = {m: round(w, 6) for m, w in fisher.items()}
