@@ -16,9 +16,9 @@ own and base accuracy on the test split, a SHA-256 of its tensors) right after i
 interrupted run resumes at the first task without an adapter. A task the manifest already
 records whose adapter is gone (adapters are not committed) is retrained, and its row stays the
 record of the adapter that was scored: the new stats go under `regenerated`, and the log says
-whether the tensors came back bit for bit (they do for the same library versions, also
-recorded, and torch thread count). `--quick` trains a small grid for 10 steps into
-`_cache/quick/` (for the test suite).
+whether the tensors came back bit for bit (they do for the same library versions, base weights
+and torch thread count; the first two are recorded). `--quick` trains a small grid for 10
+steps into `_cache/quick/` (for the test suite).
 """
 
 from __future__ import annotations
@@ -106,14 +106,16 @@ def train_lora(base, tokenizer, task: T.Task, seed: int, hp: dict = TRAIN, log=p
 
 
 def library_versions() -> dict:
-    """The versions that decide an adapter's bits (float32 CPU training is deterministic for
-    one set of them and one torch thread count)."""
+    """What decides an adapter's bits (float32 CPU training is deterministic for one set of
+    them and one torch thread count): the library versions and the float32 base weights
+    (dequantised from the GGUF by `transformers`), as `tensors_sha256` of the cached file."""
     import peft
     import torch
     import transformers
 
     return dict(torch=torch.__version__, peft=peft.__version__,
-                transformers=transformers.__version__)  # fmt: skip
+                transformers=transformers.__version__,
+                base_sha256=tensors_sha256(M.cache_dir() / M.WEIGHTS))  # fmt: skip
 
 
 def regeneration_note(row: dict) -> str:
@@ -155,7 +157,8 @@ def train_collection(
     )
     base, tokenizer = M.load_base_model(log=log)
     scorer = E.Scorer(base, tokenizer)
-    manifest.setdefault("versions", library_versions())
+    versions = library_versions()
+    manifest.setdefault("versions", versions)
     for task in training_order(tasks):
         final = out / task.name
         recorded = manifest["tasks"].get(task.name)
@@ -181,7 +184,7 @@ def train_collection(
         else:
             # The row describes the adapter that was scored: keep it, and say how this
             # regeneration compares (bit for bit, or by its loss and accuracy)
-            recorded["regenerated"] = dict(stats, versions=library_versions())
+            recorded["regenerated"] = dict(stats, versions=versions)
         _write_json(manifest_path, manifest)
         log(f"{collection}/{task.name}: own {own:.3f} base {stats['base_accuracy']:.3f} "
             f"loss {stats['final_loss']:.4f} ({stats['seconds']} s)"

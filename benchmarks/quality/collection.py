@@ -99,13 +99,15 @@ def load_collection(
     )  # fmt: skip
 
 
-def tensors_sha256(adapter_dir: pathlib.Path) -> str:
-    """SHA-256 over a PEFT adapter's tensors (names, dtypes, shapes, bytes), sorted by name:
-    unchanged by the file's metadata or tensor order."""
+def tensors_sha256(path: pathlib.Path) -> str:
+    """SHA-256 over the tensors (names, dtypes, shapes, bytes, sorted by name) of a safetensors
+    file, or of a PEFT adapter folder's: unchanged by the file's metadata or tensor order."""
     from safetensors.numpy import load_file
 
+    path = pathlib.Path(path)
+    file = path / "adapter_model.safetensors" if path.is_dir() else path
     h = hashlib.sha256()
-    for key, value in sorted(load_file(str(adapter_dir / "adapter_model.safetensors")).items()):
+    for key, value in sorted(load_file(str(file)).items()):
         h.update(f"{key}|{value.dtype}|{value.shape}|".encode())
         h.update(np.ascontiguousarray(value).tobytes())
     return h.hexdigest()
