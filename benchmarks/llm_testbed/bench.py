@@ -37,7 +37,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results"
 COLLECTIONS = TR.COLLECTIONS
 QUICK_COLLECTIONS = ("same_seed",)
-QUICK_TEST_EXAMPLES = 16
+QUICK_TEST_EXAMPLES = TR.QUICK_TRAIN["test_examples"]
 
 # Planner budgets: one adapter's storage (1/40 = 0.025), the small storages the issues aim
 # at (0.04-0.10), just below and at each per-task truncation's storage (r/16: 0.0625,
@@ -168,5 +168,5 @@ def quick_testbed() -> Testbed:
         TESTBED,
         load=lambda name, tasks: load_llm_collection(QUICK_ADAPTERS / name, tasks),
         scorer=lambda base: _scorer(base, QUICK_TEST_EXAMPLES),
-        reuse_own=True,  # own accuracies were scored on the whole test split, not on 16
+        reuse_own=True,  # the manifest's own accuracies: scored on the same 16 examples
     )
