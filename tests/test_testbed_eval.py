@@ -195,6 +195,38 @@ def test_a_front_failure_is_reported_with_its_paired_standard_error():
     assert "s.e." not in analysis.format_summary(dict(result, details={}))
 
 
+def test_two_results_are_compared_pair_by_pair():
+    """Regenerated against scored adapters: per (method, task) pair, whether exact match is
+    the same, the change of the score ratio (each against its own LoRA) and of the NLL."""
+    old = dict(
+        tasks=["t1", "t2"], config=dict(own_accuracy={"t1": 1.0, "t2": 0.5}),
+        details={
+            "lora": {"accuracy": {"t1": 1.0, "t2": 0.5}, "answer_nll": {"t1": 0.1, "t2": 0.2}},
+            "m": {"accuracy": {"t1": 0.5, "t2": 0.5}, "answer_nll": {"t1": 0.4, "t2": 0.2}},
+        },
+    )  # fmt: skip
+    new = dict(
+        tasks=["t1", "t2", "t3"], config=dict(own_accuracy={"t1": 1.0, "t2": 0.25, "t3": 1.0}),
+        details={
+            "lora": {"accuracy": {"t1": 1.0, "t2": 0.25, "t3": 1.0},
+                     "answer_nll": {"t1": 0.1, "t2": 0.3, "t3": 0.0}},
+            "m": {"accuracy": {"t1": 0.75, "t2": 0.25, "t3": 0.0},
+                  "answer_nll": {"t1": 0.3, "t2": 0.2, "t3": 0.0}},
+            "only-new": {"accuracy": {}},
+        },
+    )  # fmt: skip
+    c = analysis.compare_results(new, old)
+    assert c["methods"] == ["lora", "m"] and c["tasks"] == ["t1", "t2"] and c["pairs"] == 4
+    assert c["equal_accuracy"] == 1  # only lora on t1; t2's own accuracy moved
+    # ratio changes: lora 0, 0; m: 0.75 - 0.5 = 0.25 and 1.0 - 1.0 = 0
+    assert c["ratio_max"] == pytest.approx(0.25)
+    assert c["ratio_sd"] == pytest.approx(np.std([0, 0, 0.25, 0], ddof=1))
+    # NLL changes 0, 0.1, 0.1, 0: median 0.05; relative 0, 0.5, 0.25, 0
+    assert c["nll_max"] == pytest.approx(0.1) and c["nll_median"] == pytest.approx(0.05)
+    assert c["nll_rel_max"] == pytest.approx(0.5)
+    assert c["nll_rel_median"] == pytest.approx(0.125)
+
+
 def test_every_row_at_a_truncations_storage_is_compared_with_it_pair_by_pair():
     """At each per-task truncation's storage (within 1%), every HydraOpt row with its paired
     score margin and answer-NLL difference; rows at other storages are not compared."""

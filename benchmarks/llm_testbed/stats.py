@@ -5,6 +5,7 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
     python -m benchmarks.llm_testbed.stats --collection same_seed
     python -m benchmarks.llm_testbed.stats --accuracies    # each task's own accuracy only
     python -m benchmarks.llm_testbed.stats --ranks         # what uneven ranks could add
+    python -m benchmarks.llm_testbed.stats --compare DIR   # DIR's rows against results/
 
 * own / base accuracy: teacher-forced exact match on each task's 64 test examples, with the
   task's own LoRA and with the base model (from `manifest.json`, written by `train.py`);
@@ -15,6 +16,8 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
 * drift of `A` from its initialisation (`||A - A0|| / ||A0||`, and the A0/A overlap), with
   `A0` re-created from the recorded seed exactly as training initialised it
   (`quality.torch_lora.initial_lora_a`);
+* `--compare DIR`: another run's result files (e.g. scored on regenerated adapters) against
+  the committed ones, pair by pair (`quality.analysis.compare_results`);
 * update spectrum: the share of `||dW_t||_F^2` (`dW_t = s B_t A_t`) in its top 1, 2, 4 and 8
   singular directions, mean over tasks and modules (computed from the `r x r` core of two
   thin QRs, never a dense `dW`).
@@ -24,14 +27,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import numpy as np
 
 from ..quality import overlap as O
+from ..quality.analysis import compare_results
+from ..quality.report import load_results
 from ..quality.torch_lora import initial_lora_a
 from . import model as M
 from . import tasks as T
 from . import train as TR
+from .bench import RESULTS, TESTBED
 
 TOP = (1, 2, 4, 8)
 
@@ -221,6 +228,26 @@ def allocation_markdown(name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_markdown(new_dir: pathlib.Path, old_dir: pathlib.Path) -> str:
+    """One line per collection that both folders hold: `compare_results` of new vs old."""
+    old = {r["collection"]: r for r in load_results(old_dir, TESTBED.name)}
+    lines = []
+    for new in load_results(new_dir, TESTBED.name):
+        if new["collection"] not in old:
+            continue
+        ref = old[new["collection"]]
+        c = compare_results(new, ref)
+        lines.append(
+            f"* `{new['collection']}`, adapters `{new['config'].get('adapters')}` against "
+            f"`{ref['config'].get('adapters')}`: {len(c['methods'])} methods x "
+            f"{len(c['tasks'])} tasks; exact match equal in {c['equal_accuracy']} of "
+            f"{c['pairs']} pairs; score-ratio change s.d. {c['ratio_sd']:.4f} (largest "
+            f"{c['ratio_max']:.4f}); answer NLL change median {c['nll_median']:.5f} "
+            f"({c['nll_rel_median']:.1%}), largest {c['nll_max']:.4f} ({c['nll_rel_max']:.0%})"
+        )
+    return "\n".join(lines) or f"no collection in both {new_dir} and {old_dir}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collection", action="append", choices=TR.COLLECTIONS)
@@ -233,7 +260,14 @@ def main(argv: list[str] | None = None) -> None:
         "--ranks", action="store_true",
         help="only what uneven ranks could add to per-task truncation (rank_allocation)",
     )  # fmt: skip
+    parser.add_argument(
+        "--compare", type=pathlib.Path, metavar="DIR",
+        help="DIR's result files against the committed ones, row by row and task by task",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare_markdown(args.compare, RESULTS))
+        return
     if args.accuracies:
         print(accuracy_grid(args.collection or TR.COLLECTIONS))
         return

@@ -16,9 +16,9 @@ own and base accuracy on the test split, a SHA-256 of its tensors) right after i
 interrupted run resumes at the first task without an adapter. A task the manifest already
 records whose adapter is gone (adapters are not committed) is retrained, and its row stays the
 record of the adapter that was scored: the new stats go under `regenerated`, and the log says
-whether the tensors came back bit for bit (they do for the same library versions, base weights
-and torch thread count; the first two are recorded). `--quick` trains a small grid for 10
-steps into `_cache/quick/` (for the test suite).
+whether the tensors came back bit for bit (they do for the same library versions and base
+weights, both recorded; one and two torch threads gave the same bits). `--quick` trains a
+small grid for 10 steps into `_cache/quick/` (for the test suite).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def train_lora(base, tokenizer, task: T.Task, seed: int, hp: dict = TRAIN, log=p
 
 def library_versions() -> dict:
     """What decides an adapter's bits (float32 CPU training is deterministic for one set of
-    them and one torch thread count): the library versions and the float32 base weights
+    them, whatever the torch thread count): the library versions and the float32 base weights
     (dequantised from the GGUF by `transformers`), as `tensors_sha256` of the cached file."""
     import peft
     import torch

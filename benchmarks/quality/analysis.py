@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 __all__ = [
     "best_hydraopt_at",
+    "compare_results",
     "format_summary",
     "front_check",
     "hydraopt_front",
@@ -127,6 +128,46 @@ def paired_nll(result: dict, method: str, rival: str) -> tuple[float, float] | N
     details = result.get("details", {})
     nll = [details.get(m, {}).get("answer_nll") for m in (method, rival)]
     return None if None in nll else _paired(*nll)
+
+
+def compare_results(new: dict, old: dict) -> dict:
+    """How far two results of one collection lie apart, row by row and task by task, over the
+    methods and tasks both scored (e.g. regenerated adapters against the scored ones).
+
+    **Returns** `{"methods", "tasks", "pairs", "equal_accuracy", "ratio_sd", "ratio_max",
+    "nll_median", "nll_max", "nll_rel_median", "nll_rel_max"}`: of the (method, task) pairs,
+    how many have the same exact-match accuracy; the standard deviation and largest size of
+    the per-pair change of the score ratio (merged / own, each against its own LoRA); the
+    median and largest size of the answer-NLL change, absolute and relative to `old`'s.
+    """
+    nd, od = new["details"], old["details"]
+    own_n, own_o = new["config"]["own_accuracy"], old["config"]["own_accuracy"]
+    methods = [m for m in nd if m in od]
+    tasks = [t for t in new["tasks"] if t in old["tasks"]]
+    ratio, nll, rel, equal = [], [], [], 0
+    for m in methods:
+        rn, ro = task_ratios(nd[m]["accuracy"], own_n), task_ratios(od[m]["accuracy"], own_o)
+        for t in tasks:
+            equal += nd[m]["accuracy"][t] == od[m]["accuracy"][t]
+            ratio.append(rn[t] - ro[t])
+            if "answer_nll" in nd[m] and "answer_nll" in od[m]:
+                nll.append(abs(nd[m]["answer_nll"][t] - od[m]["answer_nll"][t]))
+                rel.append(nll[-1] / abs(od[m]["answer_nll"][t]))
+    mean = sum(ratio) / max(len(ratio), 1)
+    sd = (
+        math.sqrt(sum((x - mean) ** 2 for x in ratio) / (len(ratio) - 1)) if len(ratio) > 1 else 0.0
+    )
+
+    def median(xs):
+        xs = sorted(xs)
+        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else math.nan
+
+    return dict(
+        methods=methods, tasks=tasks, pairs=len(ratio), equal_accuracy=equal, ratio_sd=sd,
+        ratio_max=max(map(abs, ratio), default=0.0), nll_median=median(nll),
+        nll_max=max(nll, default=math.nan), nll_rel_median=median(rel),
+        nll_rel_max=max(rel, default=math.nan),
+    )  # fmt: skip
 
 
 def truncation_margins(result: dict, rel_tol: float = 0.01) -> list[dict]:
