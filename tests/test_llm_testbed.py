@@ -255,7 +255,7 @@ def test_a_lost_adapter_is_regenerated_bit_for_bit_and_its_record_kept(tmp_path)
         task = [T.task_from_name("correction_en")]
         first = TR.train_collection("same_seed", task, tmp_path, hp, log=lambda s: None)
         row = dict(first["tasks"]["correction_en"])
-        assert first["versions"] == TR.library_versions()
+        assert row["versions"] == TR.library_versions()
         (tmp_path / "correction_en" / "adapter_model.safetensors").unlink()
         again = TR.train_collection("same_seed", task, tmp_path, hp, log=lambda s: None)
     finally:
@@ -267,3 +267,6 @@ def test_a_lost_adapter_is_regenerated_bit_for_bit_and_its_record_kept(tmp_path)
     assert json.loads((tmp_path / "manifest.json").read_text()) == again
     other = dict(kept, regenerated=dict(kept["regenerated"], sha256="0" * 64))
     assert "regenerated with other bits: final loss" in TR.regeneration_note(other)
+    # another recipe in the same folder is refused, not recorded as a regeneration
+    with pytest.raises(ValueError, match="train into another folder"):
+        TR.train_collection("same_seed", task, tmp_path, dict(hp, steps=3), log=lambda s: None)

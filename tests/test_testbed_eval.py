@@ -368,17 +368,39 @@ def test_rows_name_the_adapters_they_were_scored_on(base_model):
     )
     assert first["details"]["lora"]["adapters"] == first["config"]["adapters"] == digest
     md = report.markdown([first], "t", "cmd")
-    assert f"Scored on adapters `{digest}` (1 rows)." in md and "more than one set" not in md
+    assert f"Scored on adapters `{digest}` (1 row)." in md and "more than one set" not in md
+    # resuming a result scored on other adapters would mix two sets in the checks: refused
     stale = dict(first, details={"lora": dict(first["details"]["lora"], adapters="0" * 16)})
-    logs = []
+    with pytest.raises(ValueError, match="scored on other adapters"):
+        evaluate_collection(
+            TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[], base_model=base_model,
+            previous=stale,
+        )  # fmt: skip
+    # rows that record no digest (scored before digests existed) are resumed as they are
+    unrecorded = dict(first, details={"lora": {k: v for k, v in first["details"]["lora"].items()
+                                               if k != "adapters"}})  # fmt: skip
     again = evaluate_collection(
         TESTBED, COLLECTION, tasks=TWO_TASKS, methods=[], base_model=base_model,
-        previous=stale, log=logs.append,
+        previous=unrecorded,
     )  # fmt: skip
-    assert again["details"]["lora"]["adapters"] == "0" * 16  # kept as scored
-    assert any("1 previous rows were scored on other adapters" in line for line in logs)
+    assert again["rows"] == first["rows"] and again["config"]["adapters"] == digest
     mixed = dict(again, details=dict(again["details"], x=dict(adapters=digest)))
+    assert "`unrecorded` (1 row)" in report.markdown([mixed], "t", "cmd")
     assert "more than one set" in report.markdown([mixed], "t", "cmd")
+
+
+def test_own_accuracy_is_the_one_recorded_for_the_tensors_read(tmp_path):
+    """A regenerated adapter is divided by its own recorded accuracy, not the lost one's; an
+    adapter the manifest does not describe is refused."""
+    from benchmarks.quality.collection import _own_accuracy
+
+    row = dict(own_accuracy=0.96875, sha256="a" * 64,
+               regenerated=dict(own_accuracy=0.984375, sha256="b" * 64))  # fmt: skip
+    assert _own_accuracy(tmp_path, row, "a" * 64) == 0.96875
+    assert _own_accuracy(tmp_path, row, "b" * 64) == 0.984375
+    assert _own_accuracy(tmp_path, dict(own_accuracy=0.5), "c" * 64) == 0.5  # no checksum
+    with pytest.raises(ValueError, match="match neither"):
+        _own_accuracy(tmp_path, row, "c" * 64)
 
 
 def test_redo_re_scores_the_listed_rows_in_place_and_keeps_the_others(base_model):
@@ -463,6 +485,14 @@ def test_combine_adds_another_runs_rows_to_the_result_files(capsys, tmp_path):
     path = main_dir / f"testbed_{COLLECTION}.json"
     assert main(["--combine", str(odd), "--out", str(main_dir)]) == 2
     assert "other tasks" in capsys.readouterr().err
+    regenerated = tmp_path / "regenerated"  # the same tasks scored on other adapters
+    report.write_result(dict(result(TWO_TASKS, sep), config=dict(adapters="1" * 16)),
+                        regenerated, "testbed")  # fmt: skip
+    report.write_result(dict(result(TWO_TASKS, lora), config=dict(adapters="0" * 16)),
+                        main_dir, "testbed")  # fmt: skip
+    assert main(["--combine", str(regenerated), "--out", str(main_dir)]) == 2
+    assert "scored on other adapters than" in capsys.readouterr().err
+    report.write_result(result(TWO_TASKS, lora), main_dir, "testbed")
     assert [r["method"] for r in json.loads(path.read_text())["rows"]] == ["lora"]
     broken = tmp_path / "broken"
     broken.mkdir()

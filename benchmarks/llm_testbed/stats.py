@@ -237,9 +237,13 @@ def compare_markdown(new_dir: pathlib.Path, old_dir: pathlib.Path) -> str:
             continue
         ref = old[new["collection"]]
         c = compare_results(new, ref)
+        if not c["pairs"]:
+            lines.append(f"* `{new['collection']}`: no (method, task) pair in both")
+            continue
         lines.append(
             f"* `{new['collection']}`, adapters `{new['config'].get('adapters')}` against "
-            f"`{ref['config'].get('adapters')}`: {len(c['methods'])} methods x "
+            f"`{ref['config'].get('adapters')}` (digests of each file's tasks): "
+            f"{len(c['methods'])} methods x "
             f"{len(c['tasks'])} tasks; exact match equal in {c['equal_accuracy']} of "
             f"{c['pairs']} pairs; score-ratio change s.d. {c['ratio_sd']:.4f} (largest "
             f"{c['ratio_max']:.4f}); answer NLL change median {c['nll_median']:.5f} "
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         help="DIR's result files against the committed ones, row by row and task by task",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.compare and (args.accuracies or args.ranks or args.collection):
+        parser.error("--compare takes no other option")
     if args.compare:
         print(compare_markdown(args.compare, RESULTS))
         return

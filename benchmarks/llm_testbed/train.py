@@ -108,8 +108,9 @@ def train_lora(base, tokenizer, task: T.Task, seed: int, hp: dict = TRAIN, log=p
 
 def library_versions() -> dict:
     """What decides an adapter's bits (float32 CPU training is deterministic for one set of
-    them, whatever the torch thread count): the library versions and the float32 base weights
-    (dequantised from the GGUF by `transformers`), as `tensors_sha256` of the cached file."""
+    them; one and two torch threads gave the same bits): the library versions and the float32
+    base weights (dequantised from the GGUF by `transformers`), as `tensors_sha256` of the
+    cached file."""
     import peft
     import torch
     import transformers
@@ -156,15 +157,21 @@ def train_collection(
         if manifest_path.exists()
         else dict(collection=collection, lora=LORA, train=hp, tasks={})
     )
+    if manifest["train"] != hp or manifest["lora"] != LORA:
+        raise ValueError(
+            f"{manifest_path}: trained with {manifest['lora']} / {manifest['train']}, not "
+            f"{LORA} / {hp}; train into another folder (or delete this one)"
+        )
     base, tokenizer = M.load_base_model(log=log)
     scorer = E.Scorer(base, tokenizer, limit=hp.get("test_examples"))  # None: the whole split
-    versions = library_versions()
-    manifest.setdefault("versions", versions)
+    versions = library_versions()  # recorded in each row this run writes
     for task in training_order(tasks):
         final = out / task.name
         recorded = manifest["tasks"].get(task.name)
-        if (final / "adapter_model.safetensors").exists() and recorded is not None:
-            continue
+        if recorded is not None and (final / "adapter_model.safetensors").exists():
+            known = {recorded["sha256"], recorded.get("regenerated", {}).get("sha256")}
+            if tensors_sha256(final) in known:
+                continue  # else written but never recorded (a run stopped in between): redo
         seed = lora_seed(task, collection)
         model, stats = train_lora(base, tokenizer, task, seed, hp, log=log)
         tmp = out / f".{task.name}.tmp"
@@ -179,13 +186,14 @@ def train_collection(
             own_accuracy=own,
             base_accuracy=scorer.accuracy(task, None),
             sha256=tensors_sha256(final),
+            versions=versions,
         )
         if recorded is None:
             manifest["tasks"][task.name] = stats
         else:
             # The row describes the adapter that was scored: keep it, and say how this
             # regeneration compares (bit for bit, or by its loss and accuracy)
-            recorded["regenerated"] = dict(stats, versions=versions)
+            recorded["regenerated"] = stats
         _write_json(manifest_path, manifest)
         log(f"{collection}/{task.name}: own {own:.3f} base {stats['base_accuracy']:.3f} "
             f"loss {stats['final_loss']:.4f} ({stats['seconds']} s)"

@@ -140,19 +140,23 @@ def compare_results(new: dict, old: dict) -> dict:
     the per-pair change of the score ratio (merged / own, each against its own LoRA); the
     median and largest size of the answer-NLL change, absolute and relative to `old`'s.
     """
-    nd, od = new["details"], old["details"]
-    own_n, own_o = new["config"]["own_accuracy"], old["config"]["own_accuracy"]
-    methods = [m for m in nd if m in od]
-    tasks = [t for t in new["tasks"] if t in old["tasks"]]
+    nd, od = new.get("details", {}), old.get("details", {})
+    own_n = new.get("config", {}).get("own_accuracy", {})
+    own_o = old.get("config", {}).get("own_accuracy", {})
+    methods = [m for m in nd if m in od and "accuracy" in nd[m] and "accuracy" in od[m]]
+    tasks = [t for t in new["tasks"] if t in old["tasks"] and t in own_n and t in own_o]
     ratio, nll, rel, equal = [], [], [], 0
     for m in methods:
         rn, ro = task_ratios(nd[m]["accuracy"], own_n), task_ratios(od[m]["accuracy"], own_o)
         for t in tasks:
             equal += nd[m]["accuracy"][t] == od[m]["accuracy"][t]
-            ratio.append(rn[t] - ro[t])
+            ratio.append(rn[t] - ro[t])  # NaN where an own accuracy is 0: dropped below
             if "answer_nll" in nd[m] and "answer_nll" in od[m]:
                 nll.append(abs(nd[m]["answer_nll"][t] - od[m]["answer_nll"][t]))
-                rel.append(nll[-1] / abs(od[m]["answer_nll"][t]))
+                if od[m]["answer_nll"][t] != 0:
+                    rel.append(nll[-1] / abs(od[m]["answer_nll"][t]))
+    pairs = len(ratio)
+    ratio = [x for x in ratio if not math.isnan(x)]
     mean = sum(ratio) / max(len(ratio), 1)
     sd = (
         math.sqrt(sum((x - mean) ** 2 for x in ratio) / (len(ratio) - 1)) if len(ratio) > 1 else 0.0
@@ -163,7 +167,7 @@ def compare_results(new: dict, old: dict) -> dict:
         return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else math.nan
 
     return dict(
-        methods=methods, tasks=tasks, pairs=len(ratio), equal_accuracy=equal, ratio_sd=sd,
+        methods=methods, tasks=tasks, pairs=pairs, equal_accuracy=equal, ratio_sd=sd,
         ratio_max=max(map(abs, ratio), default=0.0), nll_median=median(nll),
         nll_max=max(nll, default=math.nan), nll_rel_median=median(rel),
         nll_rel_max=max(rel, default=math.nan),

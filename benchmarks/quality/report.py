@@ -47,6 +47,9 @@ def combine_results(first: dict, second: dict, order: dict[str, int]) -> dict:
     rows = {r["method"]: r for r in first["rows"]} | {r["method"]: r for r in second["rows"]}
     rows = sorted(rows.values(), key=lambda r: order.get(r["method"], len(order)))
     out = dict(first)
+    if "config" in first or "config" in second:  # the adapters of either (checked equal)
+        digest = first.get("config", {}).get("adapters") or second.get("config", {}).get("adapters")
+        out["config"] = dict(first.get("config") or second["config"], adapters=digest)
     out.update(
         rows=rows,
         details=first.get("details", {}) | second.get("details", {}),
@@ -181,7 +184,10 @@ def _adapter_sets(result: dict) -> list[str]:
     sets = Counter(d.get("adapters") for d in result.get("details", {}).values())
     if set(sets) <= {None}:
         return []
-    listed = ", ".join(f"`{digest or 'unrecorded'}` ({n} rows)" for digest, n in sets.most_common())
+    listed = ", ".join(
+        f"`{digest or 'unrecorded'}` ({n} row{'' if n == 1 else 's'})"
+        for digest, n in sets.most_common()
+    )
     mixed = " (more than one set: compare rows of one set)" if len(sets) > 1 else ""
     return [f"Scored on adapters {listed}{mixed}.", ""]
 

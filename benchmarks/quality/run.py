@@ -154,10 +154,13 @@ def evaluate_collection(
     previous = previous or {"rows": [], "details": {}}
     carried = {r["method"]: r for r in previous["rows"] if r["method"] in previous["details"]}
     done = {m: r for m, r in carried.items() if m not in redo}  # reused, not recomputed
-    other = sorted(m for m in carried if previous["details"][m].get("adapters") != coll.digest)
-    if other:
-        log(f"[{coll.name}] {len(other)} previous rows were scored on other adapters than these "
-            f"({coll.digest}); kept, each with its own `adapters` digest")  # fmt: skip
+    digests = {previous["details"][m].get("adapters") for m in carried} - {None}
+    if digests - {coll.digest}:
+        # rows of two adapter sets would be compared by the checks: refuse, as for other tasks
+        raise ValueError(
+            f"{coll.path}: the previous result was scored on other adapters "
+            f"({', '.join(sorted(digests))}) than these ({coll.digest}); --out a new folder"
+        )
     order = testbed.order()
 
     def result(finished: bool) -> dict:
@@ -281,6 +284,10 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
             old = _read_result(path)
             if old["tasks"] != new["tasks"]:
                 raise ValueError(f"{path}: other tasks than {source_path}; nothing combined")
+            if len({r["config"].get("adapters") for r in (old, new)} - {None}) > 1:
+                raise ValueError(
+                    f"{path}: scored on other adapters than {source_path}; nothing combined"
+                )
             mine = {r["method"] for r in old["rows"]}
             replaced += [f"{path.name}: {r['method']}" for r in new["rows"] if r["method"] in mine]
             merged.append(report.combine_results(old, new, testbed.order()))
@@ -390,14 +397,18 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         summaries = []
         for name, previous, run_tasks in runs:
             t0 = time.perf_counter()
-            result = evaluate_collection(
-                testbed, name, tasks=run_tasks, methods=methods, base_model=base,
-                previous=previous,
-                redo={m.name for m in methods} if args.redo else (),
-                log=lambda s: print(s, file=sys.stderr, flush=True),
-                on_progress=(lambda r: report.write_result(r, out_dir, testbed.name))
-                if write else None,
-            )  # fmt: skip
+            try:  # e.g. a previous result of other adapters: one line, status 2
+                result = evaluate_collection(
+                    testbed, name, tasks=run_tasks, methods=methods, base_model=base,
+                    previous=previous,
+                    redo={m.name for m in methods} if args.redo else (),
+                    log=lambda s: print(s, file=sys.stderr, flush=True),
+                    on_progress=(lambda r: report.write_result(r, out_dir, testbed.name))
+                    if write else None,
+                )  # fmt: skip
+            except ValueError as e:
+                print(e, file=sys.stderr)
+                return 2
             result["seconds"] = round(time.perf_counter() - t0, 1)
             result["quick"] = bool(args.quick)
             rows += result["rows"]
