@@ -12,12 +12,13 @@ trainer's fixed default seed gives: one `lora_A` init for all tasks); `diff_seed
 
 Each adapter is written with `save_pretrained` to `adapters/<collection>/<task>/` (a
 temporary name, then renamed) and its row of `manifest.json` (steps, seconds, final loss,
-own and base accuracy on the test split, a SHA-256 of its tensors) right after it: an
-interrupted run resumes at the first task without an adapter. A task the manifest already
+own and base accuracy on the test split, a SHA-256 of its tensors, the library versions and
+base weights' checksum) right after it: an interrupted run resumes at the first task without
+a recorded adapter; another recipe in the same folder is refused. A task the manifest already
 records whose adapter is gone (adapters are not committed) is retrained, and its row stays the
 record of the adapter that was scored: the new stats go under `regenerated`, and the log says
 whether the tensors came back bit for bit (they do for the same library versions and base
-weights, both recorded; one and two torch threads gave the same bits). `--quick` trains a
+weights; one and two torch threads gave the same bits). `--quick` trains a
 small grid for 10 steps into `_cache/quick/` (for the test suite).
 """
 
