@@ -49,7 +49,7 @@ def combine_results(first: dict, second: dict, order: dict[str, int]) -> dict:
     out = dict(first)
     if "config" in first or "config" in second:  # the adapters of either (checked equal)
         digest = first.get("config", {}).get("adapters") or second.get("config", {}).get("adapters")
-        out["config"] = dict(first.get("config") or second["config"], adapters=digest)
+        out["config"] = dict(first.get("config") or second.get("config") or {}, adapters=digest)
     out.update(
         rows=rows,
         details=first.get("details", {}) | second.get("details", {}),
