@@ -298,6 +298,10 @@ def test_combine_results():
     assert report.combine_results(a, b, order)["complete"] is True
     with pytest.raises(ValueError):
         report.combine_results(a, dict(b, tasks=["u"]), TESTBED.order())
+    # the adapters digest of whichever records it; no config on either: none made up
+    assert "config" not in c
+    named = report.combine_results(a, dict(b, config=dict(adapters="d" * 16)), order)
+    assert named["config"] == {"adapters": "d" * 16}
 
 
 # ---------------------------------------------------------------------------- real adapters
