@@ -270,3 +270,18 @@ def test_a_lost_adapter_is_regenerated_bit_for_bit_and_its_record_kept(tmp_path)
     # another recipe in the same folder is refused, not recorded as a regeneration
     with pytest.raises(ValueError, match="train into another folder"):
         TR.train_collection("same_seed", task, tmp_path, dict(hp, steps=3), log=lambda s: None)
+
+
+def test_a_quick_cache_of_another_recipe_is_retrained_not_reused(tmp_path):
+    """`--quick`'s collection is a cache: trained by another recipe (e.g. before the quick
+    settings changed) it is dropped and retrained; trained by this one it is kept."""
+    from benchmarks.llm_testbed import train as TR
+
+    logs = []
+    for recipe, kept in ((TR.QUICK_TRAIN, True), (dict(TR.QUICK_TRAIN, steps=3), False)):
+        out = tmp_path / str(kept)
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps(dict(train=recipe, tasks={})))
+        TR._drop_stale_cache(out, TR.QUICK_TRAIN, logs.append)
+        assert out.exists() is kept
+    assert logs == [f"{tmp_path / 'False'}: trained by another recipe; retraining"]

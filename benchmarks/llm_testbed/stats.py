@@ -38,7 +38,6 @@ from ..quality.torch_lora import initial_lora_a
 from . import model as M
 from . import tasks as T
 from . import train as TR
-from .bench import RESULTS, TESTBED
 
 TOP = (1, 2, 4, 8)
 
@@ -230,6 +229,8 @@ def allocation_markdown(name: str, rows: list[dict]) -> str:
 
 def compare_markdown(new_dir: pathlib.Path, old_dir: pathlib.Path) -> str:
     """One line per collection that both folders hold: `compare_results` of new vs old."""
+    from .bench import TESTBED  # (imports the package and JAX: only here)
+
     old = {r["collection"]: r for r in load_results(old_dir, TESTBED.name)}
     lines = []
     for new in load_results(new_dir, TESTBED.name):
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare and (args.accuracies or args.ranks or args.collection):
         parser.error("--compare takes no other option")
     if args.compare:
+        from .bench import RESULTS
+
         print(compare_markdown(args.compare, RESULTS))
         return
     if args.accuracies:

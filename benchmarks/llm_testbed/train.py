@@ -222,8 +222,19 @@ def main(argv: list[str] | None = None) -> int:
 
     for collection in args.collection or ["same_seed"]:
         out = HERE / "_cache" / "quick" / collection if args.quick else None
+        if args.quick:
+            _drop_stale_cache(out, QUICK_TRAIN, log)
         train_collection(collection, tasks, out, QUICK_TRAIN if args.quick else TRAIN, log)
     return 0
+
+
+def _drop_stale_cache(out: pathlib.Path, hp: dict, log) -> None:
+    """The quick collection is a cache: one trained by another recipe is retrained, not
+    refused (a real collection's folder is refused by `train_collection`)."""
+    path = out / "manifest.json"
+    if path.exists() and (json.loads(path.read_text()).get("train") != hp):
+        log(f"{out}: trained by another recipe; retraining")
+        shutil.rmtree(out)
 
 
 if __name__ == "__main__":
