@@ -468,6 +468,12 @@ def test_resume_runs_on_the_files_tasks_and_refuses_others(capsys, tmp_path):
     path.write_text(before)
     assert main([*common, "--json", "--no-write"]) == 0
     assert json.loads(capsys.readouterr().out) == [row]  # reused: the file's one task
+    # a task without an adapter (e.g. not regenerated yet): one line naming the folder
+    saved["tasks"] = ["reverse_L1", "no_such_task"]
+    path.write_text(json.dumps(saved))
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no adapter for task(s) no_such_task" in err
 
 
 def test_combine_adds_another_runs_rows_to_the_result_files(capsys, tmp_path):

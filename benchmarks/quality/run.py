@@ -397,7 +397,7 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         summaries = []
         for name, previous, run_tasks in runs:
             t0 = time.perf_counter()
-            try:  # e.g. a previous result of other adapters: one line, status 2
+            try:  # missing adapters, a previous result of other ones: one line, status 2
                 result = evaluate_collection(
                     testbed, name, tasks=run_tasks, methods=methods, base_model=base,
                     previous=previous,
@@ -406,7 +406,7 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
                     on_progress=(lambda r: report.write_result(r, out_dir, testbed.name))
                     if write else None,
                 )  # fmt: skip
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 print(e, file=sys.stderr)
                 return 2
             result["seconds"] = round(time.perf_counter() - t0, 1)
