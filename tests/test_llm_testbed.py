@@ -285,3 +285,26 @@ def test_a_quick_cache_of_another_recipe_is_retrained_not_reused(tmp_path):
         TR._drop_stale_cache(out, TR.QUICK_TRAIN, logs.append)
         assert out.exists() is kept
     assert logs == [f"{tmp_path / 'False'}: trained by another recipe; retraining"]
+
+
+def test_regeneration_figures_are_the_committed_comparison(capsys, tmp_path):
+    """`stats --compare` on the committed regenerated results gives the README's counts; a
+    missing folder or a damaged file is one line and status 2."""
+    from benchmarks.llm_testbed.stats import main
+
+    main(["--compare", str(ROOT / "benchmarks" / "results" / "llm_testbed_regenerated")])
+    out = capsys.readouterr().out
+    pairs = [tuple(map(int, m)) for m in re.findall(r"equal in (\d+) of (\d+) pairs", out)]
+    assert len(pairs) == 2
+    equal, total = map(sum, zip(*pairs, strict=True))
+    readme = (ROOT / "benchmarks" / "llm_testbed" / "README.md").read_text()
+    assert f"exact match is the same in {equal} of the {total} (method, task) pairs" in " ".join(
+        readme.split()
+    )
+    for folder, cause in ((tmp_path / "none", "not a folder"), (tmp_path, "not a readable")):
+        if folder == tmp_path:
+            (tmp_path / "llm_testbed_same_seed.json").write_text("{bad")
+        with pytest.raises(SystemExit) as exit_:
+            main(["--compare", str(folder)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and cause in err

@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 import numpy as np
 
 from ..quality import overlap as O
 from ..quality.analysis import compare_results
 from ..quality.report import load_results
+from ..quality.run import read_result
 from ..quality.torch_lora import initial_lora_a
 from . import model as M
 from . import tasks as T
@@ -233,7 +235,8 @@ def compare_markdown(new_dir: pathlib.Path, old_dir: pathlib.Path) -> str:
 
     old = {r["collection"]: r for r in load_results(old_dir, TESTBED.name)}
     lines = []
-    for new in load_results(new_dir, TESTBED.name):
+    paths = sorted(pathlib.Path(new_dir).glob(f"{TESTBED.name}_*.json"))
+    for new in map(read_result, paths):  # ValueError naming a bad file
         if new["collection"] not in old:
             continue
         ref = old[new["collection"]]
@@ -275,7 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare:
         from .bench import RESULTS
 
-        print(compare_markdown(args.compare, RESULTS))
+        if not args.compare.is_dir():
+            print(f"{args.compare}: not a folder of result files", file=sys.stderr)
+            sys.exit(2)
+        try:
+            print(compare_markdown(args.compare, RESULTS))
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            sys.exit(2)
         return
     if args.accuracies:
         print(accuracy_grid(args.collection or TR.COLLECTIONS))

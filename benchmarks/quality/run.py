@@ -25,6 +25,7 @@ __all__ = [
     "evaluate_collection",
     "main",
     "make_row",
+    "read_result",
     "score_accuracies",
     "split_methods",
 ]
@@ -248,7 +249,7 @@ def split_methods(text: str) -> list[str]:
     return [n for n in re.split(r",(?=\s*(?:lora\b|[a-z]+:))", text) if n.strip()]
 
 
-def _read_result(path: pathlib.Path) -> dict:
+def read_result(path: pathlib.Path) -> dict:
     """A result file, or ValueError naming what is wrong with it."""
     try:
         data = json.loads(path.read_text())
@@ -276,12 +277,12 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
     merged, replaced = [], []
     try:
         for source_path in paths:
-            new = _read_result(source_path)
+            new = read_result(source_path)
             path = pathlib.Path(out_dir) / f"{testbed.name}_{new['collection']}.json"
             if not path.exists():
                 merged.append(new)
                 continue
-            old = _read_result(path)
+            old = read_result(path)
             if old["tasks"] != new["tasks"]:
                 raise ValueError(f"{path}: other tasks than {source_path}; nothing combined")
             if len({r["config"].get("adapters") for r in (old, new)} - {None}) > 1:
@@ -378,7 +379,7 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
             existing = out_dir / f"{testbed.name}_{name}.json"
             if args.resume and existing.exists():
                 try:  # the same check as --combine's: one line naming a bad file
-                    previous = _read_result(existing)
+                    previous = read_result(existing)
                 except ValueError as e:
                     print(e, file=sys.stderr)
                     return 2
