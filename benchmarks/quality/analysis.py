@@ -4,6 +4,7 @@ min_task_ratio, ...}`): the HydraOpt front, the front check, the summary."""
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 __all__ = [
@@ -157,17 +158,13 @@ def compare_results(new: dict, old: dict) -> dict:
                     rel.append(nll[-1] / abs(od[m]["answer_nll"][t]))
     pairs = len(ratio)
     ratio = [x for x in ratio if not math.isnan(x)]
-    mean = sum(ratio) / max(len(ratio), 1)
-    sd = (
-        math.sqrt(sum((x - mean) ** 2 for x in ratio) / (len(ratio) - 1)) if len(ratio) > 1 else 0.0
-    )
 
     def median(xs):
-        xs = sorted(xs)
-        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else math.nan
+        return statistics.median(xs) if xs else math.nan
 
     return dict(
-        methods=methods, tasks=tasks, pairs=pairs, equal_accuracy=equal, ratio_sd=sd,
+        methods=methods, tasks=tasks, pairs=pairs, equal_accuracy=equal,
+        ratio_sd=statistics.stdev(ratio) if len(ratio) > 1 else 0.0,
         ratio_max=max(map(abs, ratio), default=0.0), nll_median=median(nll),
         nll_max=max(nll, default=math.nan), nll_rel_median=median(rel),
         nll_rel_max=max(rel, default=math.nan),
