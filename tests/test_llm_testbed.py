@@ -281,7 +281,7 @@ def test_a_quick_cache_of_another_recipe_is_retrained_not_reused(tmp_path):
     for recipe, kept in ((TR.QUICK_TRAIN, True), (dict(TR.QUICK_TRAIN, steps=3), False)):
         out = tmp_path / str(kept)
         out.mkdir()
-        (out / "manifest.json").write_text(json.dumps(dict(train=recipe, tasks={})))
+        (out / "manifest.json").write_text(json.dumps(dict(train=recipe, lora=TR.LORA, tasks={})))
         TR._drop_stale_cache(out, TR.QUICK_TRAIN, logs.append)
         assert out.exists() is kept
     assert logs == [f"{tmp_path / 'False'}: trained by another recipe; retraining"]

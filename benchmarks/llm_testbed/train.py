@@ -158,7 +158,7 @@ def train_collection(
         if manifest_path.exists()
         else dict(collection=collection, lora=LORA, train=hp, tasks={})
     )
-    if manifest["train"] != hp or manifest["lora"] != LORA:
+    if not _same_recipe(manifest, hp):
         raise ValueError(
             f"{manifest_path}: trained with {manifest['lora']} / {manifest['train']}, not "
             f"{LORA} / {hp}; train into another folder (or delete this one)"
@@ -228,11 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _same_recipe(manifest: dict, hp: dict) -> bool:
+    """Whether a manifest's adapters were trained by this LoRA config and `hp`."""
+    return manifest.get("train") == hp and manifest.get("lora") == LORA
+
+
 def _drop_stale_cache(out: pathlib.Path, hp: dict, log) -> None:
     """The quick collection is a cache: one trained by another recipe is retrained, not
     refused (a real collection's folder is refused by `train_collection`)."""
     path = out / "manifest.json"
-    if path.exists() and (json.loads(path.read_text()).get("train") != hp):
+    if path.exists() and not _same_recipe(json.loads(path.read_text()), hp):
         log(f"{out}: trained by another recipe; retraining")
         shutil.rmtree(out)
 
