@@ -308,3 +308,20 @@ def test_regeneration_figures_are_the_committed_comparison(capsys, tmp_path):
             main(["--compare", str(folder)])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and cause in err
+
+
+def test_training_into_a_folder_of_another_recipe_is_one_line_and_status_2(
+    capsys, tmp_path, monkeypatch
+):
+    from benchmarks.llm_testbed import train as TR
+
+    monkeypatch.setattr(TR, "ADAPTERS", tmp_path)
+    (tmp_path / "same_seed").mkdir()
+    manifest = dict(collection="same_seed", lora=TR.LORA, train=dict(TR.TRAIN, steps=3), tasks={})
+    (tmp_path / "same_seed" / "manifest.json").write_text(json.dumps(manifest))
+    before = (tmp_path / "same_seed" / "manifest.json").read_text()
+    assert TR.main(["--collection", "same_seed", "--tasks", "correction_en"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train into another folder" in err
+    assert str(tmp_path / "same_seed" / "manifest.json") in err
+    assert (tmp_path / "same_seed" / "manifest.json").read_text() == before

@@ -224,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         out = HERE / "_cache" / "quick" / collection if args.quick else None
         if args.quick:
             _drop_stale_cache(out, QUICK_TRAIN, log)
-        train_collection(collection, tasks, out, QUICK_TRAIN if args.quick else TRAIN, log)
+        try:  # a folder trained by another recipe: one line, status 2
+            train_collection(collection, tasks, out, QUICK_TRAIN if args.quick else TRAIN, log)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
     return 0
 
 
