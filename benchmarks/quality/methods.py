@@ -251,6 +251,8 @@ class Merged:
     original_params: int
     relative_error: dict[str, float]  # hydraopt_jax.task_relative_errors (whitened for +act)
     seconds: float
+    # of `seconds`, the planner's options (0 when an earlier budget's were reused)
+    options_seconds: float = 0.0
 
     @property
     def storage_ratio(self) -> float:
@@ -315,6 +317,7 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
     if method.module_weighting == FISHER and fisher is None:
         raise ValueError(f"{method.name} needs output sensitivities")
     act = covs if method.activation else None
+    options_seconds = 0.0
     if method.kind == "hydraopt":
         solutions = merge_adapters(
             coll.factors(), build_plan(method, coll), method.solver, activation_covs=act
@@ -322,7 +325,10 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
     elif method.kind == "planner":
         from hydraopt_jax.planner import choose
 
-        chosen = choose(*_planner_options(coll, method, act, fisher), method.budget)
+        t0 = time.perf_counter()
+        options = _planner_options(coll, method, act, fisher)
+        options_seconds = time.perf_counter() - t0
+        chosen = choose(*options, method.budget)
         solutions = merge_adapters(
             coll.factors(), chosen.plans, activation_covs=act, weights=method.task_weighting,
         )  # fmt: skip
@@ -349,4 +355,5 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
         sum(int(s.original_params) for s in solutions.values()),
         {t: float(e) for t, e in zip(coll.tasks, errors, strict=True)},
         time.perf_counter() - start,
+        options_seconds,
     )

@@ -224,6 +224,7 @@ def evaluate_collection(
             accuracy=accuracy,
             relative_error_mean=float(np.mean(list(merged.relative_error.values()))),
             merge_seconds=round(merged.seconds, 3),
+            options_seconds=round(merged.options_seconds, 3),  # of merge_seconds
             eval_seconds=round(eval_s, 3),
             adapters=coll.digest,  # which adapters this row was scored on
         )
