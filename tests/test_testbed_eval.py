@@ -630,3 +630,23 @@ def test_cli_json_prints_only_rows(capsys, tmp_path):
     rows = json.loads(out)
     assert rows == [make_row("lora", COLLECTION, 1.0, 1.0, 1.0)]
     assert not list(tmp_path.iterdir())
+
+
+def test_the_planner_options_are_computed_once_per_objective_and_timed(base_model):
+    # every budget's plan is chosen from one set of options: the first budget computes them
+    # (its `options_seconds`, part of `merge_seconds`), the next one of the same objective
+    # reuses them; another objective computes its own
+    names = ["hydraopt:plan@0.30", "hydraopt:plan@0.55", "hydraopt:plan+size@0.30"]
+    result = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=EM.GRID.by_name(names),
+        base_model=base_model,
+    )  # fmt: skip
+    d = result["details"]
+    assert 0 < d[names[0]]["options_seconds"] <= d[names[0]]["merge_seconds"]
+    assert d[names[1]]["options_seconds"] < 0.01 * d[names[0]]["options_seconds"]
+    assert 0 < d[names[2]]["options_seconds"] <= d[names[2]]["merge_seconds"]
+    lora = evaluate_collection(
+        TESTBED, COLLECTION, tasks=TWO_TASKS, methods=EM.GRID.by_name(["lora"]),
+        base_model=base_model,
+    )  # fmt: skip
+    assert lora["details"]["lora"]["options_seconds"] == 0.0  # no planner
