@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.llm_testbed import tasks as T
+from benchmarks.quality import analysis
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -219,10 +220,13 @@ def test_readme_storage_table_is_the_committed_llm_results():
             assert doc[start : doc.index("\n\n", start)] == generated
         assert table.replace_tables(doc, tables) == doc  # what --write would leave as it is
     # --write replaces a stale table up to the blank line and keeps the rest
+    two = {h: tables[h] for h in (table.HEADER, table.NLL_HEADER)}
     stale = f"intro\n\n{table.HEADER}\n|---|\n| old |\n\nafter\n\n{table.NLL_HEADER}\n| x |\n"
-    assert table.replace_tables(stale, tables) == (
+    assert table.replace_tables(stale, two) == (
         f"intro\n\n{tables[table.HEADER]}\n\nafter\n\n{tables[table.NLL_HEADER]}\n"
     )
+    with pytest.raises(ValueError):  # a document without one of the tables
+        table.replace_tables(stale, tables)
     assert table.DOCUMENTS[0].read_text() == readme
     storages = [storage for _, storage, _ in table.labelled_rows(results)]
     assert storages == sorted(storages) and len(storages) > 5
@@ -235,6 +239,18 @@ def test_readme_storage_table_is_the_committed_llm_results():
                     assert abs(by[method]["storage_ratio"] - float(label.split()[0])) < 1e-3, (
                         label, method, by[method]["storage_ratio"],
                     )  # fmt: skip
+    # the front table's rows are the front check's comparisons with per-task truncation
+    front = tables[table.FRONT_HEADER].splitlines()[2:]
+    assert [line.split(" | ")[0] for line in front] == [f"| {b}" for b, _ in table.NLL_ROWS]
+    for i, res in enumerate(results):
+        checked = {m["rival"]: m for m in analysis.front_check(res["rows"])["margins"]}
+        for line, (_, rank) in zip(front, table.NLL_ROWS, strict=True):
+            m = checked[f"reference:truncate-{rank}"]
+            best = line.split(" | ")[2].split(" / ")[i]
+            assert best.startswith(f"`{m['hydraopt'].removeprefix('hydraopt:')}`")
+            assert best.endswith(f": {m['hydraopt_score']:.3f}")
+            margin = float(line.split(" | ")[3].split(" / ")[i].split(" ± ")[0])
+            assert margin == pytest.approx(m["margin"], abs=5e-5)  # paired mean = difference
 
 
 @pytest.mark.slow

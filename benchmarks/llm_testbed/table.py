@@ -19,6 +19,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from ..quality.analysis import best_hydraopt_at, paired_margin, paired_nll
 from ..quality.report import load_results
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results"
@@ -187,13 +188,58 @@ def nll_markdown_table(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+# The front against per-task truncation: at each truncation's storage, the best-scoring
+# HydraOpt row at that storage or less (what the front check compares), paired over tasks.
+FRONT_HEADER = (
+    "| storage | per-task truncation | best HydraOpt row at this storage or less "
+    "| margin ± s.e. | answer NLL difference ± s.e. |"
+)
+
+
+def _signed(pair: tuple[float, float] | None) -> str:
+    # `round(x, 4) + 0.0`: a difference below 0.00005 prints +0.0000, not -0.0000
+    return "-" if pair is None else f"{round(pair[0], 4) + 0.0:+.4f} ± {pair[1]:.4f}"
+
+
+def front_markdown_table(results: Sequence[dict]) -> str:
+    """Per truncation storage: truncation's score, the best HydraOpt row at that storage or
+    less (`analysis.best_hydraopt_at`, the front check's choice), and HydraOpt minus
+    truncation paired over tasks (exact-match ratio and answer NLL), `same_seed / diff_seed`."""
+    by = {res["collection"]: res for res in results}
+    lines = [FRONT_HEADER, "|---|---|---|---|---|"]
+    for budget, rank in NLL_ROWS:
+        rival = f"reference:truncate-{rank}"
+        trunc, best, margin, nll = [], [], [], []
+        for c in COLLECTIONS:
+            res = by.get(c)
+            row = None if res is None else scores([res])[c].get(rival)
+            h = None if row is None else best_hydraopt_at(res["rows"], row["storage_ratio"] + 1e-9)
+            trunc.append("-" if row is None else f"{row['score']:.3f}")
+            best.append("-" if h is None else f"`{h['method'].removeprefix('hydraopt:')}` "
+                        f"({h['storage_ratio']:.4f}): {h['score']:.3f}")  # fmt: skip
+            margin.append(_signed(h and paired_margin(res, h["method"], rival)))
+            nll.append(_signed(h and paired_nll(res, h["method"], rival)))
+        if set(trunc) == {"-"}:
+            continue
+        cells = [f"rank {RANKS[rank]}: {' / '.join(trunc)}"] + [
+            " / ".join(x) for x in (best, margin, nll)
+        ]
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RANKS = {"r/16": 1, "r/8": 2, "r/4": 4, "r/2": 8}
 ROOT = RESULTS.parent.parent
 DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "llm_testbed" / "README.md")
 
 
 def tables(results: Sequence[dict]) -> dict[str, str]:
-    """`{header line: table}` of both tables."""
-    return {HEADER: markdown_table(results), NLL_HEADER: nll_markdown_table(results)}
+    """`{header line: table}` of the three tables."""
+    return {
+        HEADER: markdown_table(results),
+        NLL_HEADER: nll_markdown_table(results),
+        FRONT_HEADER: front_markdown_table(results),
+    }
 
 
 def replace_tables(text: str, new: dict[str, str]) -> str:
