@@ -317,13 +317,28 @@ def test_regeneration_figures_are_the_committed_comparison(capsys, tmp_path):
     assert f"exact match is the same in {equal} of the {total} (method, task) pairs" in " ".join(
         readme.split()
     )
-    for folder, cause in ((tmp_path / "none", "not a folder"), (tmp_path, "not a readable")):
-        if folder == tmp_path:
+    # --against names the reference folder (default: the committed results)
+    main(["--compare", str(ROOT / "benchmarks" / "results" / "llm_testbed_regenerated"),
+          "--against", str(ROOT / "benchmarks" / "results")])  # fmt: skip
+    assert capsys.readouterr().out == out
+    regenerated = str(ROOT / "benchmarks" / "results" / "llm_testbed_regenerated")
+    main(["--compare", regenerated, "--against", regenerated])  # a folder against itself
+    itself = capsys.readouterr().out
+    assert re.findall(r"equal in (\d+) of \1 pairs", itself) and "s.d. 0.0000" in itself
+    for args, cause in (
+        (["--compare", str(tmp_path / "none")], "not a folder"),
+        (["--compare", str(tmp_path), "--against", str(tmp_path / "none")], "not a folder"),
+        (["--compare", str(tmp_path)], "not a readable"),
+    ):
+        if cause == "not a readable":
             (tmp_path / "llm_testbed_same_seed.json").write_text("{bad")
         with pytest.raises(SystemExit) as exit_:
-            main(["--compare", str(folder)])
+            main(args)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and cause in err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--against", str(tmp_path)])  # a usage error (argparse's status 2)
+    assert exit_.value.code == 2 and "--against needs --compare" in capsys.readouterr().err
 
 
 def test_training_into_a_folder_of_another_recipe_is_one_line_and_status_2(

@@ -272,17 +272,25 @@ def main(argv: list[str] | None = None) -> None:
         "--compare", type=pathlib.Path, metavar="DIR",
         help="DIR's result files against the committed ones, row by row and task by task",
     )  # fmt: skip
+    parser.add_argument(
+        "--against", type=pathlib.Path, metavar="DIR2",
+        help="with --compare: against DIR2's result files instead of the committed ones",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.compare and (args.accuracies or args.ranks or args.collection):
-        parser.error("--compare takes no other option")
+        parser.error("--compare takes no other option but --against")
+    if args.against and not args.compare:
+        parser.error("--against needs --compare")
     if args.compare:
         from .bench import RESULTS
 
-        if not args.compare.is_dir():
-            print(f"{args.compare}: not a folder of result files", file=sys.stderr)
-            sys.exit(2)
+        against = args.against or RESULTS
+        for folder in (args.compare, against):
+            if not folder.is_dir():
+                print(f"{folder}: not a folder of result files", file=sys.stderr)
+                sys.exit(2)
         try:
-            print(compare_markdown(args.compare, RESULTS))
+            print(compare_markdown(args.compare, against))
         except ValueError as e:
             print(e, file=sys.stderr)
             sys.exit(2)
