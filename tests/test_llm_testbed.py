@@ -356,3 +356,30 @@ def test_training_into_a_folder_of_another_recipe_is_one_line_and_status_2(
     assert err.count("\n") == 1 and "train into another folder" in err
     assert str(tmp_path / "same_seed" / "manifest.json") in err
     assert (tmp_path / "same_seed" / "manifest.json").read_text() == before
+
+
+def test_table_prints_the_tables_of_another_results_folder(capsys, tmp_path):
+    """`table --results DIR` prints DIR's tables (a run not committed yet); an empty folder, a
+    damaged file (named) or an unknown option is one line and status 2."""
+    import shutil
+
+    from benchmarks.llm_testbed import table
+
+    assert table.main([]) == 0
+    committed = capsys.readouterr().out
+    for c in table.COLLECTIONS:
+        name = f"llm_testbed_{c}.json"
+        shutil.copy(table.RESULTS / name, tmp_path / name)
+    assert table.main(["--results", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == committed
+    (tmp_path / "llm_testbed_same_seed.json").write_text("{bad")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, needle in (
+        (["--results", str(tmp_path)], "llm_testbed_same_seed.json: not a readable"),
+        (["--results", str(empty)], "no llm_testbed_*.json"),
+        (["--bogus"], "usage:"),
+    ):
+        assert table.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err

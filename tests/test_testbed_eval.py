@@ -268,7 +268,7 @@ def test_markdown_and_chart(tmp_path):
         _row("hydraopt:shared-a", 0.52, 0.97),
         _row("baseline:linear", 0.025, 0.1),
     ]
-    result = dict(collection="small_lr_same_seed", tasks=["a", "b"], rows=rows)
+    result = dict(collection="small_lr_same_seed", tasks=["a", "b"], rows=rows, details={})
     report.write_result(result, tmp_path, "testbed")
     assert report.load_results(tmp_path, "testbed")[0]["rows"] == rows
     md, png = TESTBED.write_reports(tmp_path)
@@ -650,3 +650,28 @@ def test_the_planner_options_are_computed_once_per_objective_and_timed(base_mode
         base_model=base_model,
     )  # fmt: skip
     assert lora["details"]["lora"]["options_seconds"] == 0.0  # no planner
+
+
+def test_report_rebuilds_from_the_result_files_and_names_a_damaged_one(capsys, tmp_path):
+    """`--report` writes md + png from the folder's result files; no file, or a damaged one
+    (named), is one line and status 2 with nothing written."""
+    from benchmarks.testbed.__main__ import main
+
+    assert main(["--report", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    row = make_row("lora", COLLECTION, 1.0, 1.0, 1.0)
+    saved = dict(collection=COLLECTION, tasks=["reverse_L1"], complete=True, rows=[row],
+                 details={"lora": {"accuracy": {"reverse_L1": 1.0}}},
+                 config={}, summary={})  # fmt: skip
+    (tmp_path / f"testbed_{COLLECTION}.json").write_text(json.dumps(saved))
+    assert main(["--report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "testbed.md").exists() and (tmp_path / "testbed.png").exists()
+    capsys.readouterr()
+    for name in ("testbed.md", "testbed.png"):
+        (tmp_path / name).unlink()
+    damaged = tmp_path / "testbed_other.json"
+    damaged.write_text('{"rows": 1}')
+    assert main(["--report", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(damaged) in err and "not a result file" in err
+    assert not (tmp_path / "testbed.md").exists()

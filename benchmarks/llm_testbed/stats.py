@@ -35,7 +35,6 @@ import numpy as np
 from ..quality import overlap as O
 from ..quality.analysis import compare_results
 from ..quality.report import load_results
-from ..quality.run import read_result
 from ..quality.torch_lora import initial_lora_a
 from . import model as M
 from . import tasks as T
@@ -233,10 +232,10 @@ def compare_markdown(new_dir: pathlib.Path, old_dir: pathlib.Path) -> str:
     """One line per collection that both folders hold: `compare_results` of new vs old."""
     from .bench import TESTBED  # (imports the package and JAX: only here)
 
+    # ValueError naming a damaged file of either folder
     old = {r["collection"]: r for r in load_results(old_dir, TESTBED.name)}
     lines = []
-    paths = sorted(pathlib.Path(new_dir).glob(f"{TESTBED.name}_*.json"))
-    for new in map(read_result, paths):  # ValueError naming a bad file
+    for new in load_results(new_dir, TESTBED.name):
         if new["collection"] not in old:
             continue
         ref = old[new["collection"]]

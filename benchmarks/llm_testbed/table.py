@@ -2,6 +2,7 @@
 
     python -m benchmarks.llm_testbed.table            # prints the two markdown tables
     python -m benchmarks.llm_testbed.table --write    # puts them in both READMEs
+    python -m benchmarks.llm_testbed.table --results benchmarks/results/llm_testbed_regen40
 
 The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
 where a collection has no such row), asides in parentheses; an entry neither collection
@@ -252,15 +253,28 @@ def replace_tables(text: str, new: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print both tables; `--write`: put them in the READMEs in place of the old ones."""
+    """Print the tables; `--write`: put them in the READMEs in place of the old ones;
+    `--results DIR`: print those of DIR's result files (a run not committed yet)."""
     argv = sys.argv[1:] if argv is None else argv
-    results = load_results(RESULTS, "llm_testbed", COLLECTIONS)
+    write = argv == ["--write"]
+    folder = RESULTS
+    if len(argv) == 2 and argv[0] == "--results":
+        folder = pathlib.Path(argv[1])
+    elif argv and not write:
+        print("usage: python -m benchmarks.llm_testbed.table [--write | --results DIR]",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        results = load_results(folder, "llm_testbed", COLLECTIONS)
+    except ValueError as e:  # a damaged result file
+        print(e, file=sys.stderr)
+        return 2
     if not results:
-        print(f"{RESULTS}: no llm_testbed_*.json (run python -m benchmarks.llm_testbed)",
+        print(f"{folder}: no llm_testbed_*.json (run python -m benchmarks.llm_testbed)",
               file=sys.stderr)  # fmt: skip
         return 2
     new = tables(results)
-    if argv == ["--write"]:
+    if write:
         texts = {}
         for doc in DOCUMENTS:
             try:
@@ -274,9 +288,6 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(doc)
             print("wrote", doc, file=sys.stderr)
         return 0
-    if argv:
-        print("usage: python -m benchmarks.llm_testbed.table [--write]", file=sys.stderr)
-        return 2
     print(*new.values(), sep="\n\n")
     return 0
 

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 
 from .analysis import hydraopt_front, is_rival, paired_margin, summarize, truncation_margins
 
-__all__ = ["combine_results", "load_results", "markdown", "save_chart", "write_result"]
+__all__ = [
+    "combine_results",
+    "load_results",
+    "markdown",
+    "read_result",
+    "save_chart",
+    "write_result",
+]
 
 HYDRA_COLOR = "#1f77b4"
 BASE_COLOR = "#ff7f0e"
@@ -28,10 +35,24 @@ def write_result(result: dict, out_dir: pathlib.Path, prefix: str) -> pathlib.Pa
     return path
 
 
+def read_result(path: pathlib.Path) -> dict:
+    """A result file, or ValueError naming what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
+            and isinstance(data.get("tasks"), list) and isinstance(data.get("details"), dict)
+            and "collection" in data):  # fmt: skip
+        raise ValueError(f"{path}: not a result file (collection, tasks, rows, details)")
+    return data
+
+
 def load_results(out_dir: pathlib.Path, prefix: str, order: Sequence[str] = ()) -> list[dict]:
-    """Every `<prefix>_<collection>.json` in `out_dir`, collections in `order` first."""
+    """Every `<prefix>_<collection>.json` in `out_dir`, collections in `order` first
+    (`read_result`: ValueError naming a damaged file)."""
     found = {
-        p.stem[len(prefix) + 1 :]: json.loads(p.read_text())
+        p.stem[len(prefix) + 1 :]: read_result(p)
         for p in sorted(pathlib.Path(out_dir).glob(f"{prefix}_*.json"))
     }
     names = [c for c in order if c in found] + sorted(set(found) - set(order))

@@ -19,6 +19,7 @@ from . import report
 from .analysis import format_summary, summarize, task_ratios
 from .collection import Collection
 from .methods import FISHER, Grid, Method, merge_method
+from .report import read_result
 
 __all__ = [
     "Testbed",
@@ -250,19 +251,6 @@ def split_methods(text: str) -> list[str]:
     return [n for n in re.split(r",(?=\s*(?:lora\b|[a-z]+:))", text) if n.strip()]
 
 
-def read_result(path: pathlib.Path) -> dict:
-    """A result file, or ValueError naming what is wrong with it."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-    if not (isinstance(data, dict) and isinstance(data.get("rows"), list)
-            and isinstance(data.get("tasks"), list) and isinstance(data.get("details"), dict)
-            and "collection" in data):  # fmt: skip
-        raise ValueError(f"{path}: not a result file (collection, tasks, rows, details)")
-    return data
-
-
 def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) -> int:
     """`--combine`: each of `source`'s result files merged into `out_dir`'s file of the same
     collection (`report.combine_results`: `source` wins for a method in both, and each such
@@ -347,7 +335,11 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
             parser.error(f"--combine takes only --out (not --{others[0].replace('_', '-')})")
         return combine_into(testbed, args.combine, out_dir)
     if args.report:
-        written = testbed.write_reports(out_dir)
+        try:
+            written = testbed.write_reports(out_dir)
+        except ValueError as e:  # a damaged result file: one line naming it
+            print(e, file=sys.stderr)
+            return 2
         if written is None:
             print(f"no {testbed.name}_*.json in {out_dir}", file=sys.stderr)
             return 2
