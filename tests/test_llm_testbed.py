@@ -383,3 +383,44 @@ def test_table_prints_the_tables_of_another_results_folder(capsys, tmp_path):
         assert table.main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
+
+
+def test_stats_describe_the_adapters_on_disk_with_their_own_record(tmp_path, monkeypatch):
+    """A retrained adapter (other bits) is described by its `regenerated` entry, an original
+    one by its row; a task without an adapter is left out of the statistics (the accuracy
+    grid shows the row that was scored); unrecorded tensors are refused, naming the folder."""
+    from safetensors.numpy import save_file
+
+    from benchmarks.llm_testbed import stats as S
+    from benchmarks.llm_testbed import train as TR
+    from benchmarks.quality.collection import tensors_sha256
+
+    folder = tmp_path / "same_seed"
+
+    def adapter(task, value):
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        path = folder / task / "adapter_model.safetensors"
+        save_file({"w": np.full((2, 2), value, np.float32)}, str(path))
+        return tensors_sha256(path)
+
+    old, new = adapter("qa_en", 1.0), adapter("qa_en", 2.0)  # qa_en now holds the new bits
+    kept = adapter("qa_de", 3.0)
+    rows = {
+        "qa_en": dict(
+            sha256=old, own_accuracy=0.5, regenerated=dict(sha256=new, own_accuracy=0.75)
+        ),
+        "qa_de": dict(sha256=kept, own_accuracy=0.25),
+        "qa_fr": dict(sha256="lost", own_accuracy=0.125),  # trained, scored, adapter gone
+    }
+    (folder / "manifest.json").write_text(json.dumps(dict(tasks=rows)))
+    entries = S.on_disk_entries(folder)
+    assert {t: e["own_accuracy"] for t, e in entries.items()} == {"qa_en": 0.75, "qa_de": 0.25}
+    monkeypatch.setattr(TR, "ADAPTERS", tmp_path)
+    grid = S.accuracy_grid(["same_seed"])
+    qa = next(line for line in grid.splitlines() if line.startswith("| qa |")).split(" | ")
+    languages = list(T.LANGUAGES)
+    cell = {lang: qa[1 + languages.index(lang)] for lang in ("en", "de", "fr", "es")}
+    assert cell == {"en": "0.75", "de": "0.25", "fr": "0.12", "es": "-"}
+    adapter("qa_de", 4.0)  # tensors the manifest does not record
+    with pytest.raises(ValueError, match="qa_de: its tensors match neither"):
+        S.on_disk_entries(folder)

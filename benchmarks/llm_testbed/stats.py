@@ -34,6 +34,7 @@ import numpy as np
 
 from ..quality import overlap as O
 from ..quality.analysis import compare_results
+from ..quality.collection import recorded_entry, tensors_sha256
 from ..quality.report import load_results
 from ..quality.torch_lora import initial_lora_a
 from . import model as M
@@ -141,11 +142,24 @@ def rank_allocation(factors, fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2)) -> list[di
     return out
 
 
+def on_disk_entries(folder: pathlib.Path) -> dict[str, dict]:
+    """`{task: entry}` for every adapter in a collection folder that its manifest records:
+    the manifest's record of *those* tensors (`recorded_entry`: the row, or its `regenerated`
+    entry when the adapter was retrained with other bits)."""
+    rows = json.loads((folder / "manifest.json").read_text())["tasks"]
+    return {
+        task: recorded_entry(folder / task, row, tensors_sha256(folder / task))
+        for task, row in rows.items()
+        if (folder / task / "adapter_model.safetensors").exists()
+    }
+
+
 def collection_stats(name: str, base) -> dict:
+    """Statistics of the adapters in `adapters/<name>/`, with what the manifest records of
+    those tensors (a retrained adapter's own accuracy and time, not the lost one's)."""
     folder = TR.ADAPTERS / name
-    manifest = json.loads((folder / "manifest.json").read_text())
-    rows = manifest["tasks"]
-    factors = O.load_adapters(folder, rows)  # the tasks whose training finished
+    rows = on_disk_entries(folder)
+    factors = O.load_adapters(folder, rows)
     seeds = {task: row["seed"] for task, row in rows.items()}
     own = [row["own_accuracy"] for row in rows.values()]
     base_acc = [row["base_accuracy"] for row in rows.values()]
@@ -202,11 +216,15 @@ def markdown(stats: list[dict]) -> str:
 
 
 def accuracy_grid(collections) -> str:
-    """Each task's own-LoRA accuracy, `same_seed / diff_seed` (application x language), read
-    from the manifests (fast: no adapter is loaded); `-` for a task not trained."""
-    own = {
-        c: json.loads((TR.ADAPTERS / c / "manifest.json").read_text())["tasks"] for c in collections
-    }
+    """Each task's own-LoRA accuracy, `same_seed / diff_seed` (application x language), from
+    the manifests: that of the adapter on disk (`on_disk_entries`), else the row's (the
+    adapter that was trained and scored, lost since); `-` for a task not trained."""
+    own = {}
+    for c in collections:
+        folder = TR.ADAPTERS / c
+        own[c] = json.loads((folder / "manifest.json").read_text())["tasks"] | on_disk_entries(
+            folder
+        )
     lines = ["| | " + " | ".join(T.LANGUAGES) + " |", "|---" * (len(T.LANGUAGES) + 1) + "|"]
     for app in T.APPLICATIONS:
         cells = []

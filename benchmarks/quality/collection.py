@@ -101,14 +101,20 @@ def load_collection(
 
 
 def _own_accuracy(adapter_dir: pathlib.Path, row: dict, checksum: str) -> float:
-    """The own accuracy the manifest records for *these* tensors: the row's, or its
-    `regenerated` entry's (a retrained adapter, other bits); a row without a checksum (the
-    tiny testbed's) is taken as it is."""
+    """The own accuracy the manifest records for *these* tensors (`recorded_entry`)."""
+    return float(recorded_entry(adapter_dir, row, checksum)["own_accuracy"])
+
+
+def recorded_entry(adapter_dir: pathlib.Path, row: dict, checksum: str) -> dict:
+    """What the manifest records of the tensors with `checksum` (own accuracy, seconds,
+    seed, ...): the row, or its `regenerated` entry (a retrained adapter, other bits); a row
+    without a checksum (the tiny testbed's) is taken as it is. ValueError naming the folder
+    when neither matches."""
     regenerated = row.get("regenerated", {})
     if regenerated.get("sha256") == checksum:
-        return float(regenerated["own_accuracy"])
+        return regenerated
     if row.get("sha256", checksum) == checksum:
-        return float(row["own_accuracy"])
+        return row
     raise ValueError(
         f"{adapter_dir}: its tensors match neither the manifest's checksum nor a regenerated "
         "one (an adapter written but not recorded: retrain it with train.py)"
