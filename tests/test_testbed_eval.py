@@ -22,6 +22,7 @@ TESTBED = EM.TESTBED
 
 COLLECTION = "small_lr_same_seed"
 TWO_TASKS = ["reverse_L1", "sort_L2"]
+FOUR_TASKS = ["reverse_L1", "reverse_L2", "sort_L1", "sort_L2"]  # two applications x two languages
 
 
 @pytest.fixture(scope="module")
@@ -632,7 +633,7 @@ def test_cli_json_prints_only_rows(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_the_planner_options_are_computed_once_per_objective_and_timed(base_model):
+def test_rows_record_the_planner_options_time_and_the_solver_iterations(base_model):
     # every budget's plan is chosen from one set of options: the first budget computes them
     # (its `options_seconds`, part of `merge_seconds`), the next one of the same objective
     # reuses them; another objective computes its own
@@ -650,6 +651,15 @@ def test_the_planner_options_are_computed_once_per_objective_and_timed(base_mode
         base_model=base_model,
     )  # fmt: skip
     assert lora["details"]["lora"]["options_seconds"] == 0.0  # no planner
+    # and the iterations of the solves: none for closed forms, some for an alternation
+    methods = EM.GRID.by_name(["hydraopt:shared-a", "hydraopt:a-lang-b-app", "baseline:joint"])
+    steps = evaluate_collection(
+        TESTBED, COLLECTION, tasks=FOUR_TASKS, methods=methods, base_model=base_model
+    )["details"]  # fmt: skip
+    assert steps["hydraopt:shared-a"]["solver_steps_max"] == 0  # the exact closed form
+    for name in ("hydraopt:a-lang-b-app", "baseline:joint"):  # ALS, joint's alternation
+        d = steps[name]
+        assert 1 <= d["solver_steps_mean"] <= d["solver_steps_max"], (name, d)
 
 
 def test_report_rebuilds_from_the_result_files_and_names_a_damaged_one(capsys, tmp_path):

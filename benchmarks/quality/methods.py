@@ -253,6 +253,8 @@ class Merged:
     seconds: float
     # of `seconds`, the planner's options (0 when an earlier budget's were reused)
     options_seconds: float = 0.0
+    # iterations of the iterative solves, over modules: (mean, max); (0, 0) for closed forms
+    steps: tuple[float, int] = (0.0, 0)
 
     @property
     def storage_ratio(self) -> float:
@@ -349,6 +351,7 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
     else:
         raise ValueError(f"unknown method kind {method.kind!r}")
     errors = task_relative_errors(solutions, coll.num_tasks)
+    steps = [int(s.steps) for s in solutions.values()]
     return Merged(
         task_loras(coll, solutions),
         sum(int(s.num_params) for s in solutions.values()),
@@ -356,4 +359,5 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
         {t: float(e) for t, e in zip(coll.tasks, errors, strict=True)},
         time.perf_counter() - start,
         options_seconds,
+        (float(np.mean(steps)), max(steps)),
     )

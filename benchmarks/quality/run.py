@@ -226,6 +226,8 @@ def evaluate_collection(
             relative_error_mean=float(np.mean(list(merged.relative_error.values()))),
             merge_seconds=round(merged.seconds, 3),
             options_seconds=round(merged.options_seconds, 3),  # of merge_seconds
+            solver_steps_mean=round(merged.steps[0], 2),  # iterations over modules
+            solver_steps_max=merged.steps[1],
             eval_seconds=round(eval_s, 3),
             adapters=coll.digest,  # which adapters this row was scored on
         )
