@@ -388,7 +388,8 @@ def test_table_prints_the_tables_of_another_results_folder(capsys, tmp_path):
 def test_stats_describe_the_adapters_on_disk_with_their_own_record(tmp_path, monkeypatch):
     """A retrained adapter (other bits) is described by its `regenerated` entry, an original
     one by its row; a task without an adapter is left out of the statistics (the accuracy
-    grid shows the row that was scored); unrecorded tensors are refused, naming the folder."""
+    grid shows the row that was scored), and so is an adapter not recorded yet (`train.py`
+    writes its row after scoring it)."""
     from safetensors.numpy import save_file
 
     from benchmarks.llm_testbed import stats as S
@@ -401,6 +402,7 @@ def test_stats_describe_the_adapters_on_disk_with_their_own_record(tmp_path, mon
         (folder / task).mkdir(parents=True, exist_ok=True)
         path = folder / task / "adapter_model.safetensors"
         save_file({"w": np.full((2, 2), value, np.float32)}, str(path))
+        (folder / task / "adapter_config.json").write_text("{}")
         return tensors_sha256(path)
 
     old, new = adapter("qa_en", 1.0), adapter("qa_en", 2.0)  # qa_en now holds the new bits
@@ -421,6 +423,5 @@ def test_stats_describe_the_adapters_on_disk_with_their_own_record(tmp_path, mon
     languages = list(T.LANGUAGES)
     cell = {lang: qa[1 + languages.index(lang)] for lang in ("en", "de", "fr", "es")}
     assert cell == {"en": "0.75", "de": "0.25", "fr": "0.12", "es": "-"}
-    adapter("qa_de", 4.0)  # tensors the manifest does not record
-    with pytest.raises(ValueError, match="qa_de: its tensors match neither"):
-        S.on_disk_entries(folder)
+    adapter("qa_de", 4.0)  # tensors the manifest does not record (yet)
+    assert list(S.on_disk_entries(folder)) == ["qa_en"]

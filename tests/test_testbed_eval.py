@@ -685,3 +685,13 @@ def test_report_rebuilds_from_the_result_files_and_names_a_damaged_one(capsys, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(damaged) in err and "not a result file" in err
     assert not (tmp_path / "testbed.md").exists()
+    # a run into that folder writes its result, then says which file kept the reports back
+    run = ["--collection", COLLECTION, "--methods", "lora", "--tasks", "reverse_L1",
+           "--out", str(tmp_path), "--threads", "1"]  # fmt: skip
+    assert main(run) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if str(damaged) in line]
+    assert len(lines) == 1 and "not a result file" in lines[0]
+    assert json.loads((tmp_path / f"testbed_{COLLECTION}.json").read_text())["tasks"] == [
+        "reverse_L1"
+    ]
+    assert not (tmp_path / "testbed.md").exists() and not list(tmp_path.glob(".*.tmp*"))

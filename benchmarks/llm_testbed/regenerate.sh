@@ -10,8 +10,8 @@
 #   nohup benchmarks/llm_testbed/regenerate.sh same_seed > same_seed.log 2>&1 &
 #   nohup benchmarks/llm_testbed/regenerate.sh diff_seed > diff_seed.log 2>&1 &
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 collection=${1:?usage: regenerate.sh same_seed|diff_seed [OUT]}
-out=${2:-benchmarks/results/llm_testbed_regen40}
+out=$(realpath -m "${2:-$(dirname "$0")/../results/llm_testbed_regen40}")  # before the cd
+cd "$(dirname "$0")/../.."
 python -m benchmarks.llm_testbed.train --collection "$collection" --threads 1
 python -m benchmarks.llm_testbed --collection "$collection" --threads 1 --out "$out" --resume

@@ -6,7 +6,11 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
     python -m benchmarks.llm_testbed.stats --accuracies    # each task's own accuracy only
     python -m benchmarks.llm_testbed.stats --ranks         # what uneven ranks could add
     python -m benchmarks.llm_testbed.stats --compare DIR   # DIR's rows against results/
+    python -m benchmarks.llm_testbed.stats --compare DIR --against DIR2
 
+* every figure describes the adapters on disk: own / base accuracy and training time are the
+  manifest's record of those tensors (a regenerated adapter's `regenerated` entry, not the
+  lost original's row);
 * own / base accuracy: teacher-forced exact match on each task's 64 test examples, with the
   task's own LoRA and with the base model (from `manifest.json`, written by `train.py`);
 * training: steps and wall seconds per adapter (torch threads as recorded);
@@ -17,7 +21,8 @@ and how low-rank their updates are. Prints the markdown of `README.md`'s "Adapte
   `A0` re-created from the recorded seed exactly as training initialised it
   (`quality.torch_lora.initial_lora_a`);
 * `--compare DIR`: another run's result files (e.g. scored on regenerated adapters) against
-  the committed ones, pair by pair (`quality.analysis.compare_results`);
+  the committed ones (or `--against DIR2`'s), pair by pair
+  (`quality.analysis.compare_results`);
 * update spectrum: the share of `||dW_t||_F^2` (`dW_t = s B_t A_t`) in its top 1, 2, 4 and 8
   singular directions, mean over tasks and modules (computed from the `r x r` core of two
   thin QRs, never a dense `dW`).
@@ -145,13 +150,17 @@ def rank_allocation(factors, fractions=(1 / 16, 1 / 8, 1 / 4, 1 / 2)) -> list[di
 def on_disk_entries(folder: pathlib.Path) -> dict[str, dict]:
     """`{task: entry}` for every adapter in a collection folder that its manifest records:
     the manifest's record of *those* tensors (`recorded_entry`: the row, or its `regenerated`
-    entry when the adapter was retrained with other bits)."""
+    entry when the adapter was retrained with other bits). An adapter the manifest does not
+    record (yet: `train.py` writes the row after scoring it) is left out."""
     rows = json.loads((folder / "manifest.json").read_text())["tasks"]
-    return {
-        task: recorded_entry(folder / task, row, tensors_sha256(folder / task))
-        for task, row in rows.items()
-        if (folder / task / "adapter_model.safetensors").exists()
-    }
+    entries = {}
+    for task, row in rows.items():
+        if (folder / task / "adapter_config.json").exists():  # as `load_adapters` finds them
+            try:
+                entries[task] = recorded_entry(folder / task, row, tensors_sha256(folder / task))
+            except ValueError:
+                continue
+    return entries
 
 
 def collection_stats(name: str, base) -> dict:
@@ -262,8 +271,8 @@ def compare_markdown(new_dir: pathlib.Path, old_dir: pathlib.Path) -> str:
             lines.append(f"* `{new['collection']}`: no (method, task) pair in both")
             continue
         lines.append(
-            f"* `{new['collection']}`, adapters `{new['config'].get('adapters')}` against "
-            f"`{ref['config'].get('adapters')}` (digests of each file's tasks): "
+            f"* `{new['collection']}`, adapters `{new.get('config', {}).get('adapters')}` against "
+            f"`{ref.get('config', {}).get('adapters')}` (digests of each file's tasks): "
             f"{len(c['methods'])} methods x "
             f"{len(c['tasks'])} tasks; exact match equal in {c['equal_accuracy']} of "
             f"{c['pairs']} pairs; score-ratio change s.d. {c['ratio_sd']:.4f} (largest "
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON too")
     parser.add_argument(
         "--accuracies", action="store_true",
-        help="only the per-task own-accuracy grid (from the manifests, fast)",
+        help="only the per-task own-accuracy grid (from the manifests; no model is loaded)",
     )  # fmt: skip
     parser.add_argument(
         "--ranks", action="store_true",

@@ -1,17 +1,18 @@
 """The tables of the README's "Choosing a plan", built from the committed results.
 
-    python -m benchmarks.llm_testbed.table            # prints the two markdown tables
+    python -m benchmarks.llm_testbed.table            # prints the three markdown tables
     python -m benchmarks.llm_testbed.table --write    # puts them in both READMEs
-    python -m benchmarks.llm_testbed.table --results benchmarks/results/llm_testbed_regen40
+    python -m benchmarks.llm_testbed.table --results DIR   # those of another results folder
 
 The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
 where a collection has no such row), asides in parentheses; an entry neither collection
 has is left out (its scored asides, if any, then stand in its place); which methods go where
 is `ROWS`, and a row's storage is its budget or, for named plans and baselines, read from the
-results. The likelihood table:
-the answer NLL at each per-task truncation's storage. Every number comes from
-`benchmarks/results/llm_testbed_<collection>.json` (`tests/test_llm_testbed.py` checks that
-the READMEs' tables are these).
+results. The likelihood table: the answer NLL at each per-task truncation's storage. The
+front table: at each per-task truncation's storage, the best HydraOpt row at that storage or
+less (the front check's choice) and its margin over truncation, exact match and answer NLL,
+paired over tasks. Every number comes from `benchmarks/results/llm_testbed_<collection>.json`
+(`tests/test_llm_testbed.py` checks that the READMEs' tables are these).
 """
 
 from __future__ import annotations

@@ -10,7 +10,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Collection", "adapters_digest", "load_collection", "tensors_sha256"]
+__all__ = [
+    "Collection",
+    "adapters_digest",
+    "load_collection",
+    "recorded_entry",
+    "tensors_sha256",
+]
 
 
 @dataclasses.dataclass

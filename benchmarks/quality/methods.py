@@ -359,5 +359,5 @@ def merge_method(method: Method, coll: Collection, covs: dict | None = None,
         {t: float(e) for t, e in zip(coll.tasks, errors, strict=True)},
         time.perf_counter() - start,
         options_seconds,
-        (float(np.mean(steps)), max(steps)),
+        (float(np.mean(steps)) if steps else 0.0, max(steps, default=0)),
     )

@@ -309,7 +309,12 @@ def save_chart(results: Sequence[dict], path: str | pathlib.Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # atomic: temporary name, rename
     fig = draw(results, title)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return pathlib.Path(path)
+    try:
+        fig.savefig(tmp, dpi=150)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path

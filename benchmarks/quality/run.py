@@ -77,7 +77,9 @@ class Testbed:
         if not results:
             return None
         md = out_dir / f"{self.name}.md"
-        md.write_text(report.markdown(results, self.title, self.command))
+        tmp = md.with_name(f".{md.name}.tmp")  # atomic: two runs may share a folder
+        tmp.write_text(report.markdown(results, self.title, self.command))
+        tmp.replace(md)
         png = out_dir / f"{self.name}.png"
         report.save_chart(results, png, self.title)
         return md, png
@@ -276,7 +278,7 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
             old = read_result(path)
             if old["tasks"] != new["tasks"]:
                 raise ValueError(f"{path}: other tasks than {source_path}; nothing combined")
-            if len({r["config"].get("adapters") for r in (old, new)} - {None}) > 1:
+            if len({r.get("config", {}).get("adapters") for r in (old, new)} - {None}) > 1:
                 raise ValueError(
                     f"{path}: scored on other adapters than {source_path}; nothing combined"
                 )
@@ -291,8 +293,18 @@ def combine_into(testbed: Testbed, source: pathlib.Path, out_dir: pathlib.Path) 
     for result in merged:
         print("wrote", report.write_result(result, out_dir, testbed.name), file=sys.stderr)
         print(format_summary(result))
-    testbed.write_reports(out_dir)
-    return 0
+    ok, _ = _write_reports(testbed, out_dir)
+    return 0 if ok else 2
+
+
+def _write_reports(testbed: Testbed, out_dir: pathlib.Path) -> tuple[bool, tuple | None]:
+    """`(True, testbed.write_reports(out_dir))`, or `(False, None)` after one line on stderr
+    naming a damaged result file in `out_dir` (nothing of the reports written)."""
+    try:
+        return True, testbed.write_reports(out_dir)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return False, None
 
 
 def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
@@ -337,10 +349,8 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
             parser.error(f"--combine takes only --out (not --{others[0].replace('_', '-')})")
         return combine_into(testbed, args.combine, out_dir)
     if args.report:
-        try:
-            written = testbed.write_reports(out_dir)
-        except ValueError as e:  # a damaged result file: one line naming it
-            print(e, file=sys.stderr)
+        ok, written = _write_reports(testbed, out_dir)
+        if not ok:
             return 2
         if written is None:
             print(f"no {testbed.name}_*.json in {out_dir}", file=sys.stderr)
@@ -414,7 +424,9 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
                 path = report.write_result(result, out_dir, testbed.name)
                 print(f"wrote {path} ({result['seconds']} s)", file=sys.stderr, flush=True)
         if write:
-            written = testbed.write_reports(out_dir)
+            ok, written = _write_reports(testbed, out_dir)  # the results are written already
+            if not ok:
+                return 2
             if written:
                 print("wrote", *written, file=sys.stderr, flush=True)
     if args.json:
