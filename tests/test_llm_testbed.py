@@ -251,6 +251,9 @@ def test_readme_storage_table_is_the_committed_llm_results():
             assert best.endswith(f": {m['hydraopt_score']:.3f}")
             margin = float(line.split(" | ")[3].split(" / ")[i].split(" ± ")[0])
             assert margin == pytest.approx(m["margin"], abs=5e-5)  # paired mean = difference
+            nll = analysis.paired_nll(res, m["hydraopt"], m["rival"])
+            cell = line.split(" | ")[4].removesuffix(" |").split(" / ")[i]
+            assert cell == f"{round(nll[0], 4) + 0.0:+.4f} ± {nll[1]:.4f}"
 
 
 @pytest.mark.slow
