@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from ..quality.analysis import best_hydraopt_at, paired_margin, paired_nll
-from ..quality.report import load_results
+from ..quality.report import load_results, write_text_atomic
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results"
 COLLECTIONS = ("same_seed", "diff_seed")
@@ -284,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{doc}: lacks one of the tables (their header lines)", file=sys.stderr)
                 return 2
         for doc, text in texts.items():  # every document checked before any is written
-            tmp = doc.with_suffix(".md.tmp")
-            tmp.write_text(text)
-            tmp.replace(doc)
-            print("wrote", doc, file=sys.stderr)
+            print("wrote", write_text_atomic(doc, text), file=sys.stderr)
         return 0
     print(*new.values(), sep="\n\n")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from collections import Counter
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ __all__ = [
     "read_result",
     "save_chart",
     "write_result",
+    "write_text_atomic",
 ]
 
 HYDRA_COLOR = "#1f77b4"
@@ -24,15 +26,26 @@ BASE_COLOR = "#ff7f0e"
 TRUNC_COLOR = "grey"
 
 
+def temporary_name(path: pathlib.Path) -> pathlib.Path:
+    """A hidden name beside `path`, this process's own (two runs may share a folder)."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> pathlib.Path:
+    """`text` written to `path` under a temporary name, then renamed onto it."""
+    path = pathlib.Path(path)
+    tmp = temporary_name(path)
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def write_result(result: dict, out_dir: pathlib.Path, prefix: str) -> pathlib.Path:
     """`<out_dir>/<prefix>_<collection>.json`, written atomically."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{prefix}_{result['collection']}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(result, indent=1, sort_keys=False) + "\n")
 
 
 def read_result(path: pathlib.Path) -> dict:
@@ -310,7 +323,7 @@ def save_chart(results: Sequence[dict], path: str | pathlib.Path, title: str) ->
     import matplotlib.pyplot as plt
 
     path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # atomic: temporary name, rename
+    tmp = temporary_name(path)  # atomic: a temporary name, then renamed
     fig = draw(results, title)
     try:
         fig.savefig(tmp, dpi=150)

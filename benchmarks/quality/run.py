@@ -26,7 +26,6 @@ __all__ = [
     "evaluate_collection",
     "main",
     "make_row",
-    "read_result",
     "score_accuracies",
     "split_methods",
 ]
@@ -76,10 +75,9 @@ class Testbed:
         results = report.load_results(out_dir, self.name, self.collections)
         if not results:
             return None
-        md = out_dir / f"{self.name}.md"
-        tmp = md.with_name(f".{md.name}.tmp")  # atomic: two runs may share a folder
-        tmp.write_text(report.markdown(results, self.title, self.command))
-        tmp.replace(md)
+        md = report.write_text_atomic(
+            out_dir / f"{self.name}.md", report.markdown(results, self.title, self.command)
+        )
         png = out_dir / f"{self.name}.png"
         report.save_chart(results, png, self.title)
         return md, png
