@@ -204,6 +204,18 @@ def test_both_grids_offer_the_fisher_planner_at_their_variant_budgets():
     assert TINY_TESTBED.sensitivities is not None
 
 
+def test_a_full_run_scores_the_references_and_the_front_check_rows_first():
+    from benchmarks.llm_testbed.bench import TESTBED
+
+    order = [m.name for m in TESTBED.scoring_order(TESTBED.grid.methods())]
+    assert sorted(order) == sorted(m.name for m in TESTBED.grid.methods())  # all, once
+    assert order[:5] == ["lora", *(f"reference:truncate-r/{d}" for d in (2, 4, 8, 16))]
+    first = order[: order.index("hydraopt:shared-a") + 1]
+    for name in ("hydraopt:plan+nested@0.125", "hydraopt:full-merge", "baseline:svd"):
+        assert name in first
+    assert "baseline:joint" not in first  # the slow sweeps come last
+
+
 def test_readme_storage_table_is_the_committed_llm_results():
     """The README's "Choosing a plan" tables (and the LLM testbed README's) are
     `benchmarks.llm_testbed.table`'s, from the committed results, and each row's storage

@@ -633,6 +633,35 @@ def test_cli_json_prints_only_rows(capsys, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_full_run_scores_the_priority_methods_first(monkeypatch):
+    import dataclasses
+
+    from benchmarks.quality import run as R
+
+    first = ("hydraopt:full-merge", "lora")
+    bed = dataclasses.replace(TESTBED, priority=first)
+    seen = []
+
+    def stop(testbed, name, *, methods, **kwargs):
+        seen.append([m.name for m in methods])
+        raise ValueError("stop")
+
+    monkeypatch.setattr(R, "evaluate_collection", stop)
+    assert R.main(bed, ["--collection", COLLECTION, "--no-write"]) == 2
+    grid = [m.name for m in TESTBED.grid.methods()]
+    assert seen == [[*first, *(n for n in grid if n not in first)]]
+    # methods named on the command line keep the order given
+    assert (
+        R.main(
+            bed, ["--collection", COLLECTION, "--no-write", "--methods", "lora,hydraopt:shared-a"]
+        )
+        == 2
+    )
+    assert seen[-1] == ["lora", "hydraopt:shared-a"]
+    with pytest.raises(ValueError, match="no grid method"):
+        dataclasses.replace(TESTBED, priority=("hydraopt:nonsense",)).scoring_order([])
+
+
 def test_rows_record_the_planner_options_time_and_the_solver_iterations(base_model):
     # every budget's plan is chosen from one set of options: the first budget computes them
     # (its `options_seconds`, part of `merge_seconds`), the next one of the same objective

@@ -27,7 +27,7 @@ from hydraopt_jax.io.calibration import input_covariances
 from hydraopt_jax.io.calibration import output_sensitivities as module_sensitivities
 
 from ..quality.collection import Collection, load_collection
-from ..quality.methods import Grid
+from ..quality.methods import NESTED_VARIANTS, Grid, budget_tag, rank_tag
 from ..quality.run import Testbed
 from . import evaluate as E
 from . import tasks as T
@@ -58,6 +58,27 @@ GRID = Grid(
     variant_budgets=VARIANT_BUDGETS,
 )
 CALIBRATION = dict(examples_per_task=4, seed=777)
+
+
+def _nested(budgets, suffixes=("",)) -> tuple[str, ...]:
+    return tuple(f"hydraopt:plan+nested{s}@{budget_tag(b)}" for b in budgets for s in suffixes)
+
+
+# A full run scores these first (about 150 s each per collection on one core: the whole grid
+# takes hours): the references, the plain nested planner at each truncation's storage (the
+# front check), one adapter's storage against the classic merges, the paper's named plan, the
+# small storages, then the planner's other objectives where they meet truncation.
+PRIORITY = (
+    "lora",
+    *(f"reference:truncate-{rank_tag(m)}" for m in GRID.truncation),
+    *_nested((0.0625, 0.125, 0.25, 0.50)),
+    "hydraopt:full-merge",
+    *_nested((0.025,)),
+    *(f"baseline:{name}" for name in ("linear", "ties", "dare_linear", "dare_ties", "svd")),
+    "hydraopt:shared-a",
+    *_nested((0.10, 0.07, 0.04)),
+    *_nested((0.125, 0.0625, 0.25, 0.50), [s for s, _ in NESTED_VARIANTS.values()]),
+)
 
 
 def collection_path(name: str | pathlib.Path) -> pathlib.Path:
@@ -142,6 +163,7 @@ TESTBED = Testbed(
     reuse_own=False,  # the own LoRA's answer likelihoods are the reference
     calibration=CALIBRATION,
     sensitivity=CALIBRATION,  # the same 4 examples per task
+    priority=PRIORITY,
     quick_methods=(
         "lora",
         "reference:truncate-r/16",

@@ -49,6 +49,9 @@ class Testbed:
     - `grid`: the methods; `reuse_own`: score the `lora` row from the manifest's own
       accuracies (1.0 by definition) instead of evaluating it again; `quick_methods`: the
       methods of `--quick` (default: the grid without sweeps).
+    - `priority`: grid methods a full run scores first, in this order (the rest follow in
+      the grid's order), so that a run stopped part-way holds the rows that matter most.
+      Result files list rows in the grid's order whatever the scoring order.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Testbed:
     quick_methods: tuple[str, ...] | None = None  # --quick: these (default: the quick grid)
     sensitivities: Callable[[Any, Collection], dict] | None = None
     sensitivity: dict = dataclasses.field(default_factory=dict)  # its settings, for the config
+    priority: tuple[str, ...] = ()
 
     def write_reports(self, out_dir: pathlib.Path | None = None):
         """`<name>.md` and `<name>.png` from every result file in `out_dir`."""
@@ -84,6 +88,14 @@ class Testbed:
 
     def order(self) -> dict[str, int]:
         return {m.name: i for i, m in enumerate(self.grid.methods(sweep=True))}
+
+    def scoring_order(self, methods: Sequence[Method]) -> list[Method]:
+        """`methods` with the `priority` ones first, in its order; the others keep theirs."""
+        unknown = set(self.priority) - set(self.order())
+        if unknown:
+            raise ValueError(f"{self.name}: priority names no grid method: {sorted(unknown)}")
+        rank = {name: i for i, name in enumerate(self.priority)}
+        return sorted(methods, key=lambda m: rank.get(m.name, len(rank)))
 
 
 def score_accuracies(
@@ -376,6 +388,8 @@ def main(testbed: Testbed, argv: list[str] | None = None, doc: str = "") -> int:
         if names is None and args.quick and testbed.quick_methods:
             names = list(testbed.quick_methods)
         methods = testbed.grid.by_name(names, sweep=not args.quick)
+        if names is None:  # the whole grid: the rows that matter most first
+            methods = testbed.scoring_order(methods)
         runs = []  # (collection, previous result or None, tasks), checked before any work
         for name in collections:
             previous, run_tasks = None, tasks
