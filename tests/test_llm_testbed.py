@@ -226,11 +226,13 @@ def test_readme_storage_table_is_the_committed_llm_results():
     readme = (ROOT / "README.md").read_text()
     results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
     tables = table.tables(results)
-    for doc in (readme, (ROOT / "benchmarks/llm_testbed/README.md").read_text()):
-        for header, generated in tables.items():
+    assert set(table.IN_DOCUMENT[table.LLM_README]) == set(tables)  # it holds all of them
+    for path, headers in table.IN_DOCUMENT.items():
+        doc, held = path.read_text(), {h: tables[h] for h in headers}
+        for header, generated in held.items():
             start = doc.index(header)
             assert doc[start : doc.index("\n\n", start)] == generated
-        assert table.replace_tables(doc, tables) == doc  # what --write would leave as it is
+        assert table.replace_tables(doc, held) == doc  # what --write would leave as it is
     # --write replaces a stale table up to the blank line and keeps the rest
     two = {h: tables[h] for h in (table.HEADER, table.NLL_HEADER)}
     stale = f"intro\n\n{table.HEADER}\n|---|\n| old |\n\nafter\n\n{table.NLL_HEADER}\n| x |\n"
@@ -266,6 +268,25 @@ def test_readme_storage_table_is_the_committed_llm_results():
             nll = analysis.paired_nll(res, m["hydraopt"], m["rival"])
             cell = line.split(" | ")[4].removesuffix(" |").split(" / ")[i]
             assert cell == f"{round(nll[0], 4) + 0.0:+.4f} ± {nll[1]:.4f}"
+    # the margins table: each objective's margin over truncation at its storage, paired
+    prefixes = dict([(table.PLANNER, "hydraopt:plan+nested"), *table.OBJECTIVES])
+    rival = {b: f"reference:truncate-{r}" for b, r in table.NLL_ROWS}
+    compared = 0
+    for line in tables[table.MARGINS_HEADER].splitlines()[2:]:
+        storage, label, score, margin, nll = (c.strip() for c in line.strip("|").split("|"))
+        if label.startswith("per-task truncation"):
+            assert margin == nll == ""
+            continue
+        method = f"{prefixes[label]}@{storage}"
+        for i, res in enumerate(results):
+            got = [x.split(" / ")[i] for x in (score, margin, nll)]
+            row = next(r for r in res["rows"] if r["method"] == method)
+            assert got[0] == f"{row['score']:.3f}"
+            for cell, f in zip(got[1:], (analysis.paired_margin, analysis.paired_nll), strict=True):
+                m = f(res, method, rival[storage])
+                assert cell == f"{round(m[0], 4) + 0.0:+.4f} ± {m[1]:.4f}"
+            compared += 1
+    assert compared >= 20
 
 
 @pytest.mark.slow

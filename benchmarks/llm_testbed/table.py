@@ -1,7 +1,7 @@
 """The tables of the README's "Choosing a plan", built from the committed results.
 
-    python -m benchmarks.llm_testbed.table            # prints the three markdown tables
-    python -m benchmarks.llm_testbed.table --write    # puts them in both READMEs
+    python -m benchmarks.llm_testbed.table            # prints the four markdown tables
+    python -m benchmarks.llm_testbed.table --write    # puts them in the READMEs
     python -m benchmarks.llm_testbed.table --results DIR   # those of another results folder
 
 The storage table: each cell is `label: same_seed / diff_seed` (score, three decimals; `-`
@@ -11,8 +11,10 @@ is `ROWS`, and a row's storage is its budget or, for named plans and baselines, 
 results. The likelihood table: the answer NLL at each per-task truncation's storage. The
 front table: at each per-task truncation's storage, the best HydraOpt row at that storage or
 less (the front check's choice) and its margin over truncation, exact match and answer NLL,
-paired over tasks. Every number comes from `benchmarks/results/llm_testbed_<collection>.json`
-(`tests/test_llm_testbed.py` checks that the READMEs' tables are these).
+paired over tasks. The margins table (the LLM README only): the same margins for the planner
+with each of its objectives at each truncation's storage. Every number comes from
+`benchmarks/results/llm_testbed_<collection>.json` (`tests/test_llm_testbed.py` checks that
+the READMEs' tables are these).
 """
 
 from __future__ import annotations
@@ -231,16 +233,55 @@ def front_markdown_table(results: Sequence[dict]) -> str:
 
 
 RANKS = {"r/16": 1, "r/8": 2, "r/4": 4, "r/2": 8}
+
+# Every objective of the planner against per-task truncation at its storage, paired over tasks.
+MARGINS_HEADER = (
+    "| storage | method | score | margin over truncation ± s.e. | answer NLL difference ± s.e. |"
+)
+
+
+def margins_markdown_table(results: Sequence[dict]) -> str:
+    """Per truncation storage: truncation's score, then the planner with each objective at
+    that budget, its score and its margin over truncation, exact-match ratio and answer NLL,
+    paired over tasks, `same_seed / diff_seed` (a method neither collection has is left out)."""
+    by, rows = {res["collection"]: res for res in results}, scores(results)
+    lines = [MARGINS_HEADER, "|---|---|---|---|---|"]
+    for budget, rank in NLL_ROWS:
+        rival = f"reference:truncate-{rank}"
+        if _pair(rows, rival) is None:
+            continue
+        lines.append(f"| {budget} | per-task truncation, rank {RANKS[rank]} | "
+                     f"{_pair(rows, rival)} | | |")  # fmt: skip
+        for label, prefix in ((PLANNER, "hydraopt:plan+nested"), *OBJECTIVES):
+            method = f"{prefix}@{budget}"
+            if (score := _pair(rows, method)) is None:
+                continue
+            margin, nll = (
+                " / ".join(_signed(f(by[c], method, rival)) if c in by else "-"
+                           for c in COLLECTIONS)
+                for f in (paired_margin, paired_nll)
+            )  # fmt: skip
+            lines.append(f"| {budget} | {label} | {score} | {margin} | {nll} |")
+    return "\n".join(lines)
+
+
 ROOT = RESULTS.parent.parent
-DOCUMENTS = (ROOT / "README.md", ROOT / "benchmarks" / "llm_testbed" / "README.md")
+README, LLM_README = ROOT / "README.md", ROOT / "benchmarks" / "llm_testbed" / "README.md"
+DOCUMENTS = (README, LLM_README)
+# which tables each document holds (by header line)
+IN_DOCUMENT = {
+    README: (HEADER, NLL_HEADER, FRONT_HEADER),
+    LLM_README: (HEADER, NLL_HEADER, FRONT_HEADER, MARGINS_HEADER),
+}
 
 
 def tables(results: Sequence[dict]) -> dict[str, str]:
-    """`{header line: table}` of the three tables."""
+    """`{header line: table}` of the four tables."""
     return {
         HEADER: markdown_table(results),
         NLL_HEADER: nll_markdown_table(results),
         FRONT_HEADER: front_markdown_table(results),
+        MARGINS_HEADER: margins_markdown_table(results),
     }
 
 
@@ -279,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         texts = {}
         for doc in DOCUMENTS:
             try:
-                texts[doc] = replace_tables(doc.read_text(), new)
+                texts[doc] = replace_tables(doc.read_text(), {h: new[h] for h in IN_DOCUMENT[doc]})
             except ValueError:
                 print(f"{doc}: lacks one of the tables (their header lines)", file=sys.stderr)
                 return 2
