@@ -213,7 +213,9 @@ def test_a_full_run_scores_the_references_and_the_front_check_rows_first():
     first = order[: order.index("hydraopt:shared-a") + 1]
     for name in ("hydraopt:plan+nested@0.125", "hydraopt:full-merge", "baseline:svd"):
         assert name in first
-    assert "baseline:joint" not in first  # the slow sweeps come last
+    # the slowest merge after the planner's objectives; the rank sweeps after the priority
+    assert order.index("baseline:joint") == len(TESTBED.priority) - 1
+    assert order.index("baseline:joint@k=2r") > order.index("baseline:joint")
 
 
 def test_readme_storage_table_is_the_committed_llm_results():
@@ -227,6 +229,7 @@ def test_readme_storage_table_is_the_committed_llm_results():
     results = load_results(table.RESULTS, "llm_testbed", table.COLLECTIONS)
     tables = table.tables(results)
     assert set(table.IN_DOCUMENT[table.LLM_README]) == set(tables)  # it holds all of them
+    assert table.MARGINS_HEADER not in readme  # a copy --write would never refresh
     for path, headers in table.IN_DOCUMENT.items():
         doc, held = path.read_text(), {h: tables[h] for h in headers}
         for header, generated in held.items():
@@ -278,15 +281,45 @@ def test_readme_storage_table_is_the_committed_llm_results():
             assert margin == nll == ""
             continue
         method = f"{prefixes[label]}@{storage}"
-        for i, res in enumerate(results):
+        for res in results:
+            i = table.COLLECTIONS.index(res["collection"])
             got = [x.split(" / ")[i] for x in (score, margin, nll)]
-            row = next(r for r in res["rows"] if r["method"] == method)
+            row = {r["method"]: r for r in res["rows"]}.get(method)
+            if row is None:  # scored in the other collection only
+                assert got == ["-", "-", "-"]
+                continue
             assert got[0] == f"{row['score']:.3f}"
             for cell, f in zip(got[1:], (analysis.paired_margin, analysis.paired_nll), strict=True):
                 m = f(res, method, rival[storage])
                 assert cell == f"{round(m[0], 4) + 0.0:+.4f} ± {m[1]:.4f}"
             compared += 1
     assert compared >= 20
+
+
+def test_the_margins_table_pairs_only_the_rows_a_collection_holds():
+    from benchmarks.llm_testbed import table
+
+    def result(collection, rows):  # rows: {method: per-task accuracy}, own accuracy 1.0
+        return dict(
+            collection=collection, tasks=["a", "b"],
+            rows=[dict(method=m, collection=collection, storage_ratio=0.125,
+                       score=float(np.mean(list(acc.values()))), min_task_ratio=0.0)
+                  for m, acc in rows.items()],
+            details={m: dict(accuracy=acc, answer_nll={"a": 0.1, "b": 0.3 - acc["b"] / 10})
+                     for m, acc in rows.items()},
+            config=dict(own_accuracy={"a": 1.0, "b": 1.0}),
+        )  # fmt: skip
+
+    trunc, plan = "reference:truncate-r/8", "hydraopt:plan+nested@0.125"
+    same = result("same_seed", {trunc: {"a": 0.5, "b": 0.5}, plan: {"a": 1.0, "b": 0.5}})
+    diff = result("diff_seed", {plan: {"a": 1.0, "b": 1.0}})  # no truncation row: no margin
+    lines = table.margins_markdown_table([same, diff]).splitlines()[2:]
+    # per-task differences 0.5 and 0.0: mean 0.25, standard error 0.25; NLL equal on both
+    assert lines == [
+        "| 0.125 | per-task truncation, rank 2 | 0.500 / - | | |",
+        "| 0.125 | planner | 0.750 / 1.000 | +0.2500 ± 0.2500 / - | +0.0000 ± 0.0000 / - |",
+    ]
+    assert table.margins_markdown_table([diff]).splitlines()[2:] == []  # no truncation at all
 
 
 @pytest.mark.slow

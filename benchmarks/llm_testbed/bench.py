@@ -64,10 +64,12 @@ def _nested(budgets, suffixes=("",)) -> tuple[str, ...]:
     return tuple(f"hydraopt:plan+nested{s}@{budget_tag(b)}" for b in budgets for s in suffixes)
 
 
-# A full run scores these first (about 150 s each per collection on one core: the whole grid
-# takes hours): the references, the plain nested planner at each truncation's storage (the
-# front check), one adapter's storage against the classic merges, the paper's named plan, the
-# small storages, then the planner's other objectives where they meet truncation.
+# A full run scores these first (about 130-150 s each per collection on one core, plus the
+# merge: the whole grid takes hours): the references, the plain nested planner at each
+# truncation's storage (the front check), one adapter's storage against the classic merges,
+# the paper's named plan, the small storages, the planner's other objectives where they meet
+# truncation, then Compress-then-Serve's `joint` (below rank 1; its merge is the slowest).
+_VARIANTS = [s for v, (s, _) in NESTED_VARIANTS.items() if v in GRID.planner_variants]
 PRIORITY = (
     "lora",
     *(f"reference:truncate-{rank_tag(m)}" for m in GRID.truncation),
@@ -77,7 +79,9 @@ PRIORITY = (
     *(f"baseline:{name}" for name in ("linear", "ties", "dare_linear", "dare_ties", "svd")),
     "hydraopt:shared-a",
     *_nested((0.10, 0.07, 0.04)),
-    *_nested((0.125, 0.0625, 0.25, 0.50), [s for s, _ in NESTED_VARIANTS.values()]),
+    *_nested((0.04,), ("+act+fisher",)),
+    *_nested((0.125, 0.0625, 0.25, 0.50), _VARIANTS),
+    "baseline:joint",
 )
 
 

@@ -243,7 +243,8 @@ MARGINS_HEADER = (
 def margins_markdown_table(results: Sequence[dict]) -> str:
     """Per truncation storage: truncation's score, then the planner with each objective at
     that budget, its score and its margin over truncation, exact-match ratio and answer NLL,
-    paired over tasks, `same_seed / diff_seed` (a method neither collection has is left out)."""
+    paired over tasks, `same_seed / diff_seed`. A storage whose truncation neither collection
+    has, and a method neither has, are left out; a margin needs both rows in the collection."""
     by, rows = {res["collection"]: res for res in results}, scores(results)
     lines = [MARGINS_HEADER, "|---|---|---|---|---|"]
     for budget, rank in NLL_ROWS:
@@ -256,8 +257,9 @@ def margins_markdown_table(results: Sequence[dict]) -> str:
             method = f"{prefix}@{budget}"
             if (score := _pair(rows, method)) is None:
                 continue
+            both = [c for c in COLLECTIONS if {method, rival} <= set(rows.get(c, {}))]
             margin, nll = (
-                " / ".join(_signed(f(by[c], method, rival)) if c in by else "-"
+                " / ".join(_signed(f(by[c], method, rival)) if c in both else "-"
                            for c in COLLECTIONS)
                 for f in (paired_margin, paired_nll)
             )  # fmt: skip
@@ -267,12 +269,12 @@ def margins_markdown_table(results: Sequence[dict]) -> str:
 
 ROOT = RESULTS.parent.parent
 README, LLM_README = ROOT / "README.md", ROOT / "benchmarks" / "llm_testbed" / "README.md"
-DOCUMENTS = (README, LLM_README)
-# which tables each document holds (by header line)
+# the documents and the tables each holds (by header line)
 IN_DOCUMENT = {
     README: (HEADER, NLL_HEADER, FRONT_HEADER),
     LLM_README: (HEADER, NLL_HEADER, FRONT_HEADER, MARGINS_HEADER),
 }
+DOCUMENTS = tuple(IN_DOCUMENT)
 
 
 def tables(results: Sequence[dict]) -> dict[str, str]:

@@ -49,9 +49,10 @@ class Testbed:
     - `grid`: the methods; `reuse_own`: score the `lora` row from the manifest's own
       accuracies (1.0 by definition) instead of evaluating it again; `quick_methods`: the
       methods of `--quick` (default: the grid without sweeps).
-    - `priority`: grid methods a full run scores first, in this order (the rest follow in
-      the grid's order), so that a run stopped part-way holds the rows that matter most.
-      Result files list rows in the grid's order whatever the scoring order.
+    - `priority`: grid methods a run of the whole grid (no `--methods`) scores first, in
+      this order (the rest follow in the grid's order), so that a run stopped part-way holds
+      the rows that matter most. Result files list rows in the grid's order whatever the
+      scoring order.
     """
 
     name: str
@@ -94,6 +95,8 @@ class Testbed:
         unknown = set(self.priority) - set(self.order())
         if unknown:
             raise ValueError(f"{self.name}: priority names no grid method: {sorted(unknown)}")
+        if len(set(self.priority)) != len(self.priority):
+            raise ValueError(f"{self.name}: priority names a method twice")
         rank = {name: i for i, name in enumerate(self.priority)}
         return sorted(methods, key=lambda m: rank.get(m.name, len(rank)))
 
