@@ -272,7 +272,7 @@ def test_readme_storage_table_is_the_committed_llm_results():
             cell = line.split(" | ")[4].removesuffix(" |").split(" / ")[i]
             assert cell == f"{round(nll[0], 4) + 0.0:+.4f} ± {nll[1]:.4f}"
     # the margins table: each objective's margin over truncation at its storage, paired
-    prefixes = dict([(table.PLANNER, "hydraopt:plan+nested"), *table.OBJECTIVES])
+    prefixes = dict(table.PLANNERS)
     rival = {b: f"reference:truncate-{r}" for b, r in table.NLL_ROWS}
     compared = 0
     for line in tables[table.MARGINS_HEADER].splitlines()[2:]:

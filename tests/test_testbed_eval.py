@@ -651,12 +651,8 @@ def test_a_full_run_scores_the_priority_methods_first(monkeypatch):
     grid = [m.name for m in TESTBED.grid.methods()]
     assert seen == [[*first, *(n for n in grid if n not in first)]]
     # methods named on the command line keep the order given
-    assert (
-        R.main(
-            bed, ["--collection", COLLECTION, "--no-write", "--methods", "lora,hydraopt:shared-a"]
-        )
-        == 2
-    )
+    named = ["--collection", COLLECTION, "--no-write", "--methods", "lora,hydraopt:shared-a"]
+    assert R.main(bed, named) == 2
     assert seen[-1] == ["lora", "hydraopt:shared-a"]
     with pytest.raises(ValueError, match="no grid method"):
         dataclasses.replace(TESTBED, priority=("hydraopt:nonsense",)).scoring_order([])

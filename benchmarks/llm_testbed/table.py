@@ -40,18 +40,22 @@ ACT_ADAPTER = "activation-aware with whole-adapter weights"
 ADAPTER_RANKS = "whole-adapter weights, a rank per task"
 
 
+NESTED = "hydraopt:plan+nested"  # the planner with nested ranks, default objective
+
+
 def _planner(budget: str, *asides: tuple[str, str]):
-    return [(PLANNER, f"hydraopt:plan+nested@{budget}", asides)]
+    return [(PLANNER, f"{NESTED}@{budget}", asides)]
 
 
 # The planner's objectives beside the default one: (label, method prefix of a budget).
 OBJECTIVES = (
-    (ADAPTER, "hydraopt:plan+nested+adapter"),
-    (ACT, "hydraopt:plan+nested+act"),
-    (ACT_ADAPTER, "hydraopt:plan+nested+act+adapter"),
-    (FISHER, "hydraopt:plan+nested+act+fisher"),
-    (ADAPTER_RANKS, "hydraopt:plan+nested+adapter+task-ranks"),
+    (ADAPTER, f"{NESTED}+adapter"),
+    (ACT, f"{NESTED}+act"),
+    (ACT_ADAPTER, f"{NESTED}+act+adapter"),
+    (FISHER, f"{NESTED}+act+fisher"),
+    (ADAPTER_RANKS, f"{NESTED}+adapter+task-ranks"),
 )
+PLANNERS = ((PLANNER, NESTED), *OBJECTIVES)  # the planner with each objective
 
 
 def _output_aware(budget: str):
@@ -161,11 +165,7 @@ def markdown_table(results: Sequence[dict]) -> str:
 
 # The answer-likelihood table: at each per-task truncation's storage, the mean answer NLL
 # (nats per answer token) of truncation and of the planner with each objective.
-NLL_HEADER = (
-    "| storage | per-task truncation | planner | "
-    + " | ".join(label for label, _ in OBJECTIVES)
-    + " |"
-)
+NLL_HEADER = "| storage | per-task truncation | " + " | ".join(l for l, _ in PLANNERS) + " |"
 NLL_ROWS = (("0.0625", "r/16"), ("0.125", "r/8"), ("0.25", "r/4"), ("0.50", "r/2"))
 
 
@@ -178,15 +178,14 @@ def nll_markdown_table(results: Sequence[dict]) -> str:
     """Answer NLL `same_seed / diff_seed` at truncation's storages, the own LoRAs' first."""
     details = {res["collection"]: res.get("details", {}) for res in results}
     own = _nll_pair(details, "lora")
-    columns = 3 + len(OBJECTIVES)
+    columns = 2 + len(PLANNERS)
     lines = [
         NLL_HEADER,
         "|---" * columns + "|",
         f"| own LoRA (1.0) | {own} |" + " |" * (columns - 2),
     ]
     for budget, rank in NLL_ROWS:
-        methods = (f"reference:truncate-{rank}", f"hydraopt:plan+nested@{budget}",
-                   *(f"{prefix}@{budget}" for _, prefix in OBJECTIVES))  # fmt: skip
+        methods = (f"reference:truncate-{rank}", *(f"{prefix}@{budget}" for _, prefix in PLANNERS))
         lines.append(f"| {budget} | " + " | ".join(_nll_pair(details, m) for m in methods)
                      + " |")  # fmt: skip
     return "\n".join(lines)
@@ -253,7 +252,7 @@ def margins_markdown_table(results: Sequence[dict]) -> str:
             continue
         lines.append(f"| {budget} | per-task truncation, rank {RANKS[rank]} | "
                      f"{_pair(rows, rival)} | | |")  # fmt: skip
-        for label, prefix in ((PLANNER, "hydraopt:plan+nested"), *OBJECTIVES):
+        for label, prefix in PLANNERS:
             method = f"{prefix}@{budget}"
             if (score := _pair(rows, method)) is None:
                 continue
