@@ -216,6 +216,12 @@ def test_a_full_run_scores_the_references_and_the_front_check_rows_first():
     # the slowest merge after the planner's objectives; the rank sweeps after the priority
     assert order.index("baseline:joint") == len(TESTBED.priority) - 1
     assert order.index("baseline:joint@k=2r") > order.index("baseline:joint")
+    # the planner's rows of one objective stand together (other rows may come between):
+    # a run keeps one objective's options at a time, so each is computed once
+    by_name = {m.name: m for m in TESTBED.grid.methods()}
+    objectives = [by_name[n].objective for n in order if by_name[n].kind == "planner"]
+    runs = [o for i, o in enumerate(objectives) if i == 0 or o != objectives[i - 1]]
+    assert len(runs) == len(set(runs)) >= 9
 
 
 def test_readme_storage_table_is_the_committed_llm_results():

@@ -27,7 +27,7 @@ from hydraopt_jax.io.calibration import input_covariances
 from hydraopt_jax.io.calibration import output_sensitivities as module_sensitivities
 
 from ..quality.collection import Collection, load_collection
-from ..quality.methods import NESTED_VARIANTS, Grid, budget_tag, rank_tag
+from ..quality.methods import FISHER, NESTED_VARIANTS, Grid, budget_tag, rank_tag
 from ..quality.run import Testbed
 from . import evaluate as E
 from . import tasks as T
@@ -61,15 +61,23 @@ CALIBRATION = dict(examples_per_task=4, seed=777)
 
 
 def _nested(budgets, suffixes=("",)) -> tuple[str, ...]:
-    return tuple(f"hydraopt:plan+nested{s}@{budget_tag(b)}" for b in budgets for s in suffixes)
+    """The nested planner's rows, one objective (suffix) at a time, all its budgets together:
+    a run computes an objective's options once and chooses every budget's plan from them,
+    keeping one objective's at a time (`quality.methods`), so alternating objectives would
+    recompute them (4-8 minutes per collection here) for every row."""
+    return tuple(f"hydraopt:plan+nested{s}@{budget_tag(b)}" for s in suffixes for b in budgets)
 
 
-# A full run scores these first (about 130-150 s each per collection on one core, plus the
-# merge: the whole grid takes hours): the references, the plain nested planner at each
-# truncation's storage (the front check), one adapter's storage against the classic merges,
-# the paper's named plan, the small storages, the planner's other objectives where they meet
-# truncation, then Compress-then-Serve's `joint` (below rank 1; its merge is the slowest).
-_VARIANTS = [s for v, (s, _) in NESTED_VARIANTS.items() if v in GRID.planner_variants]
+# A full run scores these first (each 220-320 s of evaluation per collection on one core with
+# two collections side by side, plus the merge: the whole grid takes hours): the references,
+# the plain nested planner at each truncation's storage (the front check), one adapter's
+# storage against the classic merges, the paper's named plan, the plain planner's other
+# budgets, the planner's other objectives below rank 1 and where they meet truncation (the
+# output-aware one first), then Compress-then-Serve's `joint` (its merge is the slowest).
+_FISHER = NESTED_VARIANTS[FISHER][0]
+_VARIANTS = [_FISHER] + [
+    s for v, (s, _) in NESTED_VARIANTS.items() if v in GRID.planner_variants and s != _FISHER
+]
 PRIORITY = (
     "lora",
     *(f"reference:truncate-{rank_tag(m)}" for m in GRID.truncation),
@@ -78,9 +86,8 @@ PRIORITY = (
     *_nested((0.025,)),
     *(f"baseline:{name}" for name in ("linear", "ties", "dare_linear", "dare_ties", "svd")),
     "hydraopt:shared-a",
-    *_nested((0.10, 0.07, 0.04)),
-    *_nested((0.04,), ("+act+fisher",)),
-    *_nested((0.125, 0.0625, 0.25, 0.50), _VARIANTS),
+    *_nested((0.10, 0.07, 0.04, 0.06, 0.12, 0.30, 0.55)),
+    *_nested((0.04, 0.125, 0.0625, 0.25, 0.50), _VARIANTS),
     "baseline:joint",
 )
 

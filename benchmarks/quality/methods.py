@@ -97,6 +97,13 @@ class Method:
     task_weighting: str = "relative"
     per_task_ranks: bool = False
 
+    @property
+    def objective(self) -> tuple:
+        """What a planner row's options depend on besides the collection: the rows of one
+        objective choose their plans from the same options (`_planner_options`)."""
+        return (self.activation, self.module_weighting, self.nested, self.task_weighting,
+                self.per_task_ranks)  # fmt: skip
+
     def rank(self, r: int) -> int | None:
         return _rank(self.rank_mult, r)
 
@@ -285,7 +292,7 @@ def _planner_options(coll: Collection, method: Method, act: dict | None,
 
     weights = fisher if method.module_weighting == FISHER else method.module_weighting
     key = _OPTIONS[0]
-    objective = (weights, method.nested, method.task_weighting, method.per_task_ranks)
+    objective = (weights, method.objective)
     if not (key and key[0] is coll and key[1] is act and key[2] == objective):
         _OPTIONS[:] = [None, None]  # free the previous options first (per-module curves)
         _OPTIONS[1] = collection_options(
