@@ -1,4 +1,5 @@
-"""TODO"""
+"""The factored loss (`_loss`) against dense float64 references: its value, its gradient,
+and the reported per-task errors where the Gram-space identity cancels (close tasks, merges)."""
 
 import jax
 import jax.numpy as jnp

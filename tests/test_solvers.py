@@ -1,4 +1,6 @@
-"""TODO"""
+"""The solvers (exact, ALS, Optax) against the dense optimum of each plan's objective:
+optimality, monotone ALS, float32 and half-precision inputs, determinism, and no dense
+`d_out x d_in` array."""
 
 from __future__ import annotations
 
