@@ -37,6 +37,33 @@ REPO_PATH = re.compile(
 )
 
 
+def test_readme_demo_table_is_what_the_demo_prints():
+    """Every row of the README's demo table (plan, solver, storage, errors; not the seconds)
+    is the one `hydraopt demo` computes now, in its order."""
+    import io
+
+    from rich.console import Console
+
+    from hydraopt_jax.cli.demo import run_demo
+
+    documented = []
+    for line in _block_after("## The demo", "").splitlines():
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if len(cells) != 6 or cells[0] == "plan":
+            continue
+        if cells[2]:
+            documented.append(cells[:5])
+        else:  # a label rich wrapped onto the next line
+            documented[-1][0] += " " + cells[0]
+    rows = run_demo(Console(file=io.StringIO(), width=80))
+    computed = [
+        [r["plan"], r["solver"], f"{r['storage_ratio']:.3f}", f"{r['mean_error']:.4f}",
+         f"{r['worst_error']:.4f}"]
+        for r in rows
+    ]  # fmt: skip
+    assert documented == computed
+
+
 def test_every_repository_path_the_documents_name_exists():
     named = {
         (doc.relative_to(ROOT), path)

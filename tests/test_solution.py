@@ -71,12 +71,17 @@ def test_demo_reports_the_same_task_error():
 
     rows = run_demo(Console(file=io.StringIO()), num_layers=1)
     arrays, names, attrs = synthetic_collection(num_layers=1, rank=16)
-    label, plan, solver = demo_plans(len(names), 16, attrs)[2]
-    solutions = hj.merge_adapters(arrays, plan, solver)
-    row = next(r for r in rows if r["plan"] == label)
-    errors = task_relative_errors(solutions, len(names))
-    assert row["mean_error"] == pytest.approx(float(np.mean(errors)), rel=1e-6)
-    assert row["worst_error"] == pytest.approx(float(np.max(errors)), rel=1e-6)
+    plans = demo_plans(len(names), 16, attrs)
+    assert [r["plan"] for r in rows] == [label for label, _, _ in plans]
+    storage = [r["storage_ratio"] for r in rows]
+    assert storage == sorted(storage, reverse=True)  # from "all kept" to "one adapter"
+    for label in ("shared-a", "shared-a, j=r/4"):
+        _, plan, solver = next(p for p in plans if p[0] == label)
+        solutions = hj.merge_adapters(arrays, plan, solver)
+        row = next(r for r in rows if r["plan"] == label)
+        errors = task_relative_errors(solutions, len(names))
+        assert row["mean_error"] == pytest.approx(float(np.mean(errors)), rel=1e-6)
+        assert row["worst_error"] == pytest.approx(float(np.max(errors)), rel=1e-6)
 
 
 def test_baselines_return_the_same_solution_type(rng):

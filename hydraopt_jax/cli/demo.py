@@ -15,21 +15,30 @@ __all__ = ["demo", "demo_plans", "run_demo"]
 
 
 def demo_plans(num_tasks: int, rank: int, attrs) -> list[tuple[str, SharingPlan, str]]:
-    """`(label, plan, solver)` rows of the demo table, from "all kept" to "one adapter"."""
+    """`(label, plan, solver)` rows of the demo table, from "all kept" to "one adapter": the
+    named plans, per-task truncation (groups of one at a lower rank: the baseline every plan
+    is judged against at its storage) and shared A with a lower rank per task inside it."""
     grouped = SharingPlan.from_attributes(attrs, share_a_by="language", share_b_by="application")
     return [
         ("separate", SharingPlan.separate(num_tasks, rank), "exact"),
         ("shared-a, k=2r", SharingPlan.shared_a(num_tasks, 2 * rank), "exact"),
-        ("shared-a", SharingPlan.shared_a(num_tasks, rank), "exact"),
         ("shared-b", SharingPlan.shared_b(num_tasks, rank), "exact"),
+        ("truncate to r/2", SharingPlan.separate(num_tasks, rank // 2), "exact"),
+        ("shared-a", SharingPlan.shared_a(num_tasks, rank), "exact"),
+        ("truncate to r/4", SharingPlan.separate(num_tasks, rank // 4), "exact"),
         ("A per lang, B per app", grouped.with_rank(rank), "als"),
+        (
+            "shared-a, j=r/4",
+            SharingPlan.shared_a(num_tasks, rank).with_task_rank(rank // 4),
+            "exact",
+        ),
         ("full-merge, k=2r", SharingPlan.full_merge(num_tasks, 2 * rank), "exact"),
         ("full-merge", SharingPlan.full_merge(num_tasks, rank), "exact"),
     ]
 
 
 def run_demo(console=None, *, num_layers: int = 2) -> list[dict]:
-    """Merge a synthetic 5 x 8 collection with every named plan and print a table.
+    """Merge a synthetic 5 x 8 collection with every plan of `demo_plans` and print a table.
 
     Returns the table rows as dicts (plan, solver, storage_ratio, mean/worst relative
     error, seconds).
