@@ -12,7 +12,7 @@ import numpy as np
 from ._host import stack_modules, unstack
 from ._loss import adapter_task_weights, check_factor_shapes, working_dtype
 from ._plan import SharingPlan
-from ._solution import RESULTS, Solution
+from ._solution import RESULTS, Solution, factor_shapes
 from ._solve import (
     PER_MODULE,
     batched_solver,
@@ -54,6 +54,28 @@ def _start(init) -> tuple[str | tuple, Any]:
             factors = (*factors, init.cores)
         return factors, init.state
     return init, None
+
+
+def _check_init(factors, plan: SharingPlan, d_in: int, d_out: int, where: str = "") -> None:
+    """A given start must have the plan's shapes (`factor_shapes`): `(shared_a, shared_b)`,
+    or with nested ranks also its `cores` (a start of two arrays gives only the shared
+    factor; the per-task parts start from their exact best inside it)."""
+    at = f"merge ({where})" if where else "merge"
+    expect = factor_shapes(plan, "nested" if plan.nested else None, d_in, d_out)
+    names = ("shared_a", "shared_b", "cores")
+    takes = "(shared_a, shared_b)" + (" or (shared_a, shared_b, cores)" if plan.nested else "")
+    if len(factors) not in ((2, 3) if plan.nested else (2,)):
+        raise ValueError(f"{at}: init holds {len(factors)} arrays; this plan takes {takes}")
+    shared = "shared_a" if plan.nested_side == "b" else "shared_b"
+    checked = names[: len(factors)] if len(factors) == 3 or not plan.nested else (shared,)
+    for name in checked:
+        found = tuple(np.shape(factors[names.index(name)]))
+        if found != expect[name]:
+            raise ValueError(
+                f"{at}: init {name} has shape {list(found)}; the plan (rank {plan.rank}"
+                + (f", task ranks up to {max(plan.task_rank)}" if plan.nested else "")
+                + f") needs {list(expect[name])}"
+            )
 
 
 def _solution(arrays: Mapping, plan, task_ranks, task_ids) -> Solution:
@@ -151,6 +173,7 @@ def merge(
     if activation_cov is not None:
         traced["cov"] = jnp.asarray(activation_cov, dtype)
     if statics["init"] == "given":
+        _check_init(init, plan, A.shape[2], B.shape[1])
         traced["init"] = tuple(jnp.asarray(x, dtype) for x in init)
     if state is not None and statics["kind"] == "optax":
         traced["state"] = state
@@ -262,6 +285,8 @@ def merge_adapters(
         states = None
         if not isinstance(init, str):
             starts = [_module_init(init, n) for n in names]
+            for n, (factors, _) in zip(names, starts, strict=True):
+                _check_init(factors, sub_plan, a_shape[2], b_shape[1], where=n)
             given = starts[0][0]
             states = [s for _, s in starts]
         statics, traced = solver_arguments(

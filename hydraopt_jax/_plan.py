@@ -310,17 +310,23 @@ class SharingPlan:
         return dataclasses.replace(self, rank=rank)
 
     def resolved(self, default_rank: int) -> SharingPlan:
-        """The plan with its rank set (`default_rank` when it has none) and nested ranks
-        dropped when every `j_t` equals `k` (a plain plan, stored as one)."""
+        """The plan with its rank set (`default_rank` when it has none; `max_t j_t` for
+        `own_ranks`, whose factors are padded to it) and task ranks dropped when every `j_t`
+        equals `k` (a plain plan, stored as one)."""
         plan = self if self.rank is not None else self.with_rank(default_rank)
+        if plan.own_ranks:
+            plan = plan.with_rank(max(plan.task_rank))
         if plan.task_rank is not None and min(plan.task_rank) == plan.rank:
             plan = plan.with_task_rank(None)
         return plan
 
     def with_task_rank(self, task_rank: int | Sequence[int] | None) -> SharingPlan:
         """The plan with nested ranks `j_t` (one integer for every task, or one per task)."""
-        if task_rank is not None and not isinstance(task_rank, Sequence):
-            task_rank = (int(task_rank),) * self.num_tasks
+        if task_rank is not None:
+            try:
+                task_rank = tuple(task_rank)  # a list, a tuple, a NumPy array
+            except TypeError:  # one integer
+                task_rank = (task_rank,) * self.num_tasks
         return dataclasses.replace(self, task_rank=task_rank)
 
     def inner_ranks(self, rank: int | None = None) -> tuple[int, ...]:
@@ -361,7 +367,7 @@ class SharingPlan:
         k = self.rank if rank is None else rank
         if k is None:
             raise ValueError("num_params: the plan has no rank yet; pass rank=")
-        if self.task_rank is None:
+        if self.task_rank is None or not (self.own_ranks or self.nested):  # every j_t = k
             return self.num_a_groups * k * d_in + self.num_b_groups * d_out * k
         inner = sum(self.task_rank)
         if self.own_ranks:

@@ -32,7 +32,7 @@ from ._plan import SharingPlan
 from ._solution import RESULTS, plain_factors
 from ._solvers.als import als_update_a, als_update_b, solve_als
 from ._solvers.exact import solve_exact
-from ._solvers.nested import nested_objective, solve_nested, solve_nested_als
+from ._solvers.nested import mask_padding, nested_objective, solve_nested, solve_nested_als
 
 __all__ = [
     "DEFAULT_LEARNING_RATE",
@@ -138,12 +138,16 @@ def _solve_nested(A, B, weights, norms_sq, plan, k, kind, transformation, traced
         )  # fmt: skip
     if given is not None and len(given) == 3:
         params = tuple(given)
+    elif given is not None:  # the shared factor given: each task's exact part inside it
+        start = given[0] if plan.nested_side == "b" else given[1]
+        params = solve_nested_als(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
+                                  jnp.asarray(0, jnp.int32), traced["tol"], start)[:3]  # fmt: skip
     else:
         params = solve_nested(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name)
     params, steps, converged, state = _run_optax(
         transformation, traced, params, nested_objective(A, B, weights, norms_sq, plan)
     )
-    return (*params, steps, converged, state)
+    return (*mask_padding(params, plan), steps, converged, state)
 
 
 def _own_ranks(shared_a, shared_b, plan: SharingPlan):

@@ -37,7 +37,7 @@ from ._solution import RESULTS, Solution
 from ._solve import default_max_steps
 from .io import AdapterCollection, AdapterError, Bundle, check_bundle_output, save_bundle
 from .io._files import kill_point, map_safetensors
-from .io.bundle_module import module_tensors
+from .io.bundle_module import module_arrays
 from .io.memory import budget, estimate_module_bytes, plan_batches
 from .io.parts import load_part, parts_dir, remove_parts, save_part, wait_for_parts
 from .io.resume import RunCheckpoint, arrays_sha256, checkpoint_dir, fingerprint
@@ -314,7 +314,7 @@ def _assemble(collection, out, index, count, print_, mine, dtype, meta, timeout)
     remove_parts(out)
     mapped = map_safetensors(out / "factors.safetensors")
     for name, module in bundle.modules.items():  # arrays again, read from OUT on use
-        arrays = {key.rsplit("/", 1)[1]: mapped[key] for key in module_tensors(name, module)}
+        arrays = module_arrays(name, module.plan, module.core, module.packed, mapped.__getitem__)
         bundle.modules[name] = dataclasses.replace(module, **arrays)
     with contextlib.suppress(OSError):
         checkpoint_dir(out).rmdir()  # empty once every process removed its own

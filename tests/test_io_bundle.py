@@ -56,7 +56,7 @@ def test_bundle_round_trip_is_exact(tmp_path, dtype):
     assert np.array_equal(carried, bundle.carried["qa_fr"]["base_model.model.lm_head.weight"])
     assert back.to_json() == bundle.to_json()
     meta = json.loads((tmp_path / "out" / "hydraopt.json").read_text())
-    assert meta["format_version"] == 2 and meta["solver"] == "hand"
+    assert meta["format_version"] == 3 and meta["solver"] == "hand"
     m = meta["modules"]["model.layers.0.self_attn.k_proj"]
     assert (m["kind"], m["d_in"], m["d_out"], m["task_ids"], m["task_ranks"]) == (
         "linear",

@@ -235,3 +235,124 @@ def test_export_gives_peft_adapters_of_rank_j_exact_against_the_bundle(tmp_path,
     a, b = module.task_factors(module.task_ids.index(2))
     delta, fan, kind = next(iter(deltas.values()))
     assert rel_err(as_update(delta, fan, kind), b.astype(np.float64) @ a) < 2e-2
+
+
+@pytest.mark.parametrize("side", ["a", "b", "own"])
+def test_bundles_store_uneven_task_ranks_packed_without_padding(tmp_path, side):
+    """In memory per-task factors are padded to `j_max`; the file packs them task by task
+    (`"packed": true`), so it holds exactly `num_params` values per module; a version-2
+    bundle (padded) still reads the same, and a packed tensor of the wrong size is refused."""
+    from safetensors.numpy import load_file, save_file
+
+    from hydraopt_jax.io import AdapterError, load_bundle, load_collection
+    from hydraopt_jax.io._files import read_safetensors_header
+    from tests.helpers.peft_models import llama_adapters
+
+    collection = load_collection(llama_adapters())
+    shared = {"a": SharingPlan.shared_a, "b": SharingPlan.shared_b, "own": SharingPlan.separate}
+    plan = shared[side](collection.num_tasks, 4).with_task_rank([1, 3, 2])
+    bundle = hj.merge_collection(collection, plan, out=tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "hydraopt.json").read_text())
+    header = read_safetensors_header(tmp_path / "bundle" / "factors.safetensors")
+    packed = [name for name, m in meta["modules"].items() if m.get("packed")]
+    assert meta["format_version"] == 3 and packed  # (a module one task adapts has one rank)
+    for name, m in meta["modules"].items():
+        mine = [shape for key, (shape, _) in header.items() if key.startswith(f"modules/{name}/")]
+        stored = sum(int(np.prod(shape)) for shape in mine)
+        assert stored == m["num_params"] == bundle.modules[name].num_params
+    back = load_bundle(tmp_path / "bundle")
+    for name, module in bundle.modules.items():
+        for key in ("shared_a", "shared_b", "cores"):
+            np.testing.assert_array_equal(getattr(back.modules[name], key), getattr(module, key))
+    # the same bundle as version 2 wrote it: padded, no "packed"
+    tensors = load_file(str(tmp_path / "bundle" / "factors.safetensors"))
+    for name in packed:
+        for key in ("shared_a", "shared_b", "cores"):
+            if getattr(bundle.modules[name], key) is not None:
+                tensors[f"modules/{name}/{key}"] = np.asarray(getattr(bundle.modules[name], key))
+        del meta["modules"][name]["packed"]
+    meta["format_version"] = 2
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(tensors, str(old / "factors.safetensors"))
+    (old / "hydraopt.json").write_text(json.dumps(meta))
+    again = load_bundle(old)
+    for name, module in bundle.modules.items():
+        np.testing.assert_array_equal(again.modules[name].shared_b, module.shared_b)
+        assert again.task_relative_errors() == back.task_relative_errors()
+    # a packed tensor (2-D: task by task along its rank axis) cut short
+    tensors = load_file(str(tmp_path / "bundle" / "factors.safetensors"))
+    key = next(k for k, x in tensors.items() if k.startswith("modules/") and x.ndim == 2)
+    tensors[key] = tensors[key][:-1, :-1]
+    save_file(tensors, str(tmp_path / "bundle" / "factors.safetensors"))
+    with pytest.raises(AdapterError, match=r"hydraopt.json: malformed .*packed \w+ has shape"):
+        load_bundle(tmp_path / "bundle")
+
+
+def test_own_ranks_are_padded_to_their_largest_task_rank_not_to_k(rng):
+    A, B = random_collection(rng, num_tasks=3, rank=6)
+    sol = hj.merge(A, B, SharingPlan.separate(3, 6).with_task_rank([1, 2, 1]))
+    assert sol.plan.rank == 2 and sol.shared_a.shape == (3, 2, A.shape[2])
+    assert sol.shared_b.shape == (3, B.shape[1], 2) and sol.num_params == 4 * (20 + 16)
+    same = hj.merge(A, B, SharingPlan.separate(3, 6).with_task_rank([2, 2, 2]))
+    assert same.plan == SharingPlan.separate(3, 2)  # every task at one rank: a plain plan
+
+
+@pytest.mark.parametrize("plan", [SharingPlan.shared_a(4, 12), SharingPlan.shared_b(4, 24)])
+def test_a_shared_rank_above_the_shared_sides_dimension_keeps_the_plans_shapes(rng, plan):
+    """`k` above `d_in` (shared A) or `d_out` (shared B): the shared factor keeps `k` rows
+    (zero beyond the dimension), as the plain plan does, and the fit is still exact."""
+    A, B = random_collection(rng, num_tasks=4, rank=3, d_in=10, d_out=20)
+    nested = plan.with_task_rank([1, 2, 2, 3])
+    sol = hj.merge(A, B, nested)
+    expect = hj._solution.factor_shapes(sol.plan, "nested", 10, 20)
+    assert {"shared_a": sol.shared_a.shape, "shared_b": sol.shared_b.shape,
+            "cores": sol.cores.shape} == expect  # fmt: skip
+    w = relative_weights(A, B)
+    np.testing.assert_allclose(float(sol.loss), dense_loss(A, B, sol, w), rtol=1e-8)
+    truncation = hj.merge(A, B, SharingPlan.separate(4, 3).with_task_rank([1, 2, 2, 3]))
+    assert float(sol.loss) <= float(truncation.loss) * (1 + 1e-8)  # k >= every rank: no loss
+
+
+def test_a_start_of_other_shapes_is_refused_and_a_shared_factor_alone_is_a_start(rng):
+    A, B = random_collection(rng, num_tasks=3, rank=4)
+    two = hj.merge(A, B, SharingPlan.shared_a(3, 6).with_task_rank(2))
+    three = SharingPlan.shared_a(3, 6).with_task_rank(3)
+    with pytest.raises(
+        ValueError, match=r"init shared_b has shape \[3, 16, 2\].*needs \[3, 16, 3\]"
+    ):
+        hj.merge(A, B, three, "adam", init=two)
+    with pytest.raises(ValueError, match="init holds 3 arrays; this plan takes"):
+        hj.merge(A, B, SharingPlan.shared_a(3, 6), "adam", init=two)
+    with pytest.raises(ValueError, match=r"\(m\): init shared_a has shape"):
+        hj.merge_adapters({"m": (A, B)}, three, "als", init={"m": (two.shared_a[:, :5], None)})
+    # (shared_a, shared_b) of any shared-A solution at rank k: its shared factor starts the run
+    start = hj.merge(A, B, three)
+    plain = hj.merge(A, B, SharingPlan.shared_a(3, 6))
+    tiny = hj.merge(A, B, three, "adam", init=(plain.shared_a, plain.shared_b), max_steps=1,
+                    learning_rate=1e-12)  # fmt: skip
+    np.testing.assert_allclose(float(tiny.loss), float(start.loss), rtol=1e-6)
+
+
+def test_padding_beyond_a_tasks_rank_is_not_fitted_whatever_the_transformation(rng):
+    """An Optax transformation that moves zero-gradient entries (here: gradient noise) cannot
+    put anything in the padding: the objective ignores it and the solve zeroes it, so the
+    reported loss is that of the factors every consumer uses (`task_factors`)."""
+    import optax
+
+    A, B = random_collection(rng, num_tasks=4, rank=4)
+    plan = SharingPlan.shared_b(4, 6).with_task_rank([1, 3, 2, 3])
+    tx = optax.chain(optax.add_noise(0.01, 0.55, 0), optax.adam(1e-2))
+    sol = hj.merge(A, B, plan, tx, max_steps=300)
+    np.testing.assert_allclose(
+        float(sol.loss), dense_loss(A, B, sol, relative_weights(A, B)), rtol=1e-6
+    )
+    for t, j in enumerate(plan.task_rank):
+        group = sol.plan.a_group[t]
+        assert not np.any(np.asarray(sol.shared_a)[group, j:]) and not np.any(sol.cores[t][:, j:])
+
+
+def test_task_ranks_all_equal_to_k_count_as_the_plain_plan_and_arrays_are_accepted():
+    plan = SharingPlan.shared_a(4, 8)
+    assert plan.with_task_rank(8).num_params(16, 12) == plan.num_params(16, 12) == 8 * 16 + 4 * 96
+    assert plan.with_task_rank(np.array([1, 2, 2, 8])).task_rank == (1, 2, 2, 8)

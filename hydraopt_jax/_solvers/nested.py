@@ -31,7 +31,7 @@ from ._linalg import gram_factor
 from .als import als_update_a, run_descent_loop
 from .exact import solve_exact
 
-__all__ = ["nested_objective", "solve_nested", "solve_nested_als"]
+__all__ = ["mask_padding", "nested_objective", "solve_nested", "solve_nested_als"]
 
 
 def _plain(plan: SharingPlan, k: int) -> SharingPlan:
@@ -43,9 +43,29 @@ def _swapped(plan: SharingPlan, k: int) -> SharingPlan:
 
 
 def _orthonormal_rows(shared: jax.Array) -> jax.Array:
-    """Rows of each `[k, d]` group replaced by an orthonormal basis of their span."""
-    q, _ = jnp.linalg.qr(jnp.swapaxes(shared, -1, -2))
+    """Rows of each `[k, d]` group replaced by an orthonormal basis of their span (and zero
+    rows beyond `d` when `k > d`: the factor keeps the plan's shape)."""
+    q, _ = jnp.linalg.qr(jnp.swapaxes(shared, -1, -2))  # [..., d, min(d, k)]
+    missing = shared.shape[-2] - q.shape[-1]
+    if missing > 0:
+        q = jnp.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, missing)])
     return jnp.swapaxes(q, -1, -2)
+
+
+def mask_padding(params, plan: SharingPlan):
+    """`(shared_a, shared_b, cores)` of a nested plan with every entry beyond a task's `j_t`
+    set to zero (the padding up to `j_max`, which no task's factors use)."""
+    shared_a, shared_b, cores = params
+    j = np.asarray(plan.task_rank)
+    j_max = int(j.max())
+    by_task = (np.arange(j_max)[None, :] < j[:, None]).astype(np.float32)  # [T, j_max]
+    if plan.nested_side == "b":  # U_t: shared_b [group, d_out, j]; V_t^T: cores [T, j, k]
+        by_group = jnp.asarray(_by_group(by_task, plan.b_group), shared_b.dtype)
+        return (shared_a, shared_b * by_group[:, None, :],
+                cores * jnp.asarray(by_task, cores.dtype)[:, :, None])  # fmt: skip
+    by_group = jnp.asarray(_by_group(by_task, plan.a_group), shared_a.dtype)
+    return (shared_a * by_group[:, :, None], shared_b,
+            cores * jnp.asarray(by_task, cores.dtype)[:, None, :])  # fmt: skip
 
 
 def _task_parts(A, B, shared_a, plan: SharingPlan, deps=(), axis_name=None):
@@ -144,6 +164,8 @@ def solve_nested_als(A, B, weights, norms_sq, plan: SharingPlan, k: int, svd_met
 
 
 def nested_objective(A, B, weights, norms_sq, plan: SharingPlan):
-    """`(shared_a, shared_b, cores) -> loss / sum_t w_t ||dW_t||^2` of a nested plan."""
+    """`(shared_a, shared_b, cores) -> loss / sum_t w_t ||dW_t||^2` of a nested plan, of the
+    factors as they are used (`mask_padding`: whatever a solver leaves in the padding beyond
+    `j_t` does not count, and is zeroed after the solve)."""
     plain = plan_objective(A, B, weights, norms_sq, _plain(plan, plan.rank))
-    return lambda params: plain(plain_factors(*params, plan, "nested")[:2])
+    return lambda params: plain(plain_factors(*mask_padding(params, plan), plan, "nested")[:2])

@@ -1,15 +1,16 @@
 """The HydraOpt bundle: `OUT/hydraopt.json` + `OUT/factors.safetensors`.
 
-`hydraopt.json` (format version 2) holds
+`hydraopt.json` (format version 3) holds
 
 ```
-{"format_version": 2, "tasks": [names], "base_model": str | null, "dtype": "float32",
+{"format_version": 3, "tasks": [names], "base_model": str | null, "dtype": "float32",
  "solver": ..., "plan": <how the plan was chosen>, "num_params", "original_params",
  "storage_ratio",
  "modules": {module: {"kind": "linear" | "embedding", "d_in", "d_out", "rank": k,
              "task_ids": [global task index], "task_ranks": [r_t], "plan": {"a_group",
              "b_group", "rank"[, "task_rank"]} (over the module's tasks),
-             "core": null | "nested" | "full" | "diagonal", "relative_error": [...],
+             "core": null | "nested" | "full" | "diagonal", ["packed": true,]
+             "relative_error": [...],
              "task_sq_norms": [||dW_t||_F^2], "loss", "steps", "result",
              "num_params", "original_params"}},
  "task_configs": {task: original adapter_config.json},
@@ -20,9 +21,11 @@ and `factors.safetensors` the tensors `modules/<module>/shared_a` `[K_A, k_a, d_
 `modules/<module>/shared_b` `[K_B, d_out, k_b]` (a task-specific factor is a group of one),
 `modules/<module>/cores` `[T_m, k_b, k_a]` when the module has cores (nested ranks, or a
 shared-basis baseline; see `hydraopt_jax.Solution`) and `carried/<task>/<key>`
-(`modules_to_save` etc., original dtype). Version 1 bundles (no cores, no `core` key) are
-read as well. The directory is written atomically; an existing output that is not a bundle
-is refused.
+(`modules_to_save` etc., original dtype). Per-task factors whose tasks' ranks differ are
+stored packed (`"packed": true`; `bundle_module`): the file holds the parameters the
+storage counts, without padding. Version 2 bundles (padded, never packed) and version 1
+bundles (no cores, no `core` key) are read as well. The directory is written atomically;
+an existing output that is not a bundle is refused.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ __all__ = [
     "save_bundle",
 ]
 
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 FACTORS_NAME = "factors.safetensors"
 
 
