@@ -66,8 +66,10 @@ def _check_init(factors, plan: SharingPlan, d_in: int, d_out: int, where: str = 
     takes = "(shared_a, shared_b)" + (" or (shared_a, shared_b, cores)" if plan.nested else "")
     if len(factors) not in ((2, 3) if plan.nested else (2,)):
         raise ValueError(f"{at}: init holds {len(factors)} arrays; this plan takes {takes}")
-    shared = "shared_a" if plan.nested_side == "b" else "shared_b"
-    checked = names[: len(factors)] if len(factors) == 3 or not plan.nested else (shared,)
+    if plan.nested and len(factors) == 2:  # only the shared factor is used
+        checked = ("shared_a",) if plan.nested_side == "b" else ("shared_b",)
+    else:
+        checked = names[: len(factors)]
     for name in checked:
         found = tuple(np.shape(factors[names.index(name)]))
         if found != expect[name]:

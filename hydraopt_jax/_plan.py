@@ -367,7 +367,7 @@ class SharingPlan:
         k = self.rank if rank is None else rank
         if k is None:
             raise ValueError("num_params: the plan has no rank yet; pass rank=")
-        if self.task_rank is None or not (self.own_ranks or self.nested):  # every j_t = k
+        if not (self.own_ranks or self.nested):  # no task ranks, or every j_t = k
             return self.num_a_groups * k * d_in + self.num_b_groups * d_out * k
         inner = sum(self.task_rank)
         if self.own_ranks:

@@ -124,13 +124,11 @@ def _solve_nested(A, B, weights, norms_sq, plan, k, kind, transformation, traced
     given = traced.get("init")
     if given is not None and chol is not None:
         given = (given[0] @ chol, *given[1:])
+    start = None if given is None else given[0 if plan.nested_side == "b" else 1]  # shared
     if kind == "exact":
         sa, sb, cores = solve_nested(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name)
         return sa, sb, cores, steps, converged, state
     if kind == "als":
-        start = None
-        if given is not None:
-            start = given[0] if plan.nested_side == "b" else given[1]
         return (
             *solve_nested_als(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
                               traced["max_steps"], traced["tol"], start),
@@ -138,12 +136,8 @@ def _solve_nested(A, B, weights, norms_sq, plan, k, kind, transformation, traced
         )  # fmt: skip
     if given is not None and len(given) == 3:
         params = tuple(given)
-    elif given is not None:  # the shared factor given: each task's exact part inside it
-        start = given[0] if plan.nested_side == "b" else given[1]
-        params = solve_nested_als(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
-                                  jnp.asarray(0, jnp.int32), traced["tol"], start)[:3]  # fmt: skip
-    else:
-        params = solve_nested(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name)
+    else:  # the closed-form start, or a given shared factor with each task's exact part in it
+        params = solve_nested(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, start)
     params, steps, converged, state = _run_optax(
         transformation, traced, params, nested_objective(A, B, weights, norms_sq, plan)
     )

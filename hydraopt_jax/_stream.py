@@ -313,7 +313,8 @@ def _assemble(collection, out, index, count, print_, mine, dtype, meta, timeout)
     save_bundle(bundle, out)  # one tensor at a time: the parts' factors are fetched lazily
     remove_parts(out)
     mapped = map_safetensors(out / "factors.safetensors")
-    for name, module in bundle.modules.items():  # arrays again, read from OUT on use
+    # Arrays again, read from OUT on use (packed ones are unpacked to their padded form here).
+    for name, module in bundle.modules.items():
         arrays = module_arrays(name, module.plan, module.core, module.packed, mapped.__getitem__)
         bundle.modules[name] = dataclasses.replace(module, **arrays)
     with contextlib.suppress(OSError):

@@ -52,13 +52,17 @@ def _orthonormal_rows(shared: jax.Array) -> jax.Array:
     return jnp.swapaxes(q, -1, -2)
 
 
+def _rank_mask(plan: SharingPlan) -> np.ndarray:
+    """`[T, j_max]`: 1 for each task's first `j_t` directions, 0 for the padding (static)."""
+    j = np.asarray(plan.task_rank)
+    return (np.arange(j.max())[None, :] < j[:, None]).astype(np.float32)
+
+
 def mask_padding(params, plan: SharingPlan):
     """`(shared_a, shared_b, cores)` of a nested plan with every entry beyond a task's `j_t`
     set to zero (the padding up to `j_max`, which no task's factors use)."""
     shared_a, shared_b, cores = params
-    j = np.asarray(plan.task_rank)
-    j_max = int(j.max())
-    by_task = (np.arange(j_max)[None, :] < j[:, None]).astype(np.float32)  # [T, j_max]
+    by_task = _rank_mask(plan)
     if plan.nested_side == "b":  # U_t: shared_b [group, d_out, j]; V_t^T: cores [T, j, k]
         by_group = jnp.asarray(_by_group(by_task, plan.b_group), shared_b.dtype)
         return (shared_a, shared_b * by_group[:, None, :],
@@ -72,16 +76,14 @@ def _task_parts(A, B, shared_a, plan: SharingPlan, deps=(), axis_name=None):
     """The exact per-task part for a fixed `Ah` (orthonormal rows): `(U [T, d_out, j_max],
     C [T, j_max, k])` with `U_t C_t = X_t` the best rank-`j_t` factor inside `Ah`'s span
     (columns beyond `j_t` zero). Tasks are indexed by task, not by group."""
-    j = np.asarray(plan.task_rank)
-    j_max = int(j.max())
+    mask = _rank_mask(plan)  # [T, j_max]
     ah = shared_a[np.asarray(plan.a_group)]  # [T, k, d_in]
     proj = jnp.einsum("trd,tkd->trk", A, ah)  # A_t Ah^T
     small = jnp.einsum("tsr,trk->tsk", gram_factor(B, deps, axis_name), proj)  # F_t A_t Ah^T
     gram = jnp.einsum("tsk,tsl->tkl", small, small)
     _, vecs = jnp.linalg.eigh(0.5 * (gram + jnp.swapaxes(gram, -1, -2)))  # ascending
-    top = vecs[..., ::-1][..., :j_max]  # [T, k, j_max]
-    mask = jnp.asarray(np.arange(j_max)[None, :] < j[:, None], top.dtype)  # static j_t
-    top = top * mask[:, None, :]
+    top = vecs[..., ::-1][..., : mask.shape[1]]  # [T, k, j_max]
+    top = top * jnp.asarray(mask, top.dtype)[:, None, :]
     u = jnp.einsum("tor,trk,tkj->toj", B, proj, top)
     return u, jnp.swapaxes(top, -1, -2)
 
@@ -91,13 +93,13 @@ def _by_group(x_task: jax.Array, groups) -> jax.Array:
     return x_task[np.argsort(np.asarray(groups))]
 
 
-def _stationary_b(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, iterate):
+def _stationary_b(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, start,
+                  iterate):  # fmt: skip
     """Shared-A orientation: `(Ah, U by B-group, cores by task, steps, converged)`.
 
-    `iterate`: `None` for the closed-form start only, or `(max_steps, tol, start)` for ALS
-    from `start` (an `Ah`, or `None` for the closed-form start)."""
+    `start`: an `Ah`, or `None` for the closed-form start; `iterate`: `None` for that start
+    with each task's exact part inside it, or `(max_steps, tol)` for ALS from it."""
     base = _plain(plan, k)
-    start = None if iterate is None else iterate[2]
     if start is None:
         shared_a, _ = solve_exact(A, B, weights, base, k, svd_method, deps, axis_name)
     else:
@@ -106,7 +108,7 @@ def _stationary_b(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
     u, cores = _task_parts(A, B, shared_a, plan, deps=(shared_a,), axis_name=axis_name)
     steps, converged = jnp.asarray(0, jnp.int32), jnp.asarray(True)
     if iterate is not None:
-        max_steps, tol, _ = iterate
+        max_steps, tol = iterate
 
         def per_task_b(carry):
             _, u, cores = carry
@@ -126,15 +128,15 @@ def _stationary_b(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
     return shared_a, _by_group(u, plan.b_group), cores, steps, converged
 
 
-def _solve(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, iterate):
+def _solve(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, start, iterate):
     if plan.nested_side == "b":
-        return _stationary_b(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, iterate)
+        return _stationary_b(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, start,
+                             iterate)  # fmt: skip
     # The mirror image: dW_t^T = A_t^T B_t^T, B-groups play the role of A-groups.
-    if iterate is not None and iterate[2] is not None:
-        iterate = (iterate[0], iterate[1], jnp.swapaxes(iterate[2], -1, -2))
     sa, u, cores, steps, converged = _stationary_b(
         jnp.swapaxes(B, 1, 2), jnp.swapaxes(A, 1, 2), weights, norms_sq, _swapped(plan, k), k,
-        svd_method, deps, axis_name, iterate,
+        svd_method, deps, axis_name, None if start is None else jnp.swapaxes(start, -1, -2),
+        iterate,
     )  # fmt: skip
     return (
         jnp.swapaxes(u, 1, 2),  # per-task Z_t^T [K_A, j_max, d_in]
@@ -146,12 +148,13 @@ def _solve(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, iterat
 
 
 def solve_nested(A, B, weights, norms_sq, plan: SharingPlan, k: int, svd_method="auto", deps=(),
-                 axis_name=None):  # fmt: skip
-    """The closed-form start: the plain plan's exact top-`k` shared factor, then each task's
-    exact best rank-`j_t` factor inside it. Returns `(shared_a, shared_b, cores)` in the
-    layout of `Solution` (the per-task factors by group id, `cores` by task)."""
+                 axis_name=None, start=None):  # fmt: skip
+    """The closed-form start: the plain plan's exact top-`k` shared factor (or `start`, a
+    given shared factor), then each task's exact best rank-`j_t` factor inside it. Returns
+    `(shared_a, shared_b, cores)` in the layout of `Solution` (the per-task factors by group
+    id, `cores` by task)."""
     sa, sb, cores, _, _ = _solve(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
-                                 None)  # fmt: skip
+                                 start, None)  # fmt: skip
     return sa, sb, cores
 
 
@@ -159,8 +162,8 @@ def solve_nested_als(A, B, weights, norms_sq, plan: SharingPlan, k: int, svd_met
                      axis_name, max_steps, tol, start=None):  # fmt: skip
     """ALS refinement of `solve_nested` (from `start`, the shared factor, when given):
     `(shared_a, shared_b, cores, steps, converged)`; the loss never increases."""
-    return _solve(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name,
-                  (max_steps, tol, start))  # fmt: skip
+    return _solve(A, B, weights, norms_sq, plan, k, svd_method, deps, axis_name, start,
+                  (max_steps, tol))  # fmt: skip
 
 
 def nested_objective(A, B, weights, norms_sq, plan: SharingPlan):
